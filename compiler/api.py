@@ -1,0 +1,100 @@
+"""`compile()`: trace a Mixtral, run a pass pipeline, bind a backend.
+
+    compiled = compile("tiny", passes="fold-weights,dce")
+    logits = compiled(input_ids)                 # runs on the backend
+    compiled.graph                               # the final program
+    compiled.graph_after("fold-weights")         # the program after any pass
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from compiler.errors import MoecError
+from compiler.ir import Program
+from compiler.passes import Pass, PassRecord, parse_pipeline, run_pipeline
+
+# Used when `passes` is not given. Canonicalization and MoE fusion join it as they land.
+DEFAULT_PIPELINE = "fold-weights,dce"
+
+PassSpec = str | Pass | Iterable[str | Pass]
+
+
+def load(source: Any, dtype: torch.dtype | str | None = None, seed: int = 0) -> Program:
+    """Traces a MixtralForCausalLM, a MixtralConfig, a checkpoint directory or a preset name into a Program."""
+    from frontends.hf.source import resolve
+    from frontends.hf.trace import trace
+
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    return trace(resolve(source, seed=seed), dtype=dtype)
+
+
+@dataclass
+class CompiledModel:
+    """The result of `compile`: the final program, every intermediate one, and a runnable backend."""
+
+    program: Program
+    traced: Program
+    history: list[PassRecord]
+    backend: str = "torch"
+    device: str = "cpu"
+    _executable: Any = field(default=None, repr=False)
+
+    @property
+    def graph(self) -> Program:
+        return self.program
+
+    def graph_after(self, pass_name: str) -> Program:
+        """The program right after the last run of `pass_name` (name or full spec); `"trace"` is the input."""
+        if pass_name == "trace":
+            return self.traced
+        for record in reversed(self.history):
+            if pass_name in (record.name, record.spec):
+                return record.program
+        ran = ", ".join(record.spec for record in self.history) or "none"
+        raise MoecError(f"pass {pass_name!r} is not in this pipeline (passes run: {ran})")
+
+    def executable(self, progress: Callable[[int, int], None] | None = None) -> Any:
+        if self._executable is None:
+            if self.backend != "torch":
+                raise MoecError(f"backend {self.backend!r} cannot run here; only 'torch' runs in-process")
+            from backends.torch.runtime import TorchExecutable
+
+            self._executable = TorchExecutable(self.program, self.device, progress=progress)
+        return self._executable
+
+    def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.executable()(input_ids)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+        """Greedy decoding without a KV cache (each step recomputes the whole sequence)."""
+        tokens = input_ids
+        for _ in range(max_new_tokens):
+            next_token = self(tokens)[:, -1, :].argmax(dim=-1, keepdim=True)
+            tokens = torch.cat([tokens, next_token.to(tokens.device)], dim=1)
+        return tokens
+
+
+def compile(  # noqa: A001 - the public name users expect
+    model: Any,
+    passes: PassSpec | None = None,
+    backend: str = "torch",
+    device: str = "cpu",
+    dtype: torch.dtype | str | None = None,
+    seed: int = 0,
+    verify: bool = True,
+    on_pass: Callable[[PassRecord], None] | None = None,
+) -> CompiledModel:
+    """Traces `model`, runs `passes` (default `DEFAULT_PIPELINE`), and binds `backend`."""
+    if backend not in ("torch",):
+        raise MoecError(f"unknown backend {backend!r}; available: torch")
+    pipeline = parse_pipeline(DEFAULT_PIPELINE if passes is None else passes)
+    traced = load(model, dtype=dtype, seed=seed)
+    result = run_pipeline(traced, pipeline, verify=verify, on_pass=on_pass)
+    return CompiledModel(result.program, traced, result.history, backend=backend, device=device)

@@ -1,0 +1,213 @@
+"""The `moec` command line: trace, list passes, compile with per-pass dumps, run.
+
+    moec trace tiny
+    moec passes
+    moec compile tiny --passes fold-weights,dce --print-after-all --dump-dir dumps/
+    moec run tiny --input-ids "1 2 3" --max-new-tokens 8
+
+Errors on bad input print one line (`moec: error: ...`) and exit with status 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import re
+import sys
+import time
+import typing
+from pathlib import Path
+from typing import Any
+
+from compiler.errors import MoecError
+
+
+def _status(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _load(args: argparse.Namespace) -> Any:
+    from compiler.api import load
+
+    _status(f"tracing {args.source} ...")
+    started = time.perf_counter()
+    program = load(args.source, dtype=args.dtype, seed=args.seed)
+    _status(f"traced in {time.perf_counter() - started:.1f}s")
+    return program
+
+
+def _cmd_trace(args: argparse.Namespace) -> int:
+    program = _load(args)
+    sys.stdout.write(program.format(weights=not args.no_weights))
+    return 0
+
+
+def _option_text(cls: type) -> str:
+    hints = typing.get_type_hints(cls)
+    parts = []
+    for f in dataclasses.fields(cls):
+        annotation = hints[f.name]
+        kind = "|".join(typing.get_args(annotation)) if typing.get_origin(annotation) is typing.Literal else getattr(
+            annotation, "__name__", str(annotation)
+        )
+        parts.append(f"{f.name}: {kind} = {f.default}")
+    return ", ".join(parts) if parts else "no options"
+
+
+def _cmd_passes(args: argparse.Namespace) -> int:
+    from compiler.api import DEFAULT_PIPELINE
+    from compiler.passes import registered_passes
+
+    print(f"default pipeline: {DEFAULT_PIPELINE}\n")
+    for name, cls in registered_passes().items():
+        print(f"{name}  ({_option_text(cls)})")
+        doc = inspect.cleandoc(cls.__doc__ or "")
+        print("\n".join("    " + line if line else "" for line in doc.splitlines()))
+        print()
+    return 0
+
+
+def _dump_name(index: int, spec: str) -> str:
+    return f"{index:02d}-{re.sub(r'[^A-Za-z0-9_.=-]+', '_', spec).strip('_')}.txt"
+
+
+def _cmd_compile(args: argparse.Namespace) -> int:
+    from compiler.api import DEFAULT_PIPELINE
+    from compiler.passes import parse_pipeline, run_pipeline
+
+    pipeline = parse_pipeline(args.passes if args.passes is not None else DEFAULT_PIPELINE)
+    names = {p.name for p in pipeline} | {p.spec() for p in pipeline}
+    for wanted in [args.print_after, args.explain]:
+        if wanted is not None and wanted not in names:
+            raise MoecError(f"pass {wanted!r} is not in the pipeline ({', '.join(p.spec() for p in pipeline)})")
+    dump_dir = Path(args.dump_dir) if args.dump_dir else None
+    if dump_dir is not None:
+        try:
+            dump_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise MoecError(f"cannot create dump directory {dump_dir}: {error.strerror}") from None
+    program = _load(args)
+    if dump_dir is not None:
+        (dump_dir / "00-trace.txt").write_text(program.format())
+    if args.explain is not None:
+        # Explanations describe the program as the explained pass receives it.
+        position = next(i for i, p in enumerate(pipeline) if args.explain in (p.name, p.spec()))
+        before = run_pipeline(program, pipeline[:position]).program
+        print(f"== explain {pipeline[position].spec()}")
+        print("\n".join(pipeline[position].explain(before)))
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(pipeline), desc="passes", unit="pass", file=sys.stderr, disable=not pipeline)
+
+    def on_pass(record: Any) -> None:
+        bar.update(1)
+        bar.set_postfix_str(record.spec)
+        if dump_dir is not None:
+            (dump_dir / _dump_name(record.index, record.spec)).write_text(record.program.format())
+        if args.print_after_all or args.print_after in (record.name, record.spec):
+            tqdm.write(f"== after {record.spec} ({record.seconds:.2f}s, changed={record.changed}, {record.stats})")
+            tqdm.write(record.program.format(weights=not args.no_weights), end="")
+
+    result = run_pipeline(program, pipeline, on_pass=on_pass)
+    bar.close()
+    print("== pipeline")
+    for record in result.history:
+        stats = ", ".join(f"{k}={v}" for k, v in record.stats.items())
+        print(f"{record.index:2d}. {record.spec:<24} {record.seconds:7.3f}s  changed={record.changed}  {stats}")
+    if not (args.print_after_all or args.print_after):
+        print("== final graph")
+        sys.stdout.write(result.program.format(weights=not args.no_weights))
+    if dump_dir is not None:
+        _status(f"wrote {len(result.history) + 1} graph dumps to {dump_dir}")
+    return 0
+
+
+def _parse_ids(text: str) -> list[int]:
+    try:
+        ids = [int(token) for token in text.replace(",", " ").split()]
+    except ValueError:
+        raise MoecError(f"--input-ids must be integers separated by spaces, got {text!r}") from None
+    if not ids:
+        raise MoecError("--input-ids is empty")
+    return ids
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from compiler.api import CompiledModel, DEFAULT_PIPELINE
+    from compiler.passes import parse_pipeline, run_pipeline
+
+    ids = _parse_ids(args.input_ids)
+    pipeline = parse_pipeline(args.passes if args.passes is not None else DEFAULT_PIPELINE)
+    traced = _load(args)
+    vocab = traced.config.vocab_size
+    if max(ids) >= vocab or min(ids) < 0:
+        raise MoecError(f"--input-ids must lie in [0, {vocab}) for this model's vocabulary")
+    result = run_pipeline(traced, pipeline)
+    compiled = CompiledModel(result.program, traced, result.history, device=args.device)
+    with tqdm(total=len(result.program.weight_nodes()), desc="weights", unit="tensor", file=sys.stderr) as bar:
+        compiled.executable(progress=lambda done, total: bar.update(1))
+    input_ids = torch.tensor([ids], dtype=torch.long)
+    tokens = compiled.generate(input_ids, args.max_new_tokens)
+    logits = compiled(tokens[:, : len(ids)])
+    print("input ids:  " + " ".join(str(t) for t in ids))
+    print("output ids: " + " ".join(str(t) for t in tokens[0, len(ids) :].tolist()))
+    print(f"last-position logits: argmax={int(logits[0, -1].argmax())} max={float(logits[0, -1].max()):.6f}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moec", description="A graph-rewrite compiler for Mixtral MoE models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add_source(p: argparse.ArgumentParser) -> None:
+        p.add_argument("source", help="checkpoint directory, 'tiny' or 'mixtral-8x7b' (dummy weights)")
+        p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None)
+        p.add_argument("--seed", type=int, default=0, help="seed of dummy weights (presets)")
+        p.add_argument("--no-weights", action="store_true", help="omit weight lines from printed graphs")
+
+    p_trace = sub.add_parser("trace", help="trace a model and print its graph")
+    add_source(p_trace)
+    p_trace.set_defaults(func=_cmd_trace)
+
+    p_passes = sub.add_parser("passes", help="list passes with their options")
+    p_passes.set_defaults(func=_cmd_passes)
+
+    p_compile = sub.add_parser("compile", help="run a pass pipeline and print or dump the graphs")
+    add_source(p_compile)
+    p_compile.add_argument("--passes", default=None, help="e.g. 'fold-weights,dce' (default: the default pipeline)")
+    group = p_compile.add_mutually_exclusive_group()
+    group.add_argument("--print-after-all", action="store_true")
+    group.add_argument("--print-after", metavar="NAME")
+    p_compile.add_argument("--dump-dir", metavar="DIR", help="write one numbered text file per pass")
+    p_compile.add_argument("--explain", metavar="NAME", help="say per region why pass NAME does or does not rewrite")
+    p_compile.set_defaults(func=_cmd_compile)
+
+    p_run = sub.add_parser("run", help="compile and greedily decode with the torch backend")
+    add_source(p_run)
+    p_run.add_argument("--passes", default=None)
+    p_run.add_argument("--input-ids", required=True, help='token ids, e.g. "1 2 3"')
+    p_run.add_argument("--max-new-tokens", type=int, default=8)
+    p_run.add_argument("--device", default="cpu")
+    p_run.set_defaults(func=_cmd_run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except MoecError as error:
+        print(f"moec: error: {error}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,173 @@
+"""moec's IR: a torch.fx GraphModule from torch.export, wrapped with what passes and backends need to know.
+
+Conventions every pass keeps:
+- A placeholder with `node.meta["weight"]` (a `WeightExpr`) is a weight; every other placeholder is a runtime
+  input (`input_ids`). Weights are never tensors: backends materialize them.
+- `node.meta["val"]` is a fake tensor (meta device, symbolic batch/seq) giving each value's shape and dtype.
+- `node.meta["moec_rule"]` names the rule or pass that created a node.
+Programs are values: passes `clone()` and never mutate a program they were given.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx
+
+from compiler.weights import WeightExpr, format_type
+
+
+@dataclass
+class Program:
+    """A graph plus its weights' expressions and the model config it came from."""
+
+    graph_module: torch.fx.GraphModule
+    config: Any
+    source_description: str = ""
+    trace_seconds: float = 0.0
+    # Parallel layout of this graph (filled by sharding passes); a program is one rank's graph.
+    attributes: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_exported(
+        cls, exported: torch.export.ExportedProgram, weights: dict[str, WeightExpr], config: Any
+    ) -> Program:
+        graph_module = exported.graph_module
+        for node in list(graph_module.graph.nodes):
+            if node.op == "placeholder" and node.name in weights:
+                node.meta["weight"] = weights[node.name]
+                # `p_model_model_layers_0_...` -> `layers_0_...`: export's prefixes say nothing to a reader.
+                readable = re.sub(r"^[pbc]_(model_)*", "", node.name)
+                node._rename(readable)
+        graph_module.meta.pop("forward_arg_names", None)
+        return cls(graph_module, config)
+
+    @property
+    def graph(self) -> torch.fx.Graph:
+        return self.graph_module.graph
+
+    def clone(self) -> Program:
+        """A new program whose graph can be rewritten without touching this one (metadata dicts are copied)."""
+        new_graph = torch.fx.Graph()
+        value_map: dict[torch.fx.Node, torch.fx.Node] = {}
+        output = new_graph.graph_copy(self.graph, value_map)
+        new_graph.output(output)
+        for old, new in value_map.items():
+            new.meta = dict(old.meta)
+        module = torch.fx.GraphModule(self.graph_module, new_graph)
+        return Program(
+            module, self.config, self.source_description, self.trace_seconds, copy.deepcopy(self.attributes)
+        )
+
+    def weight_nodes(self) -> list[torch.fx.Node]:
+        return [n for n in self.graph.nodes if n.op == "placeholder" and "weight" in n.meta]
+
+    def input_nodes(self) -> list[torch.fx.Node]:
+        return [n for n in self.graph.nodes if n.op == "placeholder" and "weight" not in n.meta]
+
+    def weights(self) -> dict[str, WeightExpr]:
+        return {node.name: node.meta["weight"] for node in self.weight_nodes()}
+
+    def weight_bytes(self) -> int:
+        return sum(expr.nbytes for expr in self.weights().values())
+
+    def op_counts(self) -> Counter[str]:
+        return Counter(op_name(node) for node in self.graph.nodes if node.op == "call_function")
+
+    def format(self, weights: bool = True) -> str:
+        return format_program(self, weights=weights)
+
+
+def op_name(node: torch.fx.Node) -> str:
+    """`aten.linear`, `moec.moe`, `getitem`: the stable name of a node's target."""
+    target = node.target
+    if isinstance(target, torch._ops.OpOverload):
+        namespace = target.namespace
+        base = target._schema.name.split("::")[-1]
+        overload = target._overloadname
+        return f"{namespace}.{base}" + ("" if overload == "default" else f".{overload}")
+    return getattr(target, "__name__", str(target))
+
+
+def _symbol_names(program: Program) -> dict[Any, Any]:
+    """Export names dynamic dims by hash (`s27`); print them as `batch` and `seq` instead, deterministically."""
+    import sympy
+
+    names: dict[Any, Any] = {}
+    for node in program.input_nodes():
+        value = node.meta.get("val")
+        if not isinstance(value, torch.Tensor):
+            continue
+        for size, label in zip(value.shape, ("batch", "seq")):
+            if isinstance(size, torch.SymInt):
+                expr = size.node.expr
+                if isinstance(expr, sympy.Symbol) and expr not in names:
+                    names[expr] = sympy.Symbol(label)
+    return names
+
+
+def _format_size(size: Any, names: dict[Any, Any]) -> str:
+    if isinstance(size, torch.SymInt):
+        return str(size.node.expr.xreplace(names)).replace(" ", "")
+    return str(size)
+
+
+def format_value_type(value: Any, names: dict[Any, Any]) -> str:
+    if isinstance(value, torch.Tensor):
+        return format_type([_format_size(s, names) for s in value.shape], value.dtype)
+    if isinstance(value, (tuple, list)):
+        return "(" + ", ".join(format_value_type(v, names) for v in value) + ")"
+    if isinstance(value, torch.SymInt):
+        return f"sym {_format_size(value, names)}"
+    return type(value).__name__
+
+
+def _format_arg(arg: Any) -> str:
+    if isinstance(arg, torch.fx.Node):
+        return f"%{arg.name}"
+    if isinstance(arg, (tuple, list)):
+        return "[" + ", ".join(_format_arg(a) for a in arg) + "]"
+    if isinstance(arg, torch.dtype):
+        return str(arg).removeprefix("torch.")
+    if isinstance(arg, float):
+        return repr(arg)
+    if isinstance(arg, str):
+        return repr(arg)
+    return str(arg)
+
+
+def format_node(node: torch.fx.Node, names: dict[Any, Any]) -> str:
+    value_type = format_value_type(node.meta.get("val"), names) if "val" in node.meta else "?"
+    if node.op == "placeholder":
+        weight = node.meta.get("weight")
+        if weight is not None:
+            return f"%{node.name}: {weight.type_str} = weight {weight.describe()}"
+        return f"%{node.name}: {value_type} = input"
+    if node.op == "output":
+        return "return " + _format_arg(node.args[0])
+    args = [_format_arg(a) for a in node.args]
+    args += [f"{key}={_format_arg(value)}" for key, value in node.kwargs.items()]
+    return f"%{node.name}: {value_type} = {op_name(node)}({', '.join(args)})"
+
+
+def format_program(program: Program, weights: bool = True) -> str:
+    """Deterministic text: op counts, then one line per node with its type inline."""
+    names = _symbol_names(program)
+    counts = program.op_counts()
+    lines = [f"# {program.source_description}" if program.source_description else "# program"]
+    if program.attributes:
+        lines.append("# " + ", ".join(f"{k}={v}" for k, v in sorted(program.attributes.items())))
+    lines.append(f"# weights: {len(program.weight_nodes())} tensors, {program.weight_bytes():,} bytes")
+    lines.append("# op counts:")
+    lines += [f"#   {name}: {count}" for name, count in sorted(counts.items())]
+    lines.append("graph:")
+    for node in program.graph.nodes:
+        if node.op == "placeholder" and "weight" in node.meta and not weights:
+            continue
+        lines.append("  " + format_node(node, names))
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,112 @@
+"""moec's canonical ops, registered under the `moec` torch.library namespace.
+
+Each op has a schema and a fake (meta) kernel here, so shapes and dtypes propagate through torch.export and the
+verifier without computing anything. Real kernels live in the backends (`backends/torch/kernels.py`).
+
+Conventions (shared by every pass and backend):
+- `attention(q[B,Hq,S,D], k[B,Hkv,S,D], v[B,Hkv,S,D]) -> [B,S,Hq,D]`: causal, grouped-query (Hq % Hkv == 0,
+  no repeat_kv materialized), optional sliding window (0 = none; query i sees keys j with i - window < j <= i).
+- `rms_norm(x, weight, eps)`: Hugging Face semantics (normalize in float32, cast back, then multiply by weight).
+- `rope(x[B,H,S,D], cos[B,S,D], sin[B,S,D])`: x*cos + rotate_half(x)*sin.
+- `linear(x, weight[out,in], bias?)`.
+- `moe(x[T,H], router[E,H], w13[E,2I,H], w2[E,H,I], top_k, normalization, activation)`: Mixtral's sparse MoE
+  block. Rows [0, I) of w13 are the gate projection (w1), rows [I, 2I) the up projection (w3). The router runs in
+  float32. normalization "renormalize" = softmax over the top-k logits; "none" = top-k of the full softmax.
+"""
+
+from __future__ import annotations
+
+import torch
+
+LIBRARY_NAME = "moec"
+
+_library = torch.library.Library(LIBRARY_NAME, "DEF")
+_library.define("attention(Tensor q, Tensor k, Tensor v, float scale, int sliding_window=0) -> Tensor")
+_library.define("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor")
+_library.define("rope(Tensor x, Tensor cos, Tensor sin) -> Tensor")
+_library.define("linear(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor")
+_library.define(
+    "moe(Tensor x, Tensor router_weight, Tensor w13, Tensor w2, int top_k, str normalization, str activation)"
+    " -> Tensor"
+)
+
+MOE_NORMALIZATIONS = ("none", "renormalize")
+MOE_ACTIVATIONS = ("swiglu",)
+
+
+@torch.library.register_fake("moec::attention")
+def _attention_fake(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, sliding_window: int = 0):
+    torch._check(q.dim() == 4 and k.dim() == 4 and v.dim() == 4, lambda: "attention takes 4-d q, k, v")
+    torch._check(k.shape == v.shape, lambda: f"attention: k {tuple(k.shape)} and v {tuple(v.shape)} differ")
+    torch._check(q.shape[1] % k.shape[1] == 0, lambda: "attention: query heads must be a multiple of kv heads")
+    batch, heads, seq, head_dim = q.shape
+    return q.new_empty((batch, seq, heads, v.shape[-1]))
+
+
+@torch.library.register_fake("moec::rms_norm")
+def _rms_norm_fake(x: torch.Tensor, weight: torch.Tensor, eps: float):
+    torch._check(weight.dim() == 1 and weight.shape[0] == x.shape[-1], lambda: "rms_norm: weight must be [hidden]")
+    return x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype))
+
+
+@torch.library.register_fake("moec::rope")
+def _rope_fake(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    torch._check(x.shape[-1] % 2 == 0, lambda: "rope: head dim must be even")
+    dtype = torch.promote_types(x.dtype, cos.dtype)
+    return x.new_empty(x.shape, dtype=dtype)
+
+
+@torch.library.register_fake("moec::linear")
+def _linear_fake(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
+    torch._check(weight.dim() == 2, lambda: "linear: weight must be [out, in]")
+    torch._check(x.shape[-1] == weight.shape[1], lambda: f"linear: input {x.shape[-1]} != weight in {weight.shape[1]}")
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+@torch.library.register_fake("moec::moe")
+def _moe_fake(
+    x: torch.Tensor,
+    router_weight: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    top_k: int,
+    normalization: str,
+    activation: str,
+):
+    check_moe_signature(x.shape[-1], router_weight.shape, w13.shape, w2.shape, top_k, normalization, activation)
+    return x.new_empty(x.shape)
+
+
+def check_moe_signature(
+    hidden: int,
+    router_shape: tuple[int, ...] | torch.Size,
+    w13_shape: tuple[int, ...] | torch.Size,
+    w2_shape: tuple[int, ...] | torch.Size,
+    top_k: int,
+    normalization: str,
+    activation: str,
+) -> None:
+    """Raises ValueError naming the first inconsistency among the `moe` op's operands."""
+    experts = router_shape[0]
+    if tuple(router_shape) != (experts, hidden):
+        raise ValueError(f"moe: router weight {list(router_shape)} is not [experts, hidden={hidden}]")
+    if len(w13_shape) != 3 or w13_shape[0] != experts or w13_shape[2] != hidden or w13_shape[1] % 2:
+        raise ValueError(f"moe: w13 {list(w13_shape)} is not [experts={experts}, 2*intermediate, hidden={hidden}]")
+    intermediate = w13_shape[1] // 2
+    if tuple(w2_shape) != (experts, hidden, intermediate):
+        raise ValueError(f"moe: w2 {list(w2_shape)} is not [{experts}, {hidden}, {intermediate}]")
+    if not 1 <= top_k <= experts:
+        raise ValueError(f"moe: top_k={top_k} must be in [1, {experts}]")
+    if normalization not in MOE_NORMALIZATIONS:
+        raise ValueError(f"moe: normalization {normalization!r} is not one of {MOE_NORMALIZATIONS}")
+    if activation not in MOE_ACTIVATIONS:
+        raise ValueError(f"moe: activation {activation!r} is not one of {MOE_ACTIVATIONS}")
+
+
+attention = torch.ops.moec.attention.default
+rms_norm = torch.ops.moec.rms_norm.default
+rope = torch.ops.moec.rope.default
+linear = torch.ops.moec.linear.default
+moe = torch.ops.moec.moe.default
+
+CANONICAL_OPS = (attention, rms_norm, rope, linear, moe)

@@ -1,0 +1,120 @@
+"""The verifier run after every pass: graph lint, weight/type agreement, and shape/dtype re-propagation.
+
+Re-propagation runs every node's fake kernel (moec ops check their own operands there) on the recorded fake
+inputs and compares the result with the node's recorded `val`, so a pass that wires a wrong tensor, or records
+a stale type, is caught at the pass that did it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.fx
+from torch._guards import detect_fake_mode
+
+from compiler.errors import VerificationError
+from compiler.ir import Program, format_value_type, op_name
+
+
+def _where(after: str | None, before: Sequence[str]) -> str:
+    if after is None:
+        return "in the traced program"
+    history = f" (passes before it: {', '.join(before)})" if before else " (the first pass)"
+    return f"after pass {after!r}{history}"
+
+
+def _same_type(recorded: Any, computed: Any) -> bool:
+    if isinstance(recorded, torch.Tensor) and isinstance(computed, torch.Tensor):
+        return recorded.dtype == computed.dtype and recorded.shape == computed.shape
+    if isinstance(recorded, (tuple, list)) and isinstance(computed, (tuple, list)):
+        return len(recorded) == len(computed) and all(_same_type(a, b) for a, b in zip(recorded, computed))
+    return True
+
+
+def propagate_types(program: Program, check: bool = False) -> None:
+    """Recomputes `node.meta["val"]` for every call node (filling it in where a pass left it out).
+
+    With `check`, a disagreement with an already recorded value raises `VerificationError` instead.
+    """
+    values = [node.meta["val"] for node in program.graph.nodes if "val" in node.meta]
+    fake_mode = detect_fake_mode(values)
+    if fake_mode is None:
+        raise VerificationError("program has no fake values to propagate types from")
+    env: dict[torch.fx.Node, Any] = {}
+    with fake_mode:
+        for node in program.graph.nodes:
+            if node.op == "placeholder":
+                if "val" not in node.meta:
+                    raise VerificationError(f"placeholder %{node.name} has no recorded type")
+                env[node] = node.meta["val"]
+                continue
+            if node.op == "output":
+                continue
+            if node.op != "call_function":
+                raise VerificationError(f"node %{node.name} has unsupported kind {node.op!r}")
+            recorded = node.meta.get("val")
+            key = _check_key(node)
+            if check and recorded is not None and node.meta.get("verified_key") == key:
+                # Same op on the very same input values as when last verified (a pass left it alone).
+                env[node] = recorded
+                continue
+            args = torch.fx.node.map_arg(node.args, lambda n: env[n])
+            kwargs = torch.fx.node.map_arg(node.kwargs, lambda n: env[n])
+            try:
+                computed = node.target(*args, **kwargs)
+            except Exception as error:  # noqa: BLE001 - any kernel failure is a verification failure of this node
+                message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+                raise _NodeError(node, f"its operands are invalid: {message}") from error
+            if check and recorded is not None and not _same_type(recorded, computed):
+                raise _NodeError(
+                    node,
+                    f"recorded type {format_value_type(recorded, {})} but its operands give "
+                    f"{format_value_type(computed, {})}",
+                )
+            if recorded is None or not check:
+                node.meta["val"] = computed
+            env[node] = computed if recorded is None else recorded
+            if check:
+                node.meta["verified_key"] = key
+
+
+def _check_key(node: torch.fx.Node) -> tuple[Any, ...]:
+    """Identity of a node's computation: its target and arguments, with input nodes replaced by their values'
+    identities (values are shared, not copied, between a program and its clones)."""
+    def ident(arg: Any) -> Any:
+        return ("value", id(arg.meta.get("val")), id(arg.meta.get("weight"))) if isinstance(arg, torch.fx.Node) else arg
+
+    args = torch.fx.node.map_aggregate(node.args, lambda a: ident(a) if isinstance(a, torch.fx.Node) else a)
+    kwargs = torch.fx.node.map_aggregate(node.kwargs, lambda a: ident(a) if isinstance(a, torch.fx.Node) else a)
+    return (node.target, repr(args), repr(kwargs))
+
+
+class _NodeError(Exception):
+    def __init__(self, node: torch.fx.Node, reason: str) -> None:
+        super().__init__(f"node %{node.name} ({op_name(node)}): {reason}")
+
+
+def verify_program(program: Program, after: str | None = None, before: Sequence[str] = ()) -> None:
+    """Raises `VerificationError` naming the node, the pass that produced the graph and the passes before it."""
+    where = _where(after, before)
+    try:
+        program.graph.lint()
+    except Exception as error:  # noqa: BLE001 - fx reports malformed graphs with assorted exception types
+        raise VerificationError(f"graph is malformed {where}: {error}") from None
+    for node in program.weight_nodes():
+        expr = node.meta["weight"]
+        value = node.meta.get("val")
+        if isinstance(value, torch.Tensor) and (tuple(value.shape) != tuple(expr.shape) or value.dtype != expr.dtype):
+            raise VerificationError(
+                f"verification failed {where}: node %{node.name}: weight expression is {expr.type_str} "
+                f"but the graph uses it as {format_value_type(value, {})}"
+            )
+    for node in program.graph.nodes:
+        if node.op == "call_function" and node.users and "val" not in node.meta:
+            raise VerificationError(f"verification failed {where}: node %{node.name} ({op_name(node)}) has no type")
+    try:
+        propagate_types(program, check=True)
+    except _NodeError as error:
+        raise VerificationError(f"verification failed {where}: {error}") from None
