@@ -1,9 +1,9 @@
 """`compile()`: trace a Mixtral, run a pass pipeline, bind a backend.
 
-    compiled = compile("tiny", passes="fold-weights,dce")
+    compiled = compile("tiny")                  # default pipeline: canonicalize,fuse-moe,dce
     logits = compiled(input_ids)                 # runs on the backend
     compiled.graph                               # the final program
-    compiled.graph_after("fold-weights")         # the program after any pass
+    compiled.graph_after("fuse-moe")             # the program after any pass
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from compiler.errors import MoecError
 from compiler.ir import Program
 from compiler.passes import Pass, PassRecord, parse_pipeline, run_pipeline
 
-# Used when `passes` is not given. Canonicalization and MoE fusion join it as they land.
-DEFAULT_PIPELINE = "fold-weights,dce"
+# Used when `passes` is not given: canonical ops, one `moe` op per layer, then clean-up.
+DEFAULT_PIPELINE = "canonicalize,fuse-moe,dce"
 
 PassSpec = str | Pass | Iterable[str | Pass]
 

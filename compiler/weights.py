@@ -194,6 +194,10 @@ class Rewrite(WeightExpr):
     inputs: tuple[WeightExpr, ...]
     attrs: tuple[tuple[str, Any], ...] = ()
 
+    def __post_init__(self) -> None:
+        # Infer now, so a mismatched stack or an out-of-range slice fails where it is built, not where it is used.
+        self._type  # noqa: B018
+
     @cached_property
     def _type(self) -> tuple[Shape, torch.dtype]:
         return _REWRITES[self.kind].infer(self.inputs, dict(self.attrs))
@@ -350,6 +354,16 @@ def select_weight(expr: WeightExpr, dim: int, index: int) -> WeightExpr:
 
 
 def stack_weights(exprs: Sequence[WeightExpr], dim: int = 0) -> WeightExpr:
+    """Stacks `exprs` on a new `dim`; re-stacking every `select` of one weight in order gives that weight back."""
+    first = exprs[0]
+    if isinstance(first, Rewrite) and first.kind == "select":
+        base = first.inputs[0]
+        if base.shape[dim] == len(exprs) and all(
+            isinstance(e, Rewrite) and e.kind == "select" and e.inputs[0] is base
+            and dict(e.attrs) == {"dim": dim, "index": i}
+            for i, e in enumerate(exprs)
+        ):
+            return base
     return Rewrite("stack", tuple(exprs), (("dim", dim),))
 
 

@@ -1,0 +1,196 @@
+"""`canonicalize`: rewrite the exported ATen patterns into moec's canonical ops and drop export noise.
+
+before (one RMSNorm, as exported from Hugging Face in bf16):
+    %x32 = aten._to_copy(%x, dtype=float32); %p = aten.pow(%x32, 2); %m = aten.mean.dim(%p, [-1], True)
+    %r = aten.rsqrt(aten.add(%m, 1e-05)); %n = aten._to_copy(aten.mul(%x32, %r), dtype=bfloat16)
+    %y = aten.mul(%weight, %n)
+after:
+    %y = moec.rms_norm(%x, %weight, 1e-05)
+
+Rules (each can say why it did not match):
+- `rms_norm`  the pattern above (with or without the float32 round trip).
+- `rope`      x*cos + cat(-x[..., D/2:], x[..., :D/2])*sin  ->  moec.rope(x, cos, sin).
+- `linear`    aten.linear -> moec.linear.
+- noise       `_assert_tensor_metadata`, `alias`, casts to the dtype a value already has, `x*1.0`, `x+0`,
+              views of views, views to the shape a value already has.
+Attention already arrives as `moec.attention` from the frontend (causal, grouped-query, no repeat_kv).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.fx
+
+from compiler.ir import Program
+from compiler.passes import Pass, PassResult, register_pass
+from compiler.rewrite import MatchFailure, Rewriter, Rule, expect, tensor_value
+from compiler import ops
+
+aten = torch.ops.aten
+
+
+def _strip_cast(node: torch.fx.Node, dtype: torch.dtype | None = None) -> torch.fx.Node:
+    """The input of a pure dtype cast (`_to_copy(x, dtype=...)`), or the node itself."""
+    if (
+        isinstance(node, torch.fx.Node)
+        and node.target == aten._to_copy.default
+        and set(node.kwargs) <= {"dtype"}
+        and (dtype is None or node.kwargs.get("dtype") == dtype)
+    ):
+        return node.args[0]
+    return node
+
+
+def _rms_norm(node: torch.fx.Node, rw: Rewriter) -> torch.fx.Node:
+    left, right = node.args[0], node.args[1]
+    if not all(isinstance(a, torch.fx.Node) for a in (left, right)):
+        raise MatchFailure("not a product of two tensors")
+    for weight, normalized in ((left, right), (right, left)):
+        weight_value = tensor_value(weight)
+        if weight_value is None or weight_value.dim() != 1:
+            continue
+        try:
+            scaled = expect(_strip_cast(normalized), aten.mul.Tensor, what="normalized value")
+            x32, inv = scaled.args
+            rsqrt = expect(inv, aten.rsqrt.default, what="scale")
+            add = expect(rsqrt.args[0], aten.add.Tensor, what="rsqrt input")
+            mean = expect(add.args[0], aten.mean.dim, what="variance")
+            eps = add.args[1]
+            if not isinstance(eps, float):
+                raise MatchFailure("epsilon is not a constant")
+            if list(mean.args[1]) != [-1] or not (len(mean.args) > 2 and mean.args[2]):
+                raise MatchFailure("variance is not a keepdim mean over the last dim")
+            power = expect(mean.args[0], aten.pow.Tensor_Scalar, what="mean input")
+            if power.args[0] is not x32 or power.args[1] != 2:
+                raise MatchFailure("variance is not mean(x**2) of the normalized value")
+        except MatchFailure:
+            continue
+        x = _strip_cast(x32, torch.float32)
+        return rw.call(ops.rms_norm, (x, weight, float(eps)))
+    raise MatchFailure("no operand is a 1-d weight times x * rsqrt(mean(x**2) + eps)")
+
+
+def _rotate_half_of(rotated: torch.fx.Node) -> torch.fx.Node:
+    cat = expect(rotated, aten.cat.default, what="rotated value")
+    parts = cat.args[0]
+    dim = cat.args[1] if len(cat.args) > 1 else 0
+    if len(parts) != 2:
+        raise MatchFailure("rotate_half concatenates two halves")
+    neg = expect(parts[0], aten.neg.default, what="first half")
+    upper = expect(neg.args[0], aten.slice.Tensor, what="negated half")
+    lower = expect(parts[1], aten.slice.Tensor, what="second half")
+    x = upper.args[0]
+    value = tensor_value(x)
+    if lower.args[0] is not x or value is None:
+        raise MatchFailure("halves come from different tensors")
+    rank, half = value.dim(), value.shape[-1] // 2
+    if dim % rank != rank - 1 or upper.args[1] % rank != rank - 1 or lower.args[1] % rank != rank - 1:
+        raise MatchFailure("rotation is not over the last dim")
+    if tuple(lower.args[2:4]) != (0, half) or upper.args[2] != half:
+        raise MatchFailure("halves are not [:D/2] and [D/2:]")
+    return x
+
+
+def _rope(node: torch.fx.Node, rw: Rewriter) -> torch.fx.Node:
+    first, second = node.args[0], node.args[1]
+    if not all(isinstance(a, torch.fx.Node) and a.target == aten.mul.Tensor for a in (first, second)):
+        raise MatchFailure("not a sum of two products")
+    for direct, rotated in ((first, second), (second, first)):
+        for x, cos_u in (direct.args, reversed(direct.args)):
+            for rot, sin_u in (rotated.args, reversed(rotated.args)):
+                try:
+                    if _rotate_half_of(rot) is not x:
+                        continue
+                    cos = expect(cos_u, aten.unsqueeze.default, what="cos")
+                    sin = expect(sin_u, aten.unsqueeze.default, what="sin")
+                except MatchFailure:
+                    continue
+                x_value = tensor_value(x)
+                if x_value is None or x_value.dim() != 4 or cos.args[1] != 1 or sin.args[1] != 1:
+                    continue
+                return rw.call(ops.rope, (x, cos.args[0], sin.args[0]))
+    raise MatchFailure("not x*cos + rotate_half(x)*sin with cos/sin unsqueezed at dim 1")
+
+
+def _linear(node: torch.fx.Node, rw: Rewriter) -> torch.fx.Node:
+    return rw.call(ops.linear, tuple(node.args), dict(node.kwargs))
+
+
+def _same_shape(a: torch.fx.Node, b: torch.fx.Node) -> bool:
+    va, vb = tensor_value(a), tensor_value(b)
+    return va is not None and vb is not None and va.dtype == vb.dtype and tuple(va.shape) == tuple(vb.shape)
+
+
+def _no_op(node: torch.fx.Node, rw: Rewriter) -> torch.fx.Node:
+    target, source = node.target, node.args[0] if node.args else None
+    if target == aten.alias.default:
+        return source
+    if target == aten._to_copy.default:
+        if set(node.kwargs) <= {"dtype"} and _same_shape(node, source):
+            return source
+        raise MatchFailure("cast changes the dtype")
+    if target in (aten.mul.Tensor, aten.add.Tensor):
+        identity = 1.0 if target == aten.mul.Tensor else 0
+        if node.args[1] == identity and type(node.args[1]) is type(identity) or (
+            target == aten.add.Tensor and node.args[1] == 0 and isinstance(node.args[1], int)
+        ):
+            if _same_shape(node, source):
+                return source
+        raise MatchFailure("not an identity operation")
+    if target == aten.view.default:
+        if _same_shape(node, source):
+            return source
+        if isinstance(source, torch.fx.Node) and source.target == aten.view.default:
+            return rw.call(aten.view.default, (source.args[0], node.args[1]))
+        raise MatchFailure("view changes the shape")
+    raise MatchFailure("not a no-op")
+
+
+RULES = (
+    Rule("rms_norm", (aten.mul.Tensor,), _rms_norm),
+    Rule("rope", (aten.add.Tensor,), _rope),
+    Rule("linear", (aten.linear.default,), _linear),
+    Rule(
+        "no_op",
+        (aten.alias.default, aten._to_copy.default, aten.mul.Tensor, aten.add.Tensor, aten.view.default),
+        _no_op,
+    ),
+)
+
+
+@register_pass
+@dataclass(frozen=True)
+class Canonicalize(Pass):
+    """Rewrite exported ATen into canonical ops (rms_norm, rope, linear) and remove export noise.
+
+    before: pow/mean/add/rsqrt/mul chains, rotate_half cat/neg/slice, aten.linear, asserts, no-op casts/views
+    after:  moec.rms_norm, moec.rope, moec.linear; no asserts, no identity casts or views
+    """
+
+    name = "canonicalize"
+
+    def run(self, program: Program) -> PassResult:
+        result = program.clone()
+        rewriter = Rewriter(result)
+        # Views of views only collapse once their inner view is final, so iterate to a fixed point (2-3 rounds).
+        while rewriter.run(RULES):
+            result.graph.eliminate_dead_code()
+        asserts = [n for n in result.graph.nodes if n.target == aten._assert_tensor_metadata.default]
+        for node in asserts:
+            result.graph.erase_node(node)
+        result.graph.eliminate_dead_code()
+        for node in list(result.graph.nodes):
+            if node.op == "placeholder" and "weight" in node.meta and not node.users:
+                result.graph.erase_node(node)
+        result.graph_module.recompile()
+        stats = dict(sorted(rewriter.applied.items()))
+        stats["asserts_removed"] = len(asserts)
+        return PassResult(result, bool(rewriter.applied) or bool(asserts), stats)
+
+    def explain(self, program: Program) -> list[str]:
+        rewriter = Rewriter(program.clone())
+        rewriter.run(RULES)
+        lines = [f"{rule}: rewrote {count}" for rule, count in sorted(rewriter.applied.items())]
+        return lines or ["canonicalize: nothing to rewrite"]
