@@ -15,7 +15,7 @@ import torch.fx
 from torch._guards import detect_fake_mode
 
 from compiler.errors import VerificationError
-from compiler.ir import Program, format_value_type, op_name
+from compiler.ir import Program, _symbol_names, format_value_type, op_name
 
 
 def _where(after: str | None, before: Sequence[str]) -> str:
@@ -43,6 +43,7 @@ def propagate_types(program: Program, check: bool = False) -> None:
     if fake_mode is None:
         raise VerificationError("program has no fake values to propagate types from")
     env: dict[torch.fx.Node, Any] = {}
+    names = _symbol_names(program)
     with fake_mode:
         for node in program.graph.nodes:
             if node.op == "placeholder":
@@ -70,10 +71,10 @@ def propagate_types(program: Program, check: bool = False) -> None:
             if check and recorded is not None and not _same_type(recorded, computed):
                 raise _NodeError(
                     node,
-                    f"recorded type {format_value_type(recorded, {})} but its operands give "
-                    f"{format_value_type(computed, {})}",
+                    f"recorded type {format_value_type(recorded, names)} but its operands give "
+                    f"{format_value_type(computed, names)}",
                 )
-            if recorded is None or not check:
+            if (recorded is None or not check) and computed is not None:
                 node.meta["val"] = computed
             env[node] = computed if recorded is None else recorded
             if check:
@@ -81,14 +82,16 @@ def propagate_types(program: Program, check: bool = False) -> None:
 
 
 def _check_key(node: torch.fx.Node) -> tuple[Any, ...]:
-    """Identity of a node's computation: its target and arguments, with input nodes replaced by their values'
-    identities (values are shared, not copied, between a program and its clones)."""
+    """Identity of a node's computation: its target, its own recorded value and its arguments, with input nodes
+    replaced by their values' identities (values are shared, not copied, between a program and its clones).
+
+    The node's own value is part of it so that a pass re-recording a node's type gets that node re-checked."""
     def ident(arg: Any) -> Any:
         return ("value", id(arg.meta.get("val")), id(arg.meta.get("weight"))) if isinstance(arg, torch.fx.Node) else arg
 
     args = torch.fx.node.map_aggregate(node.args, lambda a: ident(a) if isinstance(a, torch.fx.Node) else a)
     kwargs = torch.fx.node.map_aggregate(node.kwargs, lambda a: ident(a) if isinstance(a, torch.fx.Node) else a)
-    return (node.target, repr(args), repr(kwargs))
+    return (node.target, id(node.meta.get("val")), repr(args), repr(kwargs))
 
 
 class _NodeError(Exception):

@@ -68,10 +68,22 @@ def _strip_cast(node: torch.fx.Node) -> torch.fx.Node:
     return node
 
 
+def _through_views(node: torch.fx.Node) -> torch.fx.Node:
+    """The value a chain of shape-preserving views reads (export leaves `view(view(x))` before canonicalize)."""
+    while isinstance(node, torch.fx.Node) and node.target == aten.view.default:
+        source, value = node.args[0], tensor_value(node)
+        source_value = tensor_value(source)
+        if value is None or source_value is None or tuple(value.shape) != tuple(source_value.shape):
+            break
+        node = source
+    return node
+
+
 def _only_user(node: torch.fx.Node, what: str) -> torch.fx.Node:
-    if len(node.users) != 1:
-        raise MatchFailure(f"{what} has {len(node.users)} users, expected 1")
-    return next(iter(node.users))
+    users = [user for user in node.users if user.target != aten._assert_tensor_metadata.default]
+    if len(users) != 1:
+        raise MatchFailure(f"{what} has {len(users)} users, expected 1")
+    return users[0]
 
 
 def match_moe(topk: torch.fx.Node) -> MoeMatch:
@@ -138,7 +150,7 @@ def match_moe(topk: torch.fx.Node) -> MoeMatch:
             raise MatchFailure(f"expert {expert}: gate/up halves are swapped")
         split = expect(gate.args[0], aten.split.Tensor, aten.split_with_sizes.default, what="gate/up source")
         gate_up = expect(split.args[0], *LINEAR, what=f"expert {expert} gate/up")
-        if gate_up.args[0] is not hidden:
+        if _through_views(gate_up.args[0]) is not _through_views(hidden):
             raise MatchFailure(f"expert {expert} does not read the router's input")
         w13.append(_weight_expr(gate_up.args[1]))
         w2.append(_weight_expr(down.args[1]))
@@ -154,6 +166,24 @@ def match_moe(topk: torch.fx.Node) -> MoeMatch:
         accumulated = add
     assert accumulated is not None
     return MoeMatch(layer, hidden, router_weight, top_k, normalization, w13, w2, accumulated)
+
+
+def _eliminate_dead_code_with_asserts(graph: torch.fx.Graph) -> None:
+    """DCE that also drops export's metadata asserts on values nothing else reads (they keep the unfused experts
+    alive when fusing a graph that was not canonicalized first)."""
+    while True:
+        graph.eliminate_dead_code()
+        dead_asserts = [
+            node
+            for node in graph.nodes
+            if node.target == aten._assert_tensor_metadata.default
+            and node.args[0].op != "placeholder"
+            and all(user.target == aten._assert_tensor_metadata.default for user in node.args[0].users)
+        ]
+        if not dead_asserts:
+            return
+        for node in dead_asserts:
+            graph.erase_node(node)
 
 
 def find_routers(program: Program) -> list[torch.fx.Node]:
@@ -211,7 +241,7 @@ class FuseMoe(Pass):
             fused.meta["val"] = match.output.meta["val"]
             fused.meta["nn_module_stack"] = match.output.meta.get("nn_module_stack", {})
             match.output.replace_all_uses_with(fused)
-        result.graph.eliminate_dead_code()
+        _eliminate_dead_code_with_asserts(result.graph)
         for node in list(result.graph.nodes):
             if node.op == "placeholder" and "weight" in node.meta and not node.users:
                 result.graph.erase_node(node)
