@@ -1,0 +1,529 @@
+"""Fused mixture-of-experts (Mixtral SwiGLU experts) in Triton.
+
+Computes, for hidden states ``x`` [T, H], routing ``topk_ids``/``topk_weights``
+[T, k] and expert weights ``w13`` [E, 2I, H] (rows ``0..I-1`` = gate ``w1``,
+rows ``I..2I-1`` = up ``w3``) and ``w2`` [E, H, I]::
+
+    out[t] = sum_j topk_weights[t, j] * w2[e] @ (silu(w1[e] @ x[t]) * (w3[e] @ x[t])),
+    e = topk_ids[t, j]
+
+(the layout of Hugging Face transformers 5 ``MixtralExperts.gate_up_proj`` /
+``down_proj``).
+
+Algorithm (four launches, no host synchronisation, CUDA-graph capturable):
+
+1. ``_align_kernel`` (one program): every (token, j) pair is a *slot*
+   ``s = t*k + j``.  The kernel histograms the slots per expert, rounds each
+   expert's count up to a multiple of ``BLOCK_M`` and lays the slots out
+   expert by expert in ``sorted_slots`` (a stable counting sort: a one-hot
+   [CHUNK, E] matrix and its running sum give each slot its rank inside its
+   expert).  Padding positions hold the sentinel ``S = T*k``.  It also writes
+   ``block_expert[b]``, the expert that owns row block ``b``, or -1 for blocks
+   past the end.  All buffers are sized by the upper bound
+   ``cdiv(S, BLOCK_M) + min(S, E)`` blocks, which depends on shapes only, so
+   nothing about the routing ever reaches the host.
+2. ``_gate_up_kernel``: a grouped GEMM over the row blocks.  Each program owns
+   a [BLOCK_M, BLOCK_N] tile of one expert, gathers its rows of ``x`` through
+   ``sorted_slots``, multiplies them by an interleaved weight tile (gate row
+   ``n``, up row ``I + n``, ...) in one [BLOCK_M, 2*BLOCK_N] dot and applies
+   SwiGLU to the de-interleaved halves in the epilogue, so the [S, 2I] gate/up
+   product never touches memory; it stores ``a = silu(g) * u`` [S, I].
+3. ``_down_kernel``: the same grouped GEMM for ``w2``, optionally split along
+   K (decode: only ``k`` tokens, so the work is streaming 2*H*I weights; more
+   programs keep more bytes in flight).  The routing weight is applied in the
+   epilogue and each slot's partial row is written to ``partial[split, s]``
+   without atomics.
+4. ``_combine_kernel``: ``out[t] = sum_{split, j} partial[split, t*k + j]`` in
+   fp32, a fixed summation order, so the result is deterministic.
+
+Block sizes come from a small explicit table keyed on T (``_TABLE``), not from
+run-time autotuning, so the first call compiles exactly one variant per regime.
+"""
+
+import os
+from dataclasses import dataclass, replace
+import torch
+
+try:  # Triton is optional: CPU-only installs may not have it.
+    import triton
+    import triton.language as tl
+
+    _HAVE_TRITON = True
+except ImportError:  # pragma: no cover - exercised only without triton
+    triton = None  # type: ignore[assignment]
+    tl = None  # type: ignore[assignment]
+    _HAVE_TRITON = False
+
+__all__ = ["MoeConfig", "fused_moe", "get_config", "is_available"]
+
+
+def is_available() -> bool:
+    """True when the kernels can run: Triton importable and CUDA present (or the interpreter on)."""
+    if not _HAVE_TRITON:
+        return False
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        return True
+    return torch.cuda.is_available()
+
+
+@dataclass(frozen=True)
+class MoeConfig:
+    """Launch parameters for one call (one regime of the table)."""
+
+    block_m: int  # rows (slots) per block; also the alignment granularity of each expert's segment
+    gu_block_n: int  # gate/up: columns of I per program (the dot is 2x this wide: gate and up)
+    gu_block_k: int
+    gu_group_m: int  # programs walk GROUP_M row blocks for one column tile before moving on (L2 reuse of weights)
+    gu_warps: int
+    gu_stages: int
+    dn_block_n: int  # down: columns of H per program
+    dn_block_k: int
+    dn_split_k: int  # number of K slices of the down GEMM (decode: more programs streaming w2)
+    dn_group_m: int
+    dn_warps: int
+    dn_stages: int
+
+
+# Explicit tuning table: (max T, config).  Chosen for Mixtral-8x7B shapes (H=4096,
+# I=14336, E=8, k=2) on H100/H200 from the sweep in bench/moe_kernel.py (see
+# bench/NOTES_moe_kernel.md).  Rows: decode (weights streaming), small batches
+# (still weight-bound, several row blocks share each weight tile through L2),
+# prefill (tensor-core bound, 128x128 tiles, 8 warps).
+_TABLE: list[tuple[int, MoeConfig]] = [
+    # T=1: only 2 experts' weights to stream, so few programs: small K tiles and deep pipelines
+    # (2 programs per SM) keep more bytes in flight than 128-wide K tiles (1 program per SM).
+    (1, MoeConfig(16, 64, 64, 8, 4, 6, 64, 64, 4, 8, 4, 6)),
+    # Decode: 16-row blocks (tl.dot minimum), w2 split 4 ways along I so ~8x more programs stream it.
+    (16, MoeConfig(16, 64, 128, 8, 4, 4, 64, 128, 4, 8, 4, 4)),
+    (64, MoeConfig(32, 64, 128, 16, 4, 4, 64, 128, 4, 16, 4, 4)),
+    (256, MoeConfig(64, 128, 64, 16, 4, 4, 128, 64, 1, 16, 4, 4)),
+    # Prefill: 128x256 MMA tiles (gate/up: 128 gate + 128 up columns) on 8 warps.
+    (1024, MoeConfig(128, 128, 64, 8, 8, 3, 256, 64, 1, 8, 8, 4)),
+    (1 << 62, MoeConfig(128, 128, 64, 8, 8, 4, 256, 64, 1, 8, 8, 3)),
+]
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def get_config(num_tokens: int, hidden: int, inter: int) -> MoeConfig:
+    """Table entry for ``num_tokens``, with tiles clamped to small problems (tests, tiny models)."""
+    cfg = _TABLE[-1][1]
+    for max_t, entry in _TABLE:
+        if num_tokens <= max_t:
+            cfg = entry
+            break
+    # tl.dot needs every tile dimension >= 16; tiles larger than the problem only waste work.
+    return replace(
+        cfg,
+        gu_block_n=min(cfg.gu_block_n, max(16, _next_pow2(inter))),
+        gu_block_k=min(cfg.gu_block_k, max(16, _next_pow2(hidden))),
+        dn_block_n=min(cfg.dn_block_n, max(16, _next_pow2(hidden))),
+        dn_block_k=min(cfg.dn_block_k, max(16, _next_pow2(inter))),
+    )
+
+
+if _HAVE_TRITON:
+    # Kernel parameters are typed the Triton way (tl.constexpr); the JIT reads these annotations at
+    # run time, so the kernels carry no other annotations.
+
+    @triton.jit
+    def _align_kernel(
+        topk_ids_ptr,  # [S] int32/int64, flattened topk_ids
+        sorted_slots_ptr,  # [NB_MAX * BLOCK_M] int32 out
+        block_expert_ptr,  # [NB_MAX] int32 out
+        num_slots,  # S = T * k
+        num_blocks_max,  # NB_MAX
+        E: tl.constexpr,
+        E_P: tl.constexpr,  # E rounded up to a power of two
+        BLOCK_M: tl.constexpr,
+        CHUNK: tl.constexpr,
+        NB_CHUNK: tl.constexpr,
+    ):
+        experts = tl.arange(0, E_P)
+        # Pass 1: per-expert histogram.  Out-of-range slots load E_P, which matches no column.
+        counts = tl.zeros([E_P], dtype=tl.int32)
+        for start in range(0, num_slots, CHUNK):
+            offs = start + tl.arange(0, CHUNK)
+            ids = tl.load(topk_ids_ptr + offs, mask=offs < num_slots, other=E_P).to(tl.int32)
+            counts += tl.sum((ids[:, None] == experts[None, :]).to(tl.int32), axis=0)
+        padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+        seg_end = tl.cumsum(padded, axis=0)  # inclusive prefix sum: end of each expert's segment
+        seg_start = seg_end - padded
+
+        # Pass 2: stable scatter.  rank = running count of the slot's expert, so slots keep token order.
+        running = seg_start
+        for start in range(0, num_slots, CHUNK):
+            offs = start + tl.arange(0, CHUNK)
+            valid = offs < num_slots
+            ids = tl.load(topk_ids_ptr + offs, mask=valid, other=E_P).to(tl.int32)
+            onehot = (ids[:, None] == experts[None, :]).to(tl.int32)
+            rank = tl.cumsum(onehot, axis=0) - 1 + running[None, :]
+            dest = tl.sum(onehot * rank, axis=1)
+            tl.store(sorted_slots_ptr + dest, offs, mask=valid)
+            running += tl.sum(onehot, axis=0)
+
+        # Padding tail of each expert's segment (< BLOCK_M positions, disjoint from the slots above,
+        # so no ordering between the two stores is needed).
+        j = tl.arange(0, BLOCK_M)
+        pad_pos = (seg_start + counts)[:, None] + j[None, :]
+        pad_mask = j[None, :] < (padded - counts)[:, None]
+        pad_val = tl.zeros([E_P, BLOCK_M], dtype=tl.int32) + num_slots
+        tl.store(sorted_slots_ptr + pad_pos, pad_val, mask=pad_mask)
+
+        # Owner of each row block: number of segments ending at or before the block's first row.
+        # Empty experts have zero-length segments and are skipped by the same count.
+        for bstart in range(0, num_blocks_max, NB_CHUNK):
+            b = bstart + tl.arange(0, NB_CHUNK)
+            owner = tl.sum((seg_end[None, :] <= (b * BLOCK_M)[:, None]).to(tl.int32), axis=1)
+            owner = tl.where(owner < E, owner, -1)
+            tl.store(block_expert_ptr + b, owner, mask=b < num_blocks_max)
+
+    @triton.jit
+    def _tile_ids(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+        # Walk GROUP_M row blocks down one column tile before moving right: the programs that run
+        # together read the same weight tile (one expert's n-slice), so repeats are served from L2.
+        num_pid_in_group = GROUP_M * num_pid_n
+        group_id = pid // num_pid_in_group
+        first_m = group_id * GROUP_M
+        group_size = tl.minimum(num_pid_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % num_pid_in_group) % group_size
+        pid_n = (pid % num_pid_in_group) // group_size
+        return pid_m, pid_n
+
+    @triton.jit
+    def _gate_up_kernel(
+        x_ptr,  # [T, H]
+        w_ptr,  # [E, 2I, H]
+        inter_ptr,  # [S, I] out: silu(gate) * up
+        sorted_slots_ptr,
+        block_expert_ptr,
+        num_slots,
+        num_pid_m,
+        N,  # I
+        K,  # H
+        stride_xm,
+        stride_xk,
+        stride_we,
+        stride_wn,
+        stride_wk,
+        stride_im,
+        TOPK: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        GROUP_M: tl.constexpr,
+        EVEN_K: tl.constexpr,
+        DOT_F32: tl.constexpr,  # interpreter only: see _dot_in_f32
+    ):
+        pid = tl.program_id(0)
+        num_pid_n = tl.cdiv(N, BLOCK_N)
+        pid_m, pid_n = _tile_ids(pid, num_pid_m, num_pid_n, GROUP_M)
+        expert = tl.load(block_expert_ptr + pid_m)
+        if expert < 0:  # block past the last expert's segment (the grid is an upper bound)
+            return
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        slot = tl.load(sorted_slots_ptr + offs_m)
+        row_ok = slot < num_slots
+        token = tl.where(row_ok, slot // TOPK, 0).to(tl.int64)
+        # One dot over an interleaved [BK, 2*BLOCK_N] weight tile: even columns are gate rows
+        # (n), odd columns the matching up rows (I + n).  A single 2*BLOCK_N-wide MMA keeps the tensor
+        # cores busier than two BLOCK_N-wide dots into two accumulators (measured: see NOTES).
+        # Columns past N wrap around instead of being masked: loads stay in bounds and unmasked
+        # (wide vector loads); the wrapped columns are dropped at the store.
+        offs_c = tl.arange(0, 2 * BLOCK_N)
+        w_row = (pid_n * BLOCK_N + offs_c // 2) % N + (offs_c % 2) * N
+        offs_k = tl.arange(0, BLOCK_K)
+        a_ptrs = x_ptr + token[:, None] * stride_xm + offs_k[None, :] * stride_xk
+        w_ptrs = w_ptr + expert.to(tl.int64) * stride_we + w_row[None, :] * stride_wn + offs_k[:, None] * stride_wk
+        acc = tl.zeros([BLOCK_M, 2 * BLOCK_N], dtype=tl.float32)
+        for kk in range(0, tl.cdiv(K, BLOCK_K)):
+            if EVEN_K:
+                a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
+                b = tl.load(w_ptrs)
+            else:
+                k_left = K - kk * BLOCK_K
+                a = tl.load(a_ptrs, mask=row_ok[:, None] & (offs_k[None, :] < k_left), other=0.0)
+                b = tl.load(w_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+            if DOT_F32:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, b, acc)
+            a_ptrs += BLOCK_K * stride_xk
+            w_ptrs += BLOCK_K * stride_wk
+        # SwiGLU epilogue in fp32: de-interleave (gate, up) pairs, silu(g) = g * sigmoid(g).
+        gate, up = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N, 2)))
+        act = gate / (1.0 + tl.exp(-gate)) * up
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        out_ptrs = inter_ptr + slot.to(tl.int64)[:, None] * stride_im + offs_n[None, :]
+        tl.store(out_ptrs, act.to(inter_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_n[None, :] < N))
+
+    @triton.jit
+    def _down_kernel(
+        a_ptr,  # [S, I] intermediate
+        w_ptr,  # [E, H, I]
+        partial_ptr,  # [SPLIT_K, S, H] out
+        sorted_slots_ptr,
+        block_expert_ptr,
+        topk_weights_ptr,  # [S] flattened
+        num_slots,
+        num_pid_m,
+        N,  # H
+        K,  # I
+        k_per_split,  # multiple of BLOCK_K
+        stride_am,
+        stride_we,
+        stride_wn,
+        stride_wk,
+        stride_ps,  # partial: stride between splits
+        stride_pm,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        GROUP_M: tl.constexpr,
+        EVEN_K: tl.constexpr,  # K % BLOCK_K == 0 and every split is full
+        DOT_F32: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        num_pid_n = tl.cdiv(N, BLOCK_N)
+        pid_m, pid_n = _tile_ids(pid, num_pid_m, num_pid_n, GROUP_M)
+        expert = tl.load(block_expert_ptr + pid_m)
+        if expert < 0:
+            return
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        slot = tl.load(sorted_slots_ptr + offs_m)
+        row_ok = slot < num_slots
+        row = tl.where(row_ok, slot, 0).to(tl.int64)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_n_ld = offs_n % N
+        k0 = pid_k * k_per_split
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        a_ptrs = a_ptr + row[:, None] * stride_am + offs_k[None, :]
+        w_ptrs = w_ptr + expert.to(tl.int64) * stride_we + offs_n_ld[None, :] * stride_wn + offs_k[:, None] * stride_wk
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        k_end = tl.minimum(k0 + k_per_split, K)
+        for kk in range(0, tl.cdiv(k_end - k0, BLOCK_K)):
+            if EVEN_K:
+                a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
+                b = tl.load(w_ptrs)
+            else:
+                k_left = k_end - k0 - kk * BLOCK_K
+                kmask = tl.arange(0, BLOCK_K) < k_left
+                a = tl.load(a_ptrs, mask=row_ok[:, None] & kmask[None, :], other=0.0)
+                b = tl.load(w_ptrs, mask=kmask[:, None], other=0.0)
+            if DOT_F32:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, b, acc)
+            a_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K * stride_wk
+        # Routing weight in the epilogue (linear, so applying it per K slice is exact).
+        rw = tl.load(topk_weights_ptr + row, mask=row_ok, other=0.0).to(tl.float32)
+        acc = acc * rw[:, None]
+        out_ptrs = partial_ptr + pid_k * stride_ps + row[:, None] * stride_pm + offs_n[None, :]
+        tl.store(out_ptrs, acc.to(partial_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_n[None, :] < N))
+
+    @triton.jit
+    def _combine_kernel(
+        partial_ptr,  # [SPLIT_K, S, H]
+        out_ptr,  # [T, H]
+        H,
+        stride_ps,
+        stride_pm,
+        stride_om,
+        TOPK: tl.constexpr,
+        SPLIT_K: tl.constexpr,
+        BLOCK_H: tl.constexpr,
+    ):
+        t = tl.program_id(0).to(tl.int64)
+        offs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+        mask = offs < H
+        acc = tl.zeros([BLOCK_H], dtype=tl.float32)
+        # Fixed order over (split, j): deterministic, unlike atomics.
+        for s in tl.static_range(SPLIT_K):
+            for j in tl.static_range(TOPK):
+                p = partial_ptr + s * stride_ps + (t * TOPK + j) * stride_pm + offs
+                acc += tl.load(p, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + t * stride_om + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _dot_in_f32(dtype: torch.dtype) -> bool:
+    # Triton's CPU interpreter (seen with 3.9.0) multiplies the raw bit patterns of bf16 dot
+    # operands; upcasting to fp32 first gives the exact products the tensor cores give.  Compiled
+    # kernels never take this path.
+    return dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _check_inputs(
+    hidden_states: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+) -> None:
+    if hidden_states.dim() != 2 or topk_ids.dim() != 2 or topk_weights.shape != topk_ids.shape:
+        raise ValueError("expected hidden_states [T,H], topk_ids and topk_weights [T,k]")
+    t, h = hidden_states.shape
+    if topk_ids.shape[0] != t:
+        raise ValueError("topk_ids must have one row per token")
+    if w13.dim() != 3 or w2.dim() != 3:
+        raise ValueError("expected w13 [E,2I,H] and w2 [E,H,I]")
+    e, two_i, h13 = w13.shape
+    if h13 != h or two_i % 2 != 0 or w2.shape != (e, h, two_i // 2):
+        raise ValueError(f"shape mismatch: x {tuple(hidden_states.shape)}, w13 {tuple(w13.shape)}, w2 {tuple(w2.shape)}")
+    if hidden_states.dtype not in (torch.bfloat16, torch.float16):
+        raise TypeError(f"hidden_states must be bf16 or fp16, got {hidden_states.dtype}")
+    if w13.dtype != hidden_states.dtype or w2.dtype != hidden_states.dtype:
+        raise TypeError("w13 and w2 must have the dtype of hidden_states")
+    if topk_ids.dtype not in (torch.int32, torch.int64):
+        raise TypeError("topk_ids must be int32 or int64")
+    if topk_weights.dtype not in (torch.float32, hidden_states.dtype):
+        raise TypeError("topk_weights must be float32 or the activation dtype")
+
+
+def fused_moe(
+    hidden_states: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    *,
+    config: MoeConfig | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Mixtral expert computation; returns [T, H] in the dtype of ``hidden_states``.
+
+    ``topk_ids`` [T, k] int32/int64 with values in ``[0, E)``; ``topk_weights`` [T, k] float32 or the
+    activation dtype; ``w13`` [E, 2I, H] (gate rows first, then up); ``w2`` [E, H, I].
+    ``config`` overrides the table entry (used by the benchmark's sweep); ``out`` [T, H] (contiguous,
+    dtype of ``hidden_states``) receives the result instead of a fresh tensor.
+    Allocations depend on shapes only and there is no host synchronisation, so the call can be
+    captured in a CUDA graph.
+    """
+    if not _HAVE_TRITON:
+        raise RuntimeError("fused_moe needs triton")
+    _check_inputs(hidden_states, topk_ids, topk_weights, w13, w2)
+    t, h = hidden_states.shape
+    topk = topk_ids.shape[1]
+    num_experts, two_i, _ = w13.shape
+    inter = two_i // 2
+    dev = hidden_states.device
+    if out is None:
+        out = torch.empty((t, h), dtype=hidden_states.dtype, device=dev)
+    elif out.shape != (t, h) or out.dtype != hidden_states.dtype or out.stride(1) != 1:
+        raise ValueError("out must be [T, H] with unit column stride and the dtype of hidden_states")
+    if t == 0:
+        return out
+    cfg = config if config is not None else get_config(t, h, inter)
+    bm = cfg.block_m
+    x = hidden_states if hidden_states.stride(1) == 1 else hidden_states.contiguous()
+    ids = topk_ids.reshape(-1)
+    ids = ids if ids.is_contiguous() else ids.contiguous()
+    rw = topk_weights.reshape(-1)
+    rw = rw if rw.is_contiguous() else rw.contiguous()
+    num_slots = t * topk
+
+    # 1. routing: upper bound on row blocks = full blocks of all slots + one partial block per
+    #    non-empty expert (at most min(S, E) of them).
+    nb_max = triton.cdiv(num_slots, bm) + min(num_slots, num_experts)
+    sorted_slots = torch.empty(nb_max * bm, dtype=torch.int32, device=dev)
+    block_expert = torch.empty(nb_max, dtype=torch.int32, device=dev)
+    chunk = min(1024, max(16, _next_pow2(num_slots)))
+    _align_kernel[(1,)](
+        ids,
+        sorted_slots,
+        block_expert,
+        num_slots,
+        nb_max,
+        E=num_experts,
+        E_P=max(2, _next_pow2(num_experts)),
+        BLOCK_M=bm,
+        CHUNK=chunk,
+        NB_CHUNK=min(1024, max(16, _next_pow2(nb_max))),
+        num_warps=4,
+    )
+
+    # 2. gate/up GEMM + SwiGLU.
+    inter_act = torch.empty((num_slots, inter), dtype=hidden_states.dtype, device=dev)
+    grid_gu = (nb_max * triton.cdiv(inter, cfg.gu_block_n),)
+    _gate_up_kernel[grid_gu](
+        x,
+        w13,
+        inter_act,
+        sorted_slots,
+        block_expert,
+        num_slots,
+        nb_max,
+        inter,
+        h,
+        x.stride(0),
+        x.stride(1),
+        w13.stride(0),
+        w13.stride(1),
+        w13.stride(2),
+        inter_act.stride(0),
+        TOPK=topk,
+        BLOCK_M=bm,
+        BLOCK_N=cfg.gu_block_n,
+        BLOCK_K=cfg.gu_block_k,
+        GROUP_M=cfg.gu_group_m,
+        EVEN_K=h % cfg.gu_block_k == 0,
+        DOT_F32=_dot_in_f32(hidden_states.dtype),
+        num_warps=cfg.gu_warps,
+        num_stages=cfg.gu_stages,
+    )
+
+    # 3. down GEMM (split-K for decode), routing weight applied.
+    bk = cfg.dn_block_k
+    k_per_split = triton.cdiv(triton.cdiv(inter, max(1, cfg.dn_split_k)), bk) * bk
+    split = triton.cdiv(inter, k_per_split)
+    # Split partial sums are kept in fp32 so splitting does not add rounding; unsplit rows are
+    # rounded once, like any bf16 GEMM output.
+    part_dtype = torch.float32 if split > 1 else hidden_states.dtype
+    partial = torch.empty((split, num_slots, h), dtype=part_dtype, device=dev)
+    grid_dn = (nb_max * triton.cdiv(h, cfg.dn_block_n), split)
+    _down_kernel[grid_dn](
+        inter_act,
+        w2,
+        partial,
+        sorted_slots,
+        block_expert,
+        rw,
+        num_slots,
+        nb_max,
+        h,
+        inter,
+        k_per_split,
+        inter_act.stride(0),
+        w2.stride(0),
+        w2.stride(1),
+        w2.stride(2),
+        partial.stride(0),
+        partial.stride(1),
+        BLOCK_M=bm,
+        BLOCK_N=cfg.dn_block_n,
+        BLOCK_K=bk,
+        GROUP_M=cfg.dn_group_m,
+        EVEN_K=inter % k_per_split == 0 and k_per_split % bk == 0,
+        DOT_F32=_dot_in_f32(hidden_states.dtype),
+        num_warps=cfg.dn_warps,
+        num_stages=cfg.dn_stages,
+    )
+
+    # 4. combine the k contributions (and K slices) of each token.
+    block_h = min(1024, _next_pow2(h))
+    _combine_kernel[(t, triton.cdiv(h, block_h))](
+        partial,
+        out,
+        h,
+        partial.stride(0),
+        partial.stride(1),
+        out.stride(0),
+        TOPK=topk,
+        SPLIT_K=split,
+        BLOCK_H=block_h,
+        num_warps=4,
+    )
+    return out
