@@ -63,10 +63,23 @@ class CompiledModel:
         if self._executable is None:
             if self.backend != "torch":
                 raise MoecError(f"backend {self.backend!r} cannot run here; only 'torch' runs in-process")
+            if self.program.ranks:
+                # A sharded program: this process's rank, under torchrun/mpirun (see backends/torch/distributed.py).
+                from backends.torch.distributed import DistributedExecutable
+
+                self._executable = DistributedExecutable(self.program, self.device, progress=progress)
+                return self._executable
             from backends.torch.runtime import TorchExecutable
 
             self._executable = TorchExecutable(self.program, self.device, progress=progress)
         return self._executable
+
+    def export_onnx(self, path: str, after: str | None = None, moe: str = "ootb", decompose: tuple[str, ...] = ()) -> Any:
+        """Writes the program after pass `after` (default: the final one; "trace": as traced) as ONNX with its
+        weights in one external data file; `moe` is "ootb", "plugin" or "ort" (see backends/onnx)."""
+        from backends.onnx import export_onnx
+
+        return export_onnx(self, path, moe=moe, after=after, decompose=decompose)
 
     def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.executable()(input_ids)
@@ -74,6 +87,8 @@ class CompiledModel:
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
         """Greedy decoding without a KV cache (each step recomputes the whole sequence)."""
+        if self.program.ranks:
+            return self.executable().generate(input_ids, max_new_tokens)  # every rank steps, tokens broadcast
         tokens = input_ids
         for _ in range(max_new_tokens):
             next_token = self(tokens)[:, -1, :].argmax(dim=-1, keepdim=True)

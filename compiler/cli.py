@@ -72,6 +72,16 @@ def _dump_name(index: int, spec: str) -> str:
     return f"{index:02d}-{re.sub(r'[^A-Za-z0-9_.=-]+', '_', spec).strip('_')}.txt"
 
 
+def _dump(dump_dir: Path, index: int, spec: str, program: Any) -> None:
+    """One text file per pass; a sharded program gets one file per rank (`NN-spec.rankR.txt`)."""
+    name = _dump_name(index, spec)
+    if not program.ranks:
+        (dump_dir / name).write_text(program.format())
+        return
+    for rank, rank_program in enumerate(program.ranks):
+        (dump_dir / name.replace(".txt", f".rank{rank}.txt")).write_text(rank_program.format())
+
+
 def _cmd_compile(args: argparse.Namespace) -> int:
     from compiler.api import DEFAULT_PIPELINE
     from compiler.passes import parse_pipeline, run_pipeline
@@ -105,12 +115,16 @@ def _cmd_compile(args: argparse.Namespace) -> int:
         bar.update(1)
         bar.set_postfix_str(record.spec)
         if dump_dir is not None:
-            (dump_dir / _dump_name(record.index, record.spec)).write_text(record.program.format())
+            _dump(dump_dir, record.index, record.spec, record.program)
         if args.print_after_all or args.print_after in (record.name, record.spec):
             tqdm.write(f"== after {record.spec} ({record.seconds:.2f}s, changed={record.changed}, {record.stats})")
             tqdm.write(record.program.format(weights=not args.no_weights), end="")
 
     result = run_pipeline(program, pipeline, on_pass=on_pass)
+    from backends.onnx import handle_onnx_cli
+
+    for exported in handle_onnx_cli(args, program, result.history):
+        _status("wrote " + exported.summary())
     bar.close()
     print("== pipeline")
     for record in result.history:
@@ -148,6 +162,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if max(ids) >= vocab or min(ids) < 0:
         raise MoecError(f"--input-ids must lie in [0, {vocab}) for this model's vocabulary")
     result = run_pipeline(traced, pipeline)
+    if result.program.ranks:
+        return _run_distributed(result.program, ids, args)
     compiled = CompiledModel(result.program, traced, result.history, device=args.device)
     with tqdm(total=len(result.program.weight_nodes()), desc="weights", unit="tensor", file=sys.stderr) as bar:
         compiled.executable(progress=lambda done, total: bar.update(1))
@@ -157,6 +173,34 @@ def _cmd_run(args: argparse.Namespace) -> int:
     print("input ids:  " + " ".join(str(t) for t in ids))
     print("output ids: " + " ".join(str(t) for t in tokens[0, len(ids) :].tolist()))
     print(f"last-position logits: argmax={int(logits[0, -1].argmax())} max={float(logits[0, -1].max()):.6f}")
+    return 0
+
+
+def _run_distributed(program: Any, ids: list[int], args: argparse.Namespace) -> int:
+    """One rank of a sharded program under torchrun or mpirun; every rank decodes, rank 0 prints."""
+    import torch
+
+    from backends.torch.distributed import DistributedExecutable, init_distributed, launch_environment, rank_device
+
+    env = launch_environment()
+    if env is None:
+        raise MoecError(
+            f"the pipeline shards the model over {len(program.ranks)} ranks; launch it with "
+            f"torchrun --nproc-per-node {len(program.ranks)} -m compiler.cli run ... (or mpirun -n {len(program.ranks)})"
+        )
+    device = rank_device(args.device, env.local_rank)
+    init_distributed(device)
+    executable = DistributedExecutable(program, device)
+    input_ids = torch.tensor([ids], dtype=torch.long)
+    tokens = executable.generate(input_ids, args.max_new_tokens)
+    logits = executable(tokens[:, : len(ids)], broadcast=True)
+    _status(f"rank {env.rank}: {executable.materialized_bytes:,} weight bytes materialized")
+    if env.rank == 0:
+        print(f"ranks: {len(program.ranks)} ({env.launcher})")
+        print("input ids:  " + " ".join(str(t) for t in ids))
+        print("output ids: " + " ".join(str(t) for t in tokens[0, len(ids) :].tolist()))
+        print(f"last-position logits: argmax={int(logits[0, -1].argmax())} max={float(logits[0, -1].max()):.6f}")
+    torch.distributed.destroy_process_group()
     return 0
 
 
@@ -185,6 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--print-after", metavar="NAME")
     p_compile.add_argument("--dump-dir", metavar="DIR", help="write one numbered text file per pass")
     p_compile.add_argument("--explain", metavar="NAME", help="say per region why pass NAME does or does not rewrite")
+    from backends.onnx import add_onnx_cli_arguments
+
+    add_onnx_cli_arguments(p_compile)
     p_compile.set_defaults(func=_cmd_compile)
 
     p_run = sub.add_parser("run", help="compile and greedily decode with the torch backend")

@@ -32,6 +32,9 @@ class Program:
     trace_seconds: float = 0.0
     # Parallel layout of this graph (filled by sharding passes); a program is one rank's graph.
     attributes: dict[str, Any] = field(default_factory=dict)
+    # A sharded program: one program per rank (`rank = pp_rank * tp + tp_rank`). This program's own graph stays
+    # the unsharded, logical one; passes after `shard` are mapped over the ranks by the pass manager.
+    ranks: tuple[Program, ...] = ()
 
     @classmethod
     def from_exported(
@@ -61,7 +64,12 @@ class Program:
             new.meta = dict(old.meta)
         module = torch.fx.GraphModule(self.graph_module, new_graph)
         return Program(
-            module, self.config, self.source_description, self.trace_seconds, copy.deepcopy(self.attributes)
+            module,
+            self.config,
+            self.source_description,
+            self.trace_seconds,
+            copy.deepcopy(self.attributes),
+            tuple(rank.clone() for rank in self.ranks),
         )
 
     def weight_nodes(self) -> list[torch.fx.Node]:
@@ -156,7 +164,16 @@ def format_node(node: torch.fx.Node, names: dict[Any, Any]) -> str:
 
 
 def format_program(program: Program, weights: bool = True) -> str:
-    """Deterministic text: op counts, then one line per node with its type inline."""
+    """Deterministic text: op counts, then one line per node with its type inline; a sharded program prints each
+    rank's program under a `== rank r` header."""
+    if program.ranks:
+        lines = [f"# {program.source_description}" if program.source_description else "# program"]
+        layout = ", ".join(f"{k}={v}" for k, v in sorted(program.attributes.items()))
+        lines.append(f"# sharded over {len(program.ranks)} ranks: {layout}")
+        text = "\n".join(lines) + "\n"
+        for index, rank in enumerate(program.ranks):
+            text += f"== rank {index}\n" + format_program(rank, weights=weights)
+        return text
     names = _symbol_names(program)
     counts = program.op_counts()
     lines = [f"# {program.source_description}" if program.source_description else "# program"]

@@ -9,9 +9,11 @@ Conventions (shared by every pass and backend):
 - `rms_norm(x, weight, eps)`: Hugging Face semantics (normalize in float32, cast back, then multiply by weight).
 - `rope(x[B,H,S,D], cos[B,S,D], sin[B,S,D])`: x*cos + rotate_half(x)*sin.
 - `linear(x, weight[out,in], bias?)`.
-- `moe(x[T,H], router[E,H], w13[E,2I,H], w2[E,H,I], top_k, normalization, activation)`: Mixtral's sparse MoE
-  block. Rows [0, I) of w13 are the gate projection (w1), rows [I, 2I) the up projection (w3). The router runs in
-  float32. normalization "renormalize" = softmax over the top-k logits; "none" = top-k of the full softmax.
+- `moe(x[T,H], router[E,H], w13[E',2I,H], w2[E',H,I], top_k, normalization, activation, expert_offset=0)`:
+  Mixtral's sparse MoE block. Rows [0, I) of w13 are the gate projection (w1), rows [I, 2I) the up projection
+  (w3). The router runs in float32 over all E experts. normalization "renormalize" = softmax over the top-k logits;
+  "none" = top-k of the full softmax. w13/w2 hold the E' experts [expert_offset, expert_offset + E') (all of them
+  unless expert-parallel sharding gave this rank a block); tokens routed to other experts contribute 0 here.
 """
 
 from __future__ import annotations
@@ -26,8 +28,8 @@ _library.define("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor")
 _library.define("rope(Tensor x, Tensor cos, Tensor sin) -> Tensor")
 _library.define("linear(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor")
 _library.define(
-    "moe(Tensor x, Tensor router_weight, Tensor w13, Tensor w2, int top_k, str normalization, str activation)"
-    " -> Tensor"
+    "moe(Tensor x, Tensor router_weight, Tensor w13, Tensor w2, int top_k, str normalization, str activation,"
+    " int expert_offset=0) -> Tensor"
 )
 
 MOE_NORMALIZATIONS = ("none", "renormalize")
@@ -72,8 +74,11 @@ def _moe_fake(
     top_k: int,
     normalization: str,
     activation: str,
+    expert_offset: int = 0,
 ):
-    check_moe_signature(x.shape[-1], router_weight.shape, w13.shape, w2.shape, top_k, normalization, activation)
+    check_moe_signature(
+        x.shape[-1], router_weight.shape, w13.shape, w2.shape, top_k, normalization, activation, expert_offset
+    )
     return x.new_empty(x.shape)
 
 
@@ -85,18 +90,22 @@ def check_moe_signature(
     top_k: int,
     normalization: str,
     activation: str,
+    expert_offset: int = 0,
 ) -> None:
     """Raises ValueError naming the first inconsistency among the `moe` op's operands."""
-    experts = router_shape[0]
-    if tuple(router_shape) != (experts, hidden):
+    routed = router_shape[0]
+    if tuple(router_shape) != (routed, hidden):
         raise ValueError(f"moe: router weight {list(router_shape)} is not [experts, hidden={hidden}]")
+    experts = w13_shape[0] if len(w13_shape) == 3 else routed
+    if not (0 <= expert_offset and expert_offset + experts <= routed):
+        raise ValueError(f"moe: experts [{expert_offset}, {expert_offset + experts}) are not among the {routed} routed")
     if len(w13_shape) != 3 or w13_shape[0] != experts or w13_shape[2] != hidden or w13_shape[1] % 2:
         raise ValueError(f"moe: w13 {list(w13_shape)} is not [experts={experts}, 2*intermediate, hidden={hidden}]")
     intermediate = w13_shape[1] // 2
     if tuple(w2_shape) != (experts, hidden, intermediate):
         raise ValueError(f"moe: w2 {list(w2_shape)} is not [{experts}, {hidden}, {intermediate}]")
-    if not 1 <= top_k <= experts:
-        raise ValueError(f"moe: top_k={top_k} must be in [1, {experts}]")
+    if not 1 <= top_k <= routed:
+        raise ValueError(f"moe: top_k={top_k} must be in [1, {routed}]")
     if normalization not in MOE_NORMALIZATIONS:
         raise ValueError(f"moe: normalization {normalization!r} is not one of {MOE_NORMALIZATIONS}")
     if activation not in MOE_ACTIVATIONS:

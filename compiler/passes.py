@@ -31,6 +31,8 @@ class Pass:
     """Base class. Subclasses set `name`, declare options as fields, and implement `run`."""
 
     name: ClassVar[str] = ""
+    # A pass that does not handle sharded programs itself is run on each rank's program by the pass manager.
+    handles_ranks: ClassVar[bool] = False
 
     def requires(self, program: Program) -> None:
         """Raises `PreconditionError` if the program is not in a state this pass can handle."""
@@ -195,25 +197,28 @@ def run_pipeline(
     on_pass: Callable[[PassRecord], None] | None = None,
 ) -> PipelineResult:
     """Runs passes in order, verifying after each; errors name the pass and the passes that ran before it."""
-    from compiler.verifier import verify_program
-
     history: list[PassRecord] = []
     if verify:
-        verify_program(program, after=None, before=[])
+        _verify(program, after=None, before=[])
     for index, pass_ in enumerate(passes):
         earlier = [record.spec for record in history]
+        targets = program.ranks if program.ranks and not pass_.handles_ranks else (program,)
         try:
-            pass_.requires(program)
+            for target in targets:
+                pass_.requires(target)
         except PreconditionError as error:
             ran = f" (after {', '.join(earlier)})" if earlier else " (it ran first)"
             raise PreconditionError(f"pass {pass_.spec()!r} cannot run{ran}: {error}") from None
         started = time.perf_counter()
-        result = pass_.run(program)
+        if targets is program.ranks:
+            result = _run_on_ranks(pass_, program)
+        else:
+            result = pass_.run(program)
         seconds = time.perf_counter() - started
         if result.program is program:
             raise VerificationError(f"pass {pass_.spec()!r} returned its input program instead of a new one")
         if verify:
-            verify_program(result.program, after=pass_.spec(), before=earlier)
+            _verify(result.program, after=pass_.spec(), before=earlier)
         record = PassRecord(
             index + 1, pass_.name, pass_.spec(), pass_.options(), seconds, result.changed, dict(result.stats),
             result.program,
@@ -223,3 +228,30 @@ def run_pipeline(
             on_pass(record)
         program = result.program
     return PipelineResult(program, history)
+
+
+def _run_on_ranks(pass_: Pass, program: Program) -> PassResult:
+    """Runs a rank-unaware pass on every rank's program; the logical graph is carried over unchanged."""
+    results = [pass_.run(rank) for rank in program.ranks]
+    for rank, result in zip(program.ranks, results):
+        if result.program is rank:
+            raise VerificationError(f"pass {pass_.spec()!r} returned its input program instead of a new one")
+    sharded = dataclasses.replace(program, ranks=tuple(result.program for result in results))
+    stats: dict[str, Any] = {}
+    for result in results:
+        for key, value in result.stats.items():
+            numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+            stats[key] = stats.get(key, 0) + value if numeric else stats.get(key, value)
+    return PassResult(sharded, any(result.changed for result in results), stats)
+
+
+def _verify(program: Program, after: str | None, before: Sequence[str]) -> None:
+    """Verifies a program and, when it is sharded, each rank's program (errors name the rank)."""
+    from compiler.verifier import verify_program
+
+    verify_program(program, after=after, before=before)
+    for index, rank in enumerate(program.ranks):
+        try:
+            verify_program(rank, after=after, before=before)
+        except VerificationError as error:
+            raise VerificationError(f"rank {index}: {error}") from None

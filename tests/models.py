@@ -77,3 +77,20 @@ def max_rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """max |a - e| / max |e|, in float64."""
     actual, expected = actual.double(), expected.double()
     return float((actual - expected).abs().max() / expected.abs().max())
+
+
+@lru_cache(maxsize=None)
+def hf_model_in(config: TinyConfig, dtype: torch.dtype) -> Any:
+    """`hf_model(config)` cast to `dtype` (a copy; the float32 original is shared by all tests)."""
+    import copy
+
+    return copy.deepcopy(hf_model(config)).to(dtype)
+
+
+@lru_cache(maxsize=None)
+def traced(config: TinyConfig, dtype: torch.dtype = torch.float32) -> Any:
+    """The traced program of `hf_model_in(config, dtype)`, shared across tests: programs are immutable values
+    (passes clone), so one trace per config serves the whole session."""
+    from compiler.api import load
+
+    return load(hf_model_in(config, dtype))

@@ -72,12 +72,18 @@ def moe_experts_reference(
     """Sort (token, slot) pairs by expert and run each expert once on its own tokens, then scatter-add back.
 
     No dense all-experts compute and no per-token weight gathers: the cost is the routed tokens' GEMMs only.
+    Slots routed to an expert id outside [0, E) of `w13` (another rank's experts, under expert parallelism) are
+    skipped: they contribute 0 here.
     """
     tokens, top_k = experts.shape
     intermediate = w2.shape[-1]
+    local_experts = w13.shape[0]
     flat_experts = experts.reshape(-1)
+    # Elsewhere-routed slots get the id `local_experts`, so they sort after every local expert and are never run.
+    in_range = (flat_experts >= 0) & (flat_experts < local_experts)
+    flat_experts = torch.where(in_range, flat_experts, local_experts)
     order = torch.argsort(flat_experts, stable=True)
-    counts = torch.bincount(flat_experts, minlength=w13.shape[0]).tolist()
+    counts = torch.bincount(flat_experts, minlength=local_experts + 1)[:local_experts].tolist()
     token_of_slot = order // top_k
     sorted_inputs = x[token_of_slot]
     sorted_weights = weights.reshape(-1)[order]
@@ -104,10 +110,14 @@ def moe(
     top_k: int,
     normalization: str,
     activation: str,
+    expert_offset: int = 0,
 ) -> torch.Tensor:
     shape = x.shape
     flat = x.reshape(-1, shape[-1])
     experts, weights = route(flat, router_weight, top_k, normalization)
+    if expert_offset or w13.shape[0] != router_weight.shape[0]:
+        # Expert parallelism: this rank holds experts [expert_offset, expert_offset + E') of the routed E.
+        return moe_experts_reference(flat, experts - expert_offset, weights, w13, w2).reshape(shape)
     if flat.is_cuda and flat.dtype in (torch.float16, torch.bfloat16):
         from backends.torch import triton_moe
 

@@ -13,6 +13,7 @@ import torch
 import torch.fx
 
 import backends.torch.kernels  # noqa: F401 - registers the reference kernels of moec's ops
+from compiler.errors import MoecError
 from compiler.ir import Program
 
 ProgressCallback = Callable[[int, int], None]
@@ -35,7 +36,13 @@ class TorchExecutable:
         program: Program,
         device: torch.device | str = "cpu",
         progress: ProgressCallback | None = None,
+        cuda_graphs: bool = False,
     ) -> None:
+        if program.ranks:
+            raise MoecError(
+                f"program is sharded over {len(program.ranks)} ranks; run it with backends.torch.distributed "
+                "(e.g. torchrun --nproc-per-node N -m compiler.cli run ...)"
+            )
         self.program = program
         self.device = torch.device(device)
         runnable = program.clone()
@@ -56,11 +63,42 @@ class TorchExecutable:
                 progress(index + 1, len(weight_nodes))
         self.materialized_bytes = sum(t.numel() * t.element_size() for t in by_expr.values())
         self.input_names = [n.name for n in self._placeholders if "weight" not in n.meta]
+        if cuda_graphs and self.device.type != "cuda":
+            raise MoecError(f"cuda_graphs=True needs a CUDA device, not {self.device}")
+        self.cuda_graphs = cuda_graphs
+        self._graphs: dict[tuple, tuple] = {}
 
     @torch.no_grad()
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
         if len(inputs) != len(self.input_names):
             raise TypeError(f"expected {len(self.input_names)} inputs ({', '.join(self.input_names)}), got {len(inputs)}")
+        if self.cuda_graphs:
+            return self._replay(inputs)
+        return self._run(inputs)
+
+    def _replay(self, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """Runs through a CUDA graph captured once per input shape: one launch instead of hundreds of Python-issued
+        kernels, which is what decode-sized steps are bound by."""
+        key = tuple((tuple(t.shape), t.dtype) for t in inputs)
+        if key not in self._graphs:
+            static_inputs = tuple(t.to(self.device).clone() for t in inputs)
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                for _ in range(2):  # warm up: Triton compiles and caching allocators settle outside the capture
+                    self._run(static_inputs)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                static_output = self._run(static_inputs)
+            self._graphs[key] = (graph, static_inputs, static_output)
+        graph, static_inputs, static_output = self._graphs[key]
+        for static, value in zip(static_inputs, inputs):
+            static.copy_(value)
+        graph.replay()
+        return static_output
+
+    def _run(self, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
         runtime_inputs = iter(inputs)
         args = [
             self.weights[node.name] if "weight" in node.meta else next(runtime_inputs).to(self.device)

@@ -162,8 +162,25 @@ def random_weights(config: Any, seed: int) -> dict[str, WeightExpr]:
         if name in buffers:
             weights[name] = buffers[name]
             continue
+        dtype, std = model_dtype(config), config.initializer_range
+        if name.endswith((".mlp.experts.gate_up_proj", ".mlp.experts.down_proj")):
+            # One tensor per expert, named as in a Mixtral checkpoint: materializing a rank's experts (or streaming
+            # them to a file) then costs one expert at a time, not the whole [E, 2I, H] stack.
+            prefix = name.rsplit(".mlp.experts.", 1)[0] + ".block_sparse_moe.experts"
+            experts, rows, cols = shape
+            if name.endswith("gate_up_proj"):
+                parts = [
+                    concat_weights(
+                        [RandomTensor(f"{prefix}.{e}.{w}.weight", (rows // 2, cols), dtype, seed, "normal", std) for w in ("w1", "w3")], 0
+                    )
+                    for e in range(experts)
+                ]
+            else:
+                parts = [RandomTensor(f"{prefix}.{e}.w2.weight", (rows, cols), dtype, seed, "normal", std) for e in range(experts)]
+            weights[name] = stack_weights(parts, 0)
+            continue
         init = "ones" if name.endswith("norm.weight") else "normal"
-        weights[name] = RandomTensor(name, shape, model_dtype(config), seed, init, config.initializer_range)
+        weights[name] = RandomTensor(name, shape, dtype, seed, init, std)
     if config.tie_word_embeddings:
         weights["lm_head.weight"] = weights["model.embed_tokens.weight"]
     return weights

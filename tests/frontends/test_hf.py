@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 
@@ -13,14 +12,14 @@ from backends.torch.runtime import TorchExecutable
 from compiler.api import load
 from compiler.errors import CheckpointError, UnsupportedModelError
 from compiler.weights import CheckpointTensor, MemoryTensor, RandomTensor
-from tests.models import CONFIG_IDS, TINY_CONFIGS, TinyConfig, hf_model, input_ids, max_rel_err
+from tests.models import CONFIG_IDS, TINY_CONFIGS, TinyConfig, hf_model, hf_model_in, input_ids, max_rel_err, traced
 
 
 @pytest.mark.parametrize("config", TINY_CONFIGS, ids=CONFIG_IDS)
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)], ids=["fp32", "bf16"])
 def test_logits_match_hugging_face(config: TinyConfig, dtype: torch.dtype, tolerance: float) -> None:
-    model = copy.deepcopy(hf_model(config)).to(dtype)
-    program = load(model)
+    model = hf_model_in(config, dtype)
+    program = traced(config, dtype)
     assert program.op_counts()["moec.attention"] == config.layers
     executable = TorchExecutable(program)
     for seq in (5, 11):  # two sequence lengths (and batch 2) from one trace
@@ -33,8 +32,8 @@ def test_logits_match_hugging_face(config: TinyConfig, dtype: torch.dtype, toler
 
 
 def test_tracing_does_not_copy_or_read_weights() -> None:
-    model = hf_model(TINY_CONFIGS[0])
-    program = load(model)
+    model = hf_model_in(TINY_CONFIGS[0], torch.float32)
+    program = traced(TINY_CONFIGS[0])
     leaves = [leaf for expr in program.weights().values() for leaf in expr.leaves()]
     assert leaves and all(isinstance(leaf, MemoryTensor) for leaf in leaves)
     params = {id(p) for p in model.parameters()} | {id(b) for b in model.buffers()}

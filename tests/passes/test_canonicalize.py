@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import os
 from functools import lru_cache
 from pathlib import Path
@@ -14,17 +13,13 @@ from backends.torch.runtime import TorchExecutable
 from compiler.api import load
 from compiler.ir import Program
 from compiler.passes import parse_pipeline, run_pipeline
-from tests.models import CONFIG_IDS, TINY_CONFIGS, TinyConfig, hf_model, input_ids, max_rel_err
+from tests.models import CONFIG_IDS, TINY_CONFIGS, TinyConfig, hf_model, hf_model_in, input_ids, max_rel_err, traced
 
 GOLDENS = Path(__file__).parent / "goldens"
 UPDATE_GOLDENS = os.environ.get("MOEC_UPDATE_GOLDENS") == "1"
 
 
 @lru_cache(maxsize=None)
-def traced(config: TinyConfig, dtype: torch.dtype = torch.float32) -> Program:
-    return load(copy.deepcopy(hf_model(config)).to(dtype))
-
-
 def compiled(config: TinyConfig, pipeline: str, dtype: torch.dtype = torch.float32) -> Program:
     return run_pipeline(traced(config, dtype), parse_pipeline(pipeline)).program
 
@@ -53,7 +48,7 @@ def test_bf16_casts_fold_into_rms_norm() -> None:
     after = compiled(config, "canonicalize", torch.bfloat16)
     # The float32 round trip of each RMSNorm (2 casts) disappears into rms_norm; router and rope casts remain.
     assert after.op_counts()["aten._to_copy"] == before.op_counts()["aten._to_copy"] - 2 * (2 * config.layers + 1)
-    model = copy.deepcopy(hf_model(config)).to(torch.bfloat16)
+    model = hf_model_in(config, torch.bfloat16)
     ids = input_ids(config, 2, 6)
     with torch.no_grad():
         expected = model(ids).logits

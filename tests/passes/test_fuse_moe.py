@@ -12,7 +12,7 @@ from compiler.cli import main
 from compiler.errors import MoecError
 from compiler.passes import parse_pipeline, run_pipeline
 from compiler.weights import MemoryTensor, Rewrite
-from tests.models import CONFIG_IDS, TINY_CONFIGS, TinyConfig, hf_model, input_ids, max_rel_err
+from tests.models import CONFIG_IDS, TINY_CONFIGS, TinyConfig, hf_model, hf_model_in, input_ids, max_rel_err
 from tests.passes.test_canonicalize import compiled, traced
 
 
@@ -67,7 +67,7 @@ def test_checkpoint_experts_are_stacked_lazily(tmp_path) -> None:
 def test_bf16_fusion_matches_hugging_face() -> None:
     config = TINY_CONFIGS[2]
     program = compiled(config, "canonicalize,fuse-moe,dce", torch.bfloat16)
-    model = copy.deepcopy(hf_model(config)).to(torch.bfloat16)
+    model = hf_model_in(config, torch.bfloat16)
     ids = input_ids(config, 2, 8)
     with torch.no_grad():
         expected = model(ids).logits

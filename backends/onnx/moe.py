@@ -1,0 +1,178 @@
+"""The canonical `moec.moe` op in three ONNX forms, picked by `export_onnx(..., moe=MODE)`.
+
+before: moe(x[T,H], router[E,H], w13[E,2I,H], w2[E,H,I], top_k, normalization, "swiglu")
+after, by mode:
+- `ootb` (standard ops only, no data-dependent shapes, so TensorRT can build it): the router is
+  `MatMul → Cast(f32) → Softmax → TopK` (+ `ReduceSum`/`Div` to renormalize); the top-k choices become a dense
+  float32 routing matrix R[T,E] by comparing the expert ids with `Range(E)` (`Equal`, `Mul`, `ReduceSum`: no
+  scatter, no `NonZero`); then EVERY expert runs on every token as two batched `MatMul`s over the expert axis
+  ([E,T,H]·[E,H,2I], [E,T,I]·[E,I,H]) and the outputs are summed weighted by Rᵀ. This costs E/top_k times the
+  routed FLOPs: it is the portable reference form, not a fast one (use `plugin` or `ort` for speed).
+- `plugin`: one `trt.plugins::MoE` node per layer with `plugin_version="1"`, `plugin_namespace="moec"`,
+  `top_k`, `normalization`, `activation`, `num_experts` attributes and inputs (x, router, w13, w2) in moec's
+  layouts; TensorRT's ONNX parser hands it to the plugin creator registered as `MoE` (namespace `moec`).
+- `ort`: onnxruntime's `com.microsoft::MoE` (CPU and CUDA). It takes router LOGITS as `router_probs` (it applies
+  softmax + top-k itself; `normalize_routing_weights=1` renormalizes the top-k, i.e. our "renormalize"), fc1
+  weights [E, 2I, H] in (out, in) order with gate/up rows interleaved (`swiglu_fusion=1`), fc2 [E, H, I].
+  `activation_alpha=1, activation_beta=0` with no `swiglu_limit` make its SwiGLU exactly silu(gate)·up. The
+  interleave is a lazy weight rewrite (`interleave_gate_up`) applied while the data file is streamed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import onnx_graphsurgeon as gs
+import torch
+import torch.fx
+
+from backends.onnx.context import ConversionContext, dtype_of, value_of
+from backends.onnx.converters import converter
+from compiler.weights import Rewrite, RewriteRule, Shape, WeightExpr, register_rewrite, stack_weights
+
+MOE_MODES = ("ootb", "plugin", "ort")
+PLUGIN_DOMAIN = "trt.plugins"
+PLUGIN_NAMESPACE = "moec"
+PLUGIN_VERSION = "1"
+
+
+# --- the interleave_gate_up weight rewrite ---------------------------------------------------------------------
+
+
+def _interleave(tensor: torch.Tensor) -> torch.Tensor:
+    """[..., 2I, H] with rows [gate | up] → rows [g0, u0, g1, u1, ...]."""
+    *lead, rows, hidden = tensor.shape
+    pairs = tensor.reshape(*lead, 2, rows // 2, hidden).transpose(-3, -2)
+    return pairs.reshape(*lead, rows, hidden).contiguous()
+
+
+def _infer_interleave(inputs: Sequence[WeightExpr], attrs: dict[str, Any]) -> tuple[Shape, torch.dtype]:
+    (source,) = inputs
+    if len(source.shape) < 2 or source.shape[-2] % 2:
+        raise ValueError(f"interleave_gate_up needs [..., 2*intermediate, hidden], got {source.type_str}")
+    return source.shape, source.dtype
+
+
+register_rewrite("interleave_gate_up", RewriteRule(_infer_interleave, lambda xs, a: _interleave(xs[0])))
+
+
+def interleave_gate_up(expr: WeightExpr) -> WeightExpr:
+    """The lazy interleaved form of w13; a stack of experts stays a stack (each expert interleaved on its own), so
+    the data file is written one expert at a time."""
+    if isinstance(expr, Rewrite) and expr.kind == "stack" and dict(expr.attrs)["dim"] == 0 and len(expr.shape) == 3:
+        return stack_weights([interleave_gate_up(part) for part in expr.inputs], 0)
+    return Rewrite("interleave_gate_up", (expr,))
+
+
+# --- shared pieces ---------------------------------------------------------------------------------------------
+
+
+def _operands(ctx: ConversionContext, node: torch.fx.Node) -> tuple[Any, ...]:
+    x, router, w13, w2, top_k, normalization, activation = node.args
+    return x, router, w13, w2, int(top_k), str(normalization), str(activation)
+
+
+def _flatten_tokens(ctx: ConversionContext, x: torch.fx.Node) -> tuple[gs.Tensor, gs.Tensor | None]:
+    """x as [T, H], and the shape to restore afterwards (None when x is already 2-d)."""
+    tensor = ctx.tensor(x)
+    if value_of(x).dim() == 2:
+        return tensor, None
+    shape = ctx.op("Shape", [tensor])
+    return ctx.op("Reshape", [tensor, ctx.ints([-1, value_of(x).shape[-1]])]), shape
+
+
+def _router_logits(ctx: ConversionContext, tokens: gs.Tensor, x: torch.fx.Node, router: torch.fx.Node) -> gs.Tensor:
+    """float32 [T, E], like `F.linear(x, router).float()`."""
+    router_dtype = dtype_of(router)
+    if dtype_of(x) != router_dtype:
+        tokens = ctx.cast(tokens, router_dtype)
+    logits = ctx.op("MatMul", [tokens, ctx.op("Transpose", [ctx.tensor(router)], {"perm": [1, 0]})])
+    return logits if router_dtype == torch.float32 else ctx.cast(logits, torch.float32)
+
+
+# --- ootb ------------------------------------------------------------------------------------------------------
+
+
+@converter("moec.moe", when=lambda ctx, node: ctx.options.moe == "ootb")
+def moe_ootb(ctx: ConversionContext, node: torch.fx.Node) -> gs.Tensor:
+    x, router, w13, w2, top_k, normalization, _ = _operands(ctx, node)
+    dtype = dtype_of(x)
+    experts, intermediate = value_of(w13).shape[0], value_of(w2).shape[-1]
+    tokens, restore = _flatten_tokens(ctx, x)
+
+    probs = ctx.op("Softmax", [_router_logits(ctx, tokens, x, router)], {"axis": -1})
+    weights, chosen = ctx.op("TopK", [probs, ctx.ints([top_k])], {"axis": -1, "largest": 1, "sorted": 1}, outputs=2)
+    if normalization == "renormalize":
+        weights = ctx.op("Div", [weights, ctx.op("ReduceSum", [weights, ctx.ints([-1])], {"keepdims": 1})])
+    # Dense routing R[T, E]: R[t, e] = weight of e in token t's top-k, else 0.
+    one_hot = ctx.op("Equal", [ctx.op("Unsqueeze", [chosen, ctx.ints([-1])]), ctx.op(
+        "Range", [ctx.const(0), ctx.const(experts), ctx.const(1)]
+    )])
+    weighted = ctx.op("Mul", [ctx.cast(one_hot, torch.float32), ctx.op("Unsqueeze", [weights, ctx.ints([-1])])])
+    routing = ctx.op("ReduceSum", [weighted, ctx.ints([1])], {"keepdims": 0})
+
+    # All experts on all tokens: [1,T,H] · [E,H,2I] → [E,T,2I].
+    w13_t = ctx.op("Transpose", [ctx.tensor(w13)], {"perm": [0, 2, 1]})
+    gate_up = ctx.op("MatMul", [ctx.op("Unsqueeze", [tokens, ctx.ints([0])]), w13_t])
+    gate, up = ctx.op("Split", [gate_up, ctx.ints([intermediate, intermediate])], {"axis": -1}, outputs=2)
+    activated = ctx.op("Mul", [ctx.op("Mul", [gate, ctx.op("Sigmoid", [gate])]), up])
+    down = ctx.op("MatMul", [activated, ctx.op("Transpose", [ctx.tensor(w2)], {"perm": [0, 2, 1]})])  # [E,T,H]
+    per_expert = ctx.op("Unsqueeze", [ctx.op("Transpose", [routing], {"perm": [1, 0]}), ctx.ints([-1])])  # [E,T,1]
+    down32 = down if dtype == torch.float32 else ctx.cast(down, torch.float32)
+    combined = ctx.op("ReduceSum", [ctx.op("Mul", [down32, per_expert]), ctx.ints([0])], {"keepdims": 0})
+    out = combined if dtype == torch.float32 else ctx.cast(combined, dtype)
+    return out if restore is None else ctx.op("Reshape", [out, restore])
+
+
+# --- plugin ----------------------------------------------------------------------------------------------------
+
+
+@converter("moec.moe", when=lambda ctx, node: ctx.options.moe == "plugin")
+def moe_plugin(ctx: ConversionContext, node: torch.fx.Node) -> gs.Tensor:
+    x, router, w13, w2, top_k, normalization, activation = _operands(ctx, node)
+    attrs = {
+        "plugin_version": PLUGIN_VERSION,
+        "plugin_namespace": PLUGIN_NAMESPACE,
+        "top_k": top_k,
+        "normalization": normalization,
+        "activation": activation,
+        "num_experts": int(value_of(w13).shape[0]),
+    }
+    inputs = [ctx.tensor(x), ctx.tensor(router), ctx.tensor(w13), ctx.tensor(w2)]
+    return ctx.op("MoE", inputs, attrs, domain=PLUGIN_DOMAIN)
+
+
+# --- ort -------------------------------------------------------------------------------------------------------
+
+
+def _interleaved_w13(ctx: ConversionContext, w13: torch.fx.Node) -> gs.Tensor:
+    expr = ctx.weights.get(w13)
+    if expr is not None:
+        return ctx.initializer(f"{w13.name}.interleaved", interleave_gate_up(expr))
+    # w13 computed at run time: interleave with Reshape/Transpose instead.
+    experts, rows, hidden = value_of(w13).shape
+    pairs = ctx.op("Reshape", [ctx.tensor(w13), ctx.ints([experts, 2, rows // 2, hidden])])
+    pairs = ctx.op("Transpose", [pairs], {"perm": [0, 2, 1, 3]})
+    return ctx.op("Reshape", [pairs, ctx.ints([experts, rows, hidden])])
+
+
+@converter("moec.moe", when=lambda ctx, node: ctx.options.moe == "ort")
+def moe_ort(ctx: ConversionContext, node: torch.fx.Node) -> gs.Tensor:
+    x, router, w13, w2, top_k, normalization, _ = _operands(ctx, node)
+    dtype = dtype_of(x)
+    tokens, restore = _flatten_tokens(ctx, x)
+    logits = _router_logits(ctx, tokens, x, router)
+    # com.microsoft::MoE types router_probs like the input.
+    router_input = logits if dtype == torch.float32 else ctx.cast(logits, dtype)
+    attrs = {
+        "k": top_k,
+        "activation_type": "swiglu",
+        "swiglu_fusion": 1,
+        "activation_alpha": 1.0,
+        "activation_beta": 0.0,
+        "normalize_routing_weights": int(normalization == "renormalize"),
+    }
+    inputs = [tokens, router_input, _interleaved_w13(ctx, w13), None, ctx.tensor(w2)]
+    out = ctx.op("MoE", inputs, attrs, domain="com.microsoft")
+    return out if restore is None else ctx.op("Reshape", [out, restore])
