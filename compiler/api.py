@@ -43,6 +43,7 @@ class CompiledModel:
     history: list[PassRecord]
     backend: str = "torch"
     device: str = "cpu"
+    cuda_graphs: bool = False  # replay one captured CUDA graph per input shape (see backends/torch/runtime.py)
     _executable: Any = field(default=None, repr=False)
 
     @property
@@ -71,7 +72,9 @@ class CompiledModel:
                 return self._executable
             from backends.torch.runtime import TorchExecutable
 
-            self._executable = TorchExecutable(self.program, self.device, progress=progress)
+            self._executable = TorchExecutable(
+                self.program, self.device, progress=progress, cuda_graphs=self.cuda_graphs
+            )
         return self._executable
 
     def export_onnx(self, path: str, after: str | None = None, moe: str = "ootb", decompose: tuple[str, ...] = ()) -> Any:
@@ -105,6 +108,7 @@ def compile(  # noqa: A001 - the public name users expect
     seed: int = 0,
     verify: bool = True,
     on_pass: Callable[[PassRecord], None] | None = None,
+    cuda_graphs: bool = False,
 ) -> CompiledModel:
     """Traces `model`, runs `passes` (default `DEFAULT_PIPELINE`), and binds `backend`."""
     if backend not in ("torch",):
@@ -112,4 +116,6 @@ def compile(  # noqa: A001 - the public name users expect
     pipeline = parse_pipeline(DEFAULT_PIPELINE if passes is None else passes)
     traced = load(model, dtype=dtype, seed=seed)
     result = run_pipeline(traced, pipeline, verify=verify, on_pass=on_pass)
-    return CompiledModel(result.program, traced, result.history, backend=backend, device=device)
+    return CompiledModel(
+        result.program, traced, result.history, backend=backend, device=device, cuda_graphs=cuda_graphs
+    )

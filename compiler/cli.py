@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import inspect
+import os
 import re
 import sys
 import time
@@ -148,6 +149,23 @@ def _parse_ids(text: str) -> list[int]:
     return ids
 
 
+def _check_fits_in_memory(program: Any, device: str) -> None:
+    """Refuses, before reading a byte, to materialize more weights than the machine holds (`mixtral-8x7b` on a CPU)."""
+    import torch
+
+    needed = program.weight_bytes()
+    if device.startswith("cuda") and torch.cuda.is_available():
+        index = torch.device(device).index or 0
+        available, where = torch.cuda.get_device_properties(index).total_memory, f"GPU {index}"
+    else:
+        available, where = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine's memory"
+    if needed > 0.9 * available:
+        raise MoecError(
+            f"the compiled model needs {needed / 1e9:.1f} GB of weights but {where} holds {available / 1e9:.1f} GB; "
+            "shard it (e.g. --passes 'canonicalize,fuse-moe,shard{tp=8},dce' under torchrun) or use a smaller model"
+        )
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
@@ -164,7 +182,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     result = run_pipeline(traced, pipeline)
     if result.program.ranks:
         return _run_distributed(result.program, ids, args)
-    compiled = CompiledModel(result.program, traced, result.history, device=args.device)
+    _check_fits_in_memory(result.program, args.device)
+    compiled = CompiledModel(result.program, traced, result.history, device=args.device, cuda_graphs=args.cuda_graphs)
     with tqdm(total=len(result.program.weight_nodes()), desc="weights", unit="tensor", file=sys.stderr) as bar:
         compiled.executable(progress=lambda done, total: bar.update(1))
     input_ids = torch.tensor([ids], dtype=torch.long)
@@ -240,6 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_run.add_argument("--input-ids", required=True, help='token ids, e.g. "1 2 3"')
     p_run.add_argument("--max-new-tokens", type=int, default=8)
     p_run.add_argument("--device", default="cpu")
+    p_run.add_argument("--cuda-graphs", action="store_true", help="replay a captured CUDA graph per input shape")
     p_run.set_defaults(func=_cmd_run)
     return parser
 

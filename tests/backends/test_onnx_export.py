@@ -8,10 +8,12 @@ import dataclasses
 from functools import lru_cache
 from pathlib import Path
 
-import onnx
-import onnxruntime as ort
 import pytest
 import torch
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+pytest.importorskip("onnx_graphsurgeon")  # not on every GPU image; the CPU test setup installs it
 
 from backends.onnx import OPSET, add_onnx_cli_arguments, export_onnx, handle_onnx_cli
 from backends.onnx.context import OnnxExportError

@@ -157,3 +157,13 @@ def test_bad_input_is_one_error_line_and_status_2(case: str, tmp_path: Path) -> 
     assert "Traceback" not in err
     # Progress lines ("tracing ...") may precede it; the error itself is exactly one line.
     assert [line for line in err.splitlines() if not line.startswith("tracing ")] == [f"moec: error: {message}"]
+
+
+def test_run_refuses_a_model_larger_than_memory_before_reading_weights(monkeypatch: pytest.MonkeyPatch) -> None:
+    page_size = os.sysconf("SC_PAGE_SIZE")
+    monkeypatch.setattr(os, "sysconf", lambda name: page_size if name == "SC_PAGE_SIZE" else 100)  # 100 pages
+    status, _, err = _cli("run", "tiny", "--input-ids", "1 2 3")
+    assert status == 2
+    assert err.strip().splitlines()[-1].startswith(
+        "moec: error: the compiled model needs 0.0 GB of weights but this machine's memory holds 0.0 GB; shard it"
+    )
