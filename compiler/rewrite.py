@@ -19,6 +19,17 @@ from torch._guards import detect_fake_mode
 from compiler.ir import Program, op_name
 
 
+def create_node(
+    graph: torch.fx.Graph, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any] | None, rule: str
+) -> torch.fx.Node:
+    """A call node at the graph's insertion point, named after its op and tagged with the rule that created it."""
+    node = graph.call_function(target, args, kwargs or {})
+    if isinstance(target, torch._ops.OpOverload):
+        node._rename(target._schema.name.split("::")[-1])  # `rms_norm_3`, not `rms_norm_default_3`
+    node.meta["moec_rule"] = rule
+    return node
+
+
 class MatchFailure(Exception):
     """A rule's check rejected a node; the message says why (shown by `--explain`)."""
 
@@ -45,11 +56,7 @@ class Rewriter:
 
     def call(self, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any] | None = None) -> torch.fx.Node:
         """Creates a node (at the current insertion point) tagged with the rule that made it."""
-        node = self.graph.call_function(target, args, kwargs or {})
-        if isinstance(target, torch._ops.OpOverload):
-            node._rename(target._schema.name.split("::")[-1])  # `rms_norm_3`, not `rms_norm_default_3`
-        node.meta["moec_rule"] = self._current_rule
-        return node
+        return create_node(self.graph, target, args, kwargs, self._current_rule)
 
     def weight(self, name: str, expr: Any, before: torch.fx.Node | None = None) -> torch.fx.Node:
         """A new weight placeholder for `expr`, inserted among the weights."""

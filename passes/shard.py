@@ -38,7 +38,7 @@ from compiler import collectives, ops
 from compiler.errors import MoecError, PassOptionError, PreconditionError
 from compiler.ir import Program
 from compiler.passes import Pass, PassResult, register_pass
-from compiler.rewrite import is_weight, layer_of
+from compiler.rewrite import create_node, is_weight, layer_of
 from compiler.verifier import propagate_types
 from compiler.weights import WeightExpr, concat_weights, slice_weight
 
@@ -238,11 +238,7 @@ class _RankRewriter:
         return self.program.graph
 
     def call(self, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any] | None = None) -> torch.fx.Node:
-        node = self.graph.call_function(target, args, kwargs or {})
-        if isinstance(target, torch._ops.OpOverload):
-            node._rename(target._schema.name.split("::")[-1])
-        node.meta["moec_rule"] = RULE
-        return node
+        return create_node(self.graph, target, args, kwargs, RULE)
 
     def input_ids(self) -> torch.fx.Node:
         return self.program.input_nodes()[0]
