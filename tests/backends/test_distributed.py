@@ -8,6 +8,9 @@ program instead of re-tracing for ~20 s each) and talk over gloo on a free 127.0
 from __future__ import annotations
 
 import multiprocessing
+import shutil
+import subprocess
+import sys
 import os
 import socket
 import traceback
@@ -148,3 +151,20 @@ def test_nccl_two_gpus_match_single_gpu() -> None:
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "FAIL" not in result.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("mpirun") is None, reason="needs OpenMPI's mpirun")
+def test_mpirun_launch_decodes_like_one_process() -> None:
+    """The CLI under mpirun (ranks from OMPI_COMM_WORLD_*) prints the tokens a single process decodes."""
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    command = [sys.executable, "-m", "compiler.cli", "run", "tiny", "--input-ids", "1 2 3", "--max-new-tokens", "4"]
+    single = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, check=True)
+    sharded = subprocess.run(
+        ["mpirun", "--allow-run-as-root", "--oversubscribe", "-n", "2", *command,
+         "--passes", "canonicalize,fuse-moe,shard{tp=2},dce"],
+        capture_output=True, text=True, env=env, timeout=300, check=True,
+    )
+    assert "ranks: 2 (mpirun)" in sharded.stdout
+    expected = [line for line in single.stdout.splitlines() if line.startswith("output ids:")]
+    assert expected and [line for line in sharded.stdout.splitlines() if line.startswith("output ids:")] == expected
