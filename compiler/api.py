@@ -24,14 +24,17 @@ DEFAULT_PIPELINE = "canonicalize,fuse-moe,dce"
 PassSpec = str | Pass | Iterable[str | Pass]
 
 
-def load(source: Any, dtype: torch.dtype | str | None = None, seed: int = 0) -> Program:
-    """Traces a MixtralForCausalLM, a MixtralConfig, a checkpoint directory or a preset name into a Program."""
+def load(source: Any, dtype: torch.dtype | str | None = None, seed: int = 0, attention: str = "moec") -> Program:
+    """Traces a MixtralForCausalLM, a MixtralConfig, a checkpoint directory or a preset name into a Program.
+
+    `attention="eager"` traces Hugging Face's own eager attention (with its mask) instead of emitting
+    `moec.attention` directly; `canonicalize` recognizes it."""
     from frontends.hf.source import resolve
     from frontends.hf.trace import trace
 
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
-    return trace(resolve(source, seed=seed), dtype=dtype)
+    return trace(resolve(source, seed=seed), dtype=dtype, attention=attention)
 
 
 @dataclass
@@ -109,12 +112,13 @@ def compile(  # noqa: A001 - the public name users expect
     verify: bool = True,
     on_pass: Callable[[PassRecord], None] | None = None,
     cuda_graphs: bool = False,
+    attention: str = "moec",
 ) -> CompiledModel:
     """Traces `model`, runs `passes` (default `DEFAULT_PIPELINE`), and binds `backend`."""
     if backend not in ("torch",):
         raise MoecError(f"unknown backend {backend!r}; available: torch")
     pipeline = parse_pipeline(DEFAULT_PIPELINE if passes is None else passes)
-    traced = load(model, dtype=dtype, seed=seed)
+    traced = load(model, dtype=dtype, seed=seed, attention=attention)
     result = run_pipeline(traced, pipeline, verify=verify, on_pass=on_pass)
     return CompiledModel(
         result.program, traced, result.history, backend=backend, device=device, cuda_graphs=cuda_graphs

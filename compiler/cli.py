@@ -33,7 +33,7 @@ def _load(args: argparse.Namespace) -> Any:
 
     _status(f"tracing {args.source} ...")
     started = time.perf_counter()
-    program = load(args.source, dtype=args.dtype, seed=args.seed)
+    program = load(args.source, dtype=args.dtype, seed=args.seed, attention=args.attention)
     _status(f"traced in {time.perf_counter() - started:.1f}s")
     return program
 
@@ -231,6 +231,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("source", help="checkpoint directory, 'tiny' or 'mixtral-8x7b' (dummy weights)")
         p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None)
         p.add_argument("--seed", type=int, default=0, help="seed of dummy weights (presets)")
+        p.add_argument(
+            "--attention",
+            choices=["moec", "eager"],
+            default="moec",
+            help="trace attention as moec.attention (default) or as Hugging Face's eager ATen ops for canonicalize",
+        )
         p.add_argument("--no-weights", action="store_true", help="omit weight lines from printed graphs")
 
     p_trace = sub.add_parser("trace", help="trace a model and print its graph")

@@ -48,6 +48,7 @@ class Rewriter:
     program: Program
     applied: Counter[str] = field(default_factory=Counter)
     failures: list[tuple[str, str, str]] = field(default_factory=list)  # (rule, node, reason)
+    memo: dict[Any, Any] = field(default_factory=dict)  # results rules compute once per program (e.g. mask checks)
     _current_rule: str = ""
 
     @property
@@ -87,14 +88,25 @@ class Rewriter:
                     self.failures.append((rule.name, node.name, str(failure)))
                     continue
                 if replacement is not node:
-                    if "val" not in replacement.meta and "val" in node.meta:
-                        replacement.meta["val"] = node.meta["val"]
+                    if "val" not in replacement.meta:
+                        # Computed, not copied from the anchor: shapes agree but strides may not (a transpose
+                        # replaced by a contiguous op), and later rules read strides.
+                        replacement.meta["val"] = infer_value(replacement)
                     replacement.meta.setdefault("nn_module_stack", node.meta.get("nn_module_stack", {}))
                     node.replace_all_uses_with(replacement)
                 self.applied[rule.name] += 1
                 count += 1
                 break
         return count
+
+
+def infer_value(node: torch.fx.Node) -> Any:
+    """A new node's fake value, from its op's fake kernel and its inputs' recorded values."""
+    fake_mode = detect_fake_mode([n.meta["val"] for n in node.all_input_nodes if "val" in n.meta])
+    with fake_mode:
+        args = torch.fx.node.map_arg(node.args, lambda n: n.meta["val"])
+        kwargs = torch.fx.node.map_arg(node.kwargs, lambda n: n.meta["val"])
+        return node.target(*args, **kwargs)
 
 
 # --- matching helpers -------------------------------------------------------------------------------------------

@@ -10,10 +10,14 @@ after:
 Rules (each can say why it did not match):
 - `rms_norm`  the pattern above (with or without the float32 round trip).
 - `rope`      x*cos + cat(-x[..., D/2:], x[..., :D/2])*sin  ->  moec.rope(x, cos, sin).
+- `attention` Hugging Face's eager attention (traced with `attention="eager"`): repeat_kv, q@k^T*scale + mask,
+              float32 softmax, @v, transpose -> moec.attention(q, k, v, scale, window) (no repeat_kv kept). The
+              mask must depend on sizes only; it is computed at a few lengths and must be causal (with the config's
+              sliding window), else the rule says why it did not match.
 - `linear`    aten.linear -> moec.linear.
 - noise       `_assert_tensor_metadata`, `alias`, casts to the dtype a value already has, `x*1.0`, `x+0`,
               views of views, views to the shape a value already has.
-Attention already arrives as `moec.attention` from the frontend (causal, grouped-query, no repeat_kv).
+By default attention already arrives as `moec.attention` from the frontend (causal, grouped-query, no repeat_kv).
 """
 
 from __future__ import annotations
@@ -114,6 +118,99 @@ def _rope(node: torch.fx.Node, rw: Rewriter) -> torch.fx.Node:
     raise MatchFailure("not x*cos + rotate_half(x)*sin with cos/sin unsqueezed at dim 1")
 
 
+_VIEWS = (aten.view.default, aten._unsafe_view.default, aten.reshape.default)
+
+
+def _unrepeated_kv(node: torch.fx.Node) -> torch.fx.Node:
+    """k or v before Hugging Face's repeat_kv (`reshape(expand(x[:, :, None]))`), or the node itself."""
+    if node.target not in _VIEWS:
+        return node
+    expanded = node.args[0]
+    if expanded.target == aten.clone.default:
+        expanded = expanded.args[0]
+    expand = expect(expanded, aten.expand.default, what="repeated kv")
+    unsqueeze = expect(expand.args[0], aten.unsqueeze.default, what="repeat_kv input")
+    if unsqueeze.args[1] != 2:
+        raise MatchFailure("repeat_kv does not insert the group dim at 2")
+    return unsqueeze.args[0]
+
+
+def _evaluate_mask(mask: torch.fx.Node, seq: int) -> torch.Tensor:
+    """Computes a mask subgraph on the CPU for input ids of shape [1, seq] (it may depend on sizes only)."""
+    ancestors: set[torch.fx.Node] = set()
+    pending = [mask]
+    while pending:
+        node = pending.pop()
+        if node not in ancestors:
+            ancestors.add(node)
+            pending.extend(node.all_input_nodes)
+    values: dict[torch.fx.Node, object] = {}
+    for node in mask.graph.nodes:
+        if node not in ancestors:
+            continue
+        if node.op == "placeholder":
+            if "weight" in node.meta:
+                raise MatchFailure("attention mask depends on weights")
+            values[node] = torch.zeros((1, seq), dtype=torch.long)
+            continue
+        args = torch.fx.node.map_arg(node.args, lambda n: values[n])
+        kwargs = {k: ("cpu" if k == "device" else v) for k, v in torch.fx.node.map_arg(node.kwargs, lambda n: values[n]).items()}
+        values[node] = node.target(*args, **kwargs)
+    return values[mask]
+
+
+def _mask_window(mask: torch.fx.Node | None, rw: Rewriter) -> int:
+    """The sliding window (0 = none) of a causal mask, checked by computing the mask at a few lengths."""
+    if mask is None:
+        raise MatchFailure("attention has no mask, so it is not causal")
+    window = int(getattr(rw.program.config, "sliding_window", None) or 0)
+    key = ("mask_window", mask)
+    if key not in rw.memo:
+        rw.memo[key] = None
+        for seq in sorted({1, 5, window + 2 if window else 9}):
+            computed = _evaluate_mask(mask, seq)
+            allowed = computed if computed.dtype == torch.bool else computed == 0
+            query, key_pos = torch.arange(seq)[:, None], torch.arange(seq)[None, :]
+            expected = key_pos <= query
+            if window:
+                expected &= key_pos > query - window
+            if not torch.equal(torch.broadcast_to(allowed, (*allowed.shape[:-2], seq, seq)), expected.expand_as(allowed)):
+                rw.memo[key] = f"attention mask is not causal with sliding window {window}" if window else "attention mask is not causal"
+                break
+    if rw.memo[key] is not None:
+        raise MatchFailure(rw.memo[key])
+    return window
+
+
+def _attention(node: torch.fx.Node, rw: Rewriter) -> torch.fx.Node:
+    """Hugging Face's eager attention (repeat_kv, q@k^T*scale + mask, float32 softmax, @v, transpose(1, 2))."""
+    if tuple(node.args[1:]) != (1, 2):
+        raise MatchFailure("not the (1, 2) transpose that ends attention")
+    output = expect(node.args[0], aten.matmul.default, what="transposed value")
+    probs, repeated_v = output.args
+    while probs.target in (aten.clone.default, aten._to_copy.default):  # dropout in eval mode; cast to the q dtype
+        probs = probs.args[0]
+    softmax = expect(probs, aten.softmax.int, aten._softmax.default, what="attention weights")
+    if softmax.args[1] not in (-1, 3):
+        raise MatchFailure("softmax is not over the keys")
+    scores, mask = softmax.args[0], None
+    if scores.target == aten.add.Tensor:
+        scores, mask = scores.args
+        if mask.target == aten.mul.Tensor:
+            scores, mask = mask, scores
+    scaled = expect(scores, aten.mul.Tensor, what="attention scores")
+    product, scale = scaled.args
+    if not isinstance(scale, float):
+        raise MatchFailure("attention scale is not a constant")
+    product = expect(product, aten.matmul.default, what="scaled scores")
+    query, transposed = product.args
+    transposed = expect(transposed, aten.transpose.int, what="keys")
+    if sorted(d % 4 for d in transposed.args[1:]) != [2, 3]:
+        raise MatchFailure("keys are not transposed on their last two dims")
+    key, value = _unrepeated_kv(transposed.args[0]), _unrepeated_kv(repeated_v)
+    return rw.call(ops.attention, (query, key, value, scale, _mask_window(mask, rw)))
+
+
 def _linear(node: torch.fx.Node, rw: Rewriter) -> torch.fx.Node:
     return rw.call(ops.linear, tuple(node.args), dict(node.kwargs))
 
@@ -127,6 +224,11 @@ def _no_op(node: torch.fx.Node, rw: Rewriter) -> torch.fx.Node:
     target, source = node.target, node.args[0] if node.args else None
     if target == aten.alias.default:
         return source
+    if target == aten.clone.default:  # values are never mutated in these graphs; only the layout can matter
+        value = tensor_value(source)
+        if node.kwargs.get("memory_format") is None or (value is not None and value.is_contiguous()):
+            return source
+        raise MatchFailure("clone makes a strided value contiguous")
     if target == aten._to_copy.default:
         if set(node.kwargs) <= {"dtype"} and _same_shape(node, source):
             return source
@@ -151,10 +253,11 @@ def _no_op(node: torch.fx.Node, rw: Rewriter) -> torch.fx.Node:
 RULES = (
     Rule("rms_norm", (aten.mul.Tensor,), _rms_norm),
     Rule("rope", (aten.add.Tensor,), _rope),
+    Rule("attention", (aten.transpose.int,), _attention),
     Rule("linear", (aten.linear.default,), _linear),
     Rule(
         "no_op",
-        (aten.alias.default, aten._to_copy.default, aten.mul.Tensor, aten.add.Tensor, aten.view.default),
+        (aten.alias.default, aten.clone.default, aten._to_copy.default, aten.mul.Tensor, aten.add.Tensor, aten.view.default),
         _no_op,
     ),
 )

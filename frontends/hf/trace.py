@@ -8,9 +8,10 @@ Two parts of the Hugging Face model are swapped for export-friendly forms with t
 - The experts. transformers' loop visits only the experts some token picked (`nonzero`, a data-dependent shape that
   export cannot trace). Here every expert runs on every token and its output is weighted by that token's routing
   weight for it (zero when not picked): the same sum, in the decomposed form `fuse-moe` recognizes.
-- Attention. Mask construction differs across transformers 5.x releases and is noise for a compiler, so attention is
-  registered through transformers' public `AttentionInterface` as the canonical `moec.attention` op (causal,
-  grouped-query, sliding window). The projections, rotary embedding and reshapes around it are traced as is.
+- Attention (by default). Mask construction differs across transformers 5.x releases and is noise for a compiler, so
+  attention is registered through transformers' public `AttentionInterface` as the canonical `moec.attention` op
+  (causal, grouped-query, sliding window). The projections, rotary embedding and reshapes around it are traced as
+  is. `attention="eager"` traces Hugging Face's eager attention and mask instead; `canonicalize` folds them back.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from compiler.weights import cast_weight
 from frontends.hf.source import ModelSource
 
 ATTENTION_IMPLEMENTATION = "moec"
+ATTENTION_MODES = ("moec", "eager")
 EXAMPLE_BATCH, EXAMPLE_SEQ = 2, 7
 TRACED_LAYERS = 2  # layers exported; the rest are stamped from the last one
 MAX_BATCH = 4096
@@ -81,16 +83,22 @@ class _Logits(torch.nn.Module):
         return self.model(input_ids=input_ids, use_cache=False).logits
 
 
-def build_meta_model(config: Any, dtype: torch.dtype, num_layers: int | None = None) -> torch.nn.Module:
+def build_meta_model(
+    config: Any, dtype: torch.dtype, num_layers: int | None = None, attention: str = "moec"
+) -> torch.nn.Module:
     """A MixtralForCausalLM on the meta device, in export-friendly form (see the module docstring).
 
     Parameters take `dtype`; buffers keep theirs (the rotary frequencies stay float32, as in Hugging Face).
+    `attention="eager"` keeps Hugging Face's own eager attention (mask construction, repeat_kv, matmuls, softmax),
+    which `canonicalize` then rewrites into `moec.attention`.
     """
     from transformers import MixtralForCausalLM
 
+    if attention not in ATTENTION_MODES:
+        raise UnsupportedModelError(f"attention={attention!r} is not one of {', '.join(ATTENTION_MODES)}")
     _register_attention()
     config = copy.deepcopy(config)
-    config._attn_implementation = ATTENTION_IMPLEMENTATION
+    config._attn_implementation = ATTENTION_IMPLEMENTATION if attention == "moec" else "eager"
     if num_layers is not None:
         config.num_hidden_layers = num_layers
     with torch.device("meta"):
@@ -104,8 +112,11 @@ def build_meta_model(config: Any, dtype: torch.dtype, num_layers: int | None = N
     return model
 
 
-def trace(source: ModelSource, dtype: torch.dtype | None = None) -> Program:
+def trace(source: ModelSource, dtype: torch.dtype | None = None, attention: str = "moec") -> Program:
     """Exports the model with dynamic batch and sequence length; no weight is read.
+
+    `attention`: "moec" emits `moec.attention` directly (the default: no mask subgraph); "eager" traces Hugging
+    Face's eager attention as ATen ops, for `canonicalize` to recognize.
 
     Decoder layers are identical, so at most two are exported and layers 2.. are stamped from layer 1's subgraph
     (`_stamp_layers`): tracing costs the same for 2 or 32 layers.
@@ -113,7 +124,7 @@ def trace(source: ModelSource, dtype: torch.dtype | None = None) -> Program:
     started = time.perf_counter()
     dtype = dtype or source.weights["model.embed_tokens.weight"].dtype
     num_layers = source.config.num_hidden_layers
-    model = _Logits(build_meta_model(source.config, dtype, num_layers=min(num_layers, TRACED_LAYERS)))
+    model = _Logits(build_meta_model(source.config, dtype, min(num_layers, TRACED_LAYERS), attention))
     batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
     seq = torch.export.Dim("seq", min=1, max=max(source.config.max_position_embeddings, EXAMPLE_SEQ + 1))
     example = torch.zeros((EXAMPLE_BATCH, EXAMPLE_SEQ), dtype=torch.long, device="meta")

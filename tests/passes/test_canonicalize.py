@@ -96,3 +96,49 @@ def test_golden_print_of_one_layer(stage: str) -> None:
         path.write_text(text)
     assert path.exists(), f"missing golden {path.name}; run with MOEC_UPDATE_GOLDENS=1"
     assert text == path.read_text(), f"{path.name} differs; if intended, rerun with MOEC_UPDATE_GOLDENS=1"
+
+
+EAGER_CONFIGS = [TINY_CONFIGS[0], TINY_CONFIGS[1], TINY_CONFIGS[2], TINY_CONFIGS[3]]  # GQA, MHA, window, MQA
+
+
+@lru_cache(maxsize=None)
+def traced_eager(config: TinyConfig) -> Program:
+    return load(hf_model_in(config, torch.float32), attention="eager")
+
+
+@pytest.mark.parametrize("config", EAGER_CONFIGS, ids=[c.id for c in EAGER_CONFIGS])
+def test_hugging_face_eager_attention_becomes_one_attention_op(config: TinyConfig) -> None:
+    traced_program = traced_eager(config)
+    assert traced_program.op_counts()["moec.attention"] == 0
+    assert traced_program.op_counts()["aten.matmul"] == 2 * config.layers
+    result = run_pipeline(traced_program, parse_pipeline("canonicalize"))
+    program = result.program
+    counts = program.op_counts()
+    assert result.history[0].stats["attention"] == config.layers
+    assert counts["moec.attention"] == config.layers
+    # No repeat_kv, no score matmuls, no mask subgraph left.
+    for gone in ("aten.matmul", "aten.expand", "aten.where.ScalarOther", "aten.clone"):
+        assert counts[gone] == 0, gone
+    assert counts["aten.softmax.int"] == config.layers  # the routers' softmax only (fuse-moe's to fold)
+    windows = {n.args[4] for n in program.graph.nodes if n.name.startswith("attention")}
+    assert windows == {config.sliding_window or 0}
+    ids = input_ids(config, 2, 9)
+    with torch.no_grad():
+        expected = hf_model(config)(ids).logits
+    assert max_rel_err(TorchExecutable(program)(ids), expected) <= 1e-5
+
+
+def test_attention_rule_rejects_a_mask_that_disagrees_with_the_config() -> None:
+    import copy as copy_module
+
+    from compiler.rewrite import Rewriter
+    from passes.canonicalize import RULES
+
+    program = traced_eager(TINY_CONFIGS[2]).clone()  # traced with sliding window 3
+    program.config = copy_module.deepcopy(program.config)
+    program.config.sliding_window = 5
+    rewriter = Rewriter(program)
+    rewriter.run(RULES)
+    assert rewriter.applied["attention"] == 0
+    reasons = {reason for rule, _, reason in rewriter.failures if rule == "attention"}
+    assert "attention mask is not causal with sliding window 5" in reasons
