@@ -22,6 +22,7 @@ from compiler.passes import Pass, PassRecord, parse_pipeline, run_pipeline
 DEFAULT_PIPELINE = "canonicalize,fuse-moe,dce"
 
 PassSpec = str | Pass | Iterable[str | Pass]
+BACKENDS = ("torch", "tensorrt")
 
 
 def load(source: Any, dtype: torch.dtype | str | None = None, seed: int = 0, attention: str = "moec") -> Program:
@@ -47,6 +48,8 @@ class CompiledModel:
     backend: str = "torch"
     device: str = "cpu"
     cuda_graphs: bool = False  # replay one captured CUDA graph per input shape (see backends/torch/runtime.py)
+    engine_dir: str | None = None  # backend="tensorrt": where the engines and config.json were written
+    build: Any = None  # backend="tensorrt": the BuildSummary (config.json's contents, seconds, sizes)
     _executable: Any = field(default=None, repr=False)
 
     @property
@@ -65,8 +68,12 @@ class CompiledModel:
 
     def executable(self, progress: Callable[[int, int], None] | None = None) -> Any:
         if self._executable is None:
-            if self.backend != "torch":
-                raise MoecError(f"backend {self.backend!r} cannot run here; only 'torch' runs in-process")
+            if self.backend == "tensorrt":
+                # Raises EngineRunError saying why where no TensorRT here supports this machine's GPU.
+                from backends.tensorrt import load_engines
+
+                self._executable = load_engines(self.engine_dir)
+                return self._executable
             if self.program.ranks:
                 # A sharded program: this process's rank, under torchrun/mpirun (see backends/torch/distributed.py).
                 from backends.torch.distributed import DistributedExecutable
@@ -113,13 +120,31 @@ def compile(  # noqa: A001 - the public name users expect
     on_pass: Callable[[PassRecord], None] | None = None,
     cuda_graphs: bool = False,
     attention: str = "moec",
+    backend_options: dict[str, Any] | None = None,
 ) -> CompiledModel:
-    """Traces `model`, runs `passes` (default `DEFAULT_PIPELINE`), and binds `backend`."""
-    if backend not in ("torch",):
-        raise MoecError(f"unknown backend {backend!r}; available: torch")
+    """Traces `model`, runs `passes` (default `DEFAULT_PIPELINE`), and binds `backend`.
+
+    `backend="tensorrt"` also builds one engine per rank into `backend_options["output_dir"]`; the other
+    `backend_options` are `backends.tensorrt.build_options`' (`moe_plugin`, `targets`, `max_batch`, `max_seq`,
+    `workers`, `keep_onnx`).
+    """
+    if backend not in BACKENDS:
+        raise MoecError(f"unknown backend {backend!r}; available: {', '.join(BACKENDS)}")
+    backend_options = dict(backend_options or {})
+    if backend == "tensorrt" and "output_dir" not in backend_options:
+        raise MoecError("backend='tensorrt' needs backend_options={'output_dir': DIR} for the engines")
     pipeline = parse_pipeline(DEFAULT_PIPELINE if passes is None else passes)
     traced = load(model, dtype=dtype, seed=seed, attention=attention)
     result = run_pipeline(traced, pipeline, verify=verify, on_pass=on_pass)
-    return CompiledModel(
+    compiled = CompiledModel(
         result.program, traced, result.history, backend=backend, device=device, cuda_graphs=cuda_graphs
     )
+    if backend == "tensorrt":
+        from backends.tensorrt import build_compiled
+
+        output_dir = backend_options.pop("output_dir")
+        logits = next(n for n in traced.graph.nodes if n.op == "output").args[0][0].meta["val"]
+        dtype_name = str(logits.dtype).removeprefix("torch.")  # the dtype the model was traced in
+        compiled.build = build_compiled(compiled, output_dir, dtype=dtype_name, **backend_options)
+        compiled.engine_dir = str(output_dir)
+    return compiled

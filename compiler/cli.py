@@ -4,6 +4,7 @@
     moec passes
     moec compile tiny --passes fold-weights,dce --print-after-all --dump-dir dumps/
     moec run tiny --input-ids "1 2 3" --max-new-tokens 8
+    moec build tiny --output-dir engines/ --dtype float16 --target sm89 --moe-plugin enable
 
 Errors on bad input print one line (`moec: error: ...`) and exit with status 2, without a traceback.
 """
@@ -267,6 +268,10 @@ def build_parser() -> argparse.ArgumentParser:
     p_run.add_argument("--device", default="cpu")
     p_run.add_argument("--cuda-graphs", action="store_true", help="replay a captured CUDA graph per input shape")
     p_run.set_defaults(func=_cmd_run)
+
+    from backends.tensorrt import add_build_cli
+
+    add_build_cli(sub)
     return parser
 
 

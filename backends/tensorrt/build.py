@@ -1,0 +1,340 @@
+"""Build TensorRT engines from a moec Program: one engine per rank (or, for a rank with collectives, one engine per
+stretch between collectives), plus `config.json`.
+
+before: a Program (after `canonicalize,fuse-moe,dce`; sharded programs carry one program per rank in `ranks`)
+after:  OUTPUT_DIR/rank{r}.engine (OUTPUT_DIR/rank{r}.seg{k}.engine when rank r is split at collectives, see
+        `segments.py`) and OUTPUT_DIR/config.json describing them and the steps the runtime takes per rank
+
+Lowering goes through ONNX: each rank's program is written by `backends.onnx.export_program` (MoE as `ootb`
+standard ops or as the `MoE` plugin node) and TensorRT's own ONNX parser reads that very file, so the graph
+TensorRT builds is the graph onnxruntime verifies (`backends.tensorrt.verify`). What ONNX cannot say is adjusted in
+named steps: the `attention` op is exported decomposed (TensorRT's ONNX `Attention` importer rejects the
+`softmax_precision` attribute moec's export sets, so `decompose_for_tensorrt`), and the network/config steps are in
+`worker.py`.
+
+Everything is written into a temporary sibling of OUTPUT_DIR and moved into place only when every rank built, so
+a failed build leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from backends.tensorrt.runtime import (
+    TensorRTBuildError,
+    import_tensorrt,
+    parse_targets,
+    plugin_environment,
+    tensorrt_info,
+)
+from compiler.errors import MoecError
+from backends.tensorrt.segments import RankPlan, dim_exprs, split_at_collectives, symbol_names
+from compiler.ir import Program, op_name
+
+CONFIG_FORMAT = "moec-tensorrt/1"
+CONFIG_NAME = "config.json"
+REPO_ROOT = Path(__file__).resolve().parents[2]
+# TensorRT's ONNX Attention importer: "Setting softmax precision is not supported in TensorRT Attention."
+DECOMPOSE_FOR_TENSORRT = ("attention",)
+# What config.json records of each engine, from the build worker's result.
+_RESULT_KEYS = (
+    "inputs", "outputs", "profiles", "layers", "bytes", "parse_seconds", "build_seconds", "peak_rss_bytes"
+)
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """What `moec build` / `compile(..., backend="tensorrt")` controls."""
+
+    moe_plugin: bool = False
+    targets: tuple[str, ...] = ()
+    max_batch: int = 4
+    max_seq: int = 512
+    opt_batch: int = 1
+    opt_seq: int = 128
+    workers: int = 1
+    keep_onnx: bool = False
+    decompose: tuple[str, ...] = DECOMPOSE_FOR_TENSORRT
+
+    def __post_init__(self) -> None:
+        if self.max_batch < 1 or self.max_seq < 1:
+            raise MoecError(f"--max-batch and --max-seq must be >= 1, got {self.max_batch} and {self.max_seq}")
+        if self.workers < 1:
+            raise MoecError(f"--workers must be >= 1, got {self.workers}")
+        object.__setattr__(self, "opt_batch", min(self.opt_batch, self.max_batch))
+        object.__setattr__(self, "opt_seq", min(self.opt_seq, self.max_seq))
+
+
+@dataclass
+class BuildSummary:
+    output_dir: Path
+    config: dict[str, Any]
+    engines: list[Path] = field(default_factory=list)
+
+    @property
+    def build_seconds(self) -> float:
+        return float(self.config["build_seconds"])
+
+
+Progress = Callable[[str], None]
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _provenance(program: Program) -> dict[str, dict[str, str]]:
+    """fx node name → its op and the pass that produced it (`trace` = the frontend), for error messages."""
+    return {
+        node.name: {"node": node.name, "op": op_name(node), "pass": node.meta.get("moec_rule", "trace")}
+        for node in program.graph.nodes
+        if node.op == "call_function"
+    }
+
+
+def _program_dtype(program: Program) -> str:
+    counts = Counter(
+        str(node.meta["weight"].dtype).removeprefix("torch.")
+        for node in program.weight_nodes()
+        if node.meta["weight"].dtype.is_floating_point
+    )
+    return counts.most_common(1)[0][0] if counts else "float32"
+
+
+def _check_lowerable(program: Program, rank: int) -> None:
+    """Refuses what the ONNX export would lower wrongly: an expert-parallel `moe` (its `expert_offset` and the
+    router's full expert count are not carried into ONNX by `backends/onnx` yet)."""
+    for node in program.graph.nodes:
+        if op_name(node) == "moec.moe":
+            router, w13 = node.args[1], node.args[2]
+            local, routed = w13.meta["val"].shape[0], router.meta["val"].shape[0]
+            offset = node.kwargs.get("expert_offset", 0)
+            if offset or local != routed:
+                raise TensorRTBuildError(
+                    f"rank {rank}: {node.name} (moec.moe, produced by {node.meta.get('moec_rule', 'trace')}) is "
+                    f"expert-parallel ({local} of {routed} experts, expert_offset={offset}); "
+                    "the ONNX export does not carry expert_offset yet, so the TensorRT backend cannot build it"
+                )
+
+
+def _rank_plans(program: Program) -> list[RankPlan]:
+    """One plan per rank: its engine segments (split at collectives) and the runtime's steps."""
+    ranks = list(program.ranks) if program.ranks else [program]
+    for index, rank in enumerate(ranks):
+        _check_lowerable(rank, index)
+    return [split_at_collectives(rank) for rank in ranks]
+
+
+def _name_input_dims(onnx_path: Path, input_dims: dict[str, list[int | str]]) -> None:
+    """Named step `name_input_dims`: writes each graph input's dynamic dims as `batch`, `seq` or an expression of them
+    (`batch*seq`), so a segment input such as [batch*seq, H] is not declared with a dim named `batch`."""
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    for graph_input in model.graph.input:
+        dims = input_dims.get(graph_input.name)
+        if dims is None:
+            continue
+        for dim, expr in zip(graph_input.type.tensor_type.shape.dim, dims):
+            if isinstance(expr, str):
+                dim.dim_param = expr
+    onnx_path.write_bytes(model.SerializeToString())
+
+
+def _parallelism(program: Program) -> dict[str, int]:
+    keys = ("tp", "pp", "moe_tp", "moe_ep")
+    layout = {key: int(program.attributes[key]) for key in keys if key in program.attributes}
+    return {"world_size": max(1, len(program.ranks)), **layout}
+
+
+def _run_worker(job_path: Path, environment: dict[str, str], progress: Progress, prefix: str) -> dict[str, Any]:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "backends.tensorrt.worker", str(job_path)],
+        cwd=REPO_ROOT,
+        env=environment,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    tail: list[str] = []
+    assert process.stdout is not None
+    for line in process.stdout:
+        line = line.rstrip()
+        if line.startswith(prefix):
+            progress(line)
+        elif line:
+            tail = (tail + [line])[-20:]
+    process.wait()
+    result_path = job_path.with_suffix(".result.json")
+    if not result_path.exists():
+        raise TensorRTBuildError(
+            f"{prefix}the TensorRT build process died (exit status {process.returncode}): " + " | ".join(tail[-5:])
+        )
+    result = json.loads(result_path.read_text())
+    if not result["ok"]:
+        detail = " | ".join(line for line in tail if "[E]" in line or "Error" in line)[-800:]
+        raise TensorRTBuildError(f"{prefix}{result['error']}" + (f" [TensorRT: {detail}]" if detail else ""))
+    return result
+
+
+def _install(staging: Path, output_dir: Path) -> None:
+    """Moves the finished build into place; an existing moec build there is replaced, anything else refused."""
+    if output_dir.exists():
+        if not output_dir.is_dir() or (any(output_dir.iterdir()) and not (output_dir / CONFIG_NAME).exists()):
+            raise MoecError(f"output directory {output_dir} exists and is not empty (and not a moec TensorRT build)")
+        retired = output_dir.with_name(f".{output_dir.name}.old-{os.getpid()}")
+        output_dir.rename(retired)
+        staging.rename(output_dir)
+        shutil.rmtree(retired)
+    else:
+        staging.rename(output_dir)
+
+
+def build_engines(
+    program: Program,
+    output_dir: str | os.PathLike[str],
+    options: BuildOptions = BuildOptions(),
+    progress: Progress = _stderr,
+    passes: list[str] | None = None,
+    dtype: str | None = None,
+) -> BuildSummary:
+    """Builds one engine per rank of `program` into `output_dir`; returns the written config."""
+    import backends.tensorrt.onnx_converters  # noqa: F401 - converters for the ops sharding adds
+    from backends.onnx.export import export_program
+
+    started = time.perf_counter()
+    import_tensorrt()
+    info = tensorrt_info()
+    if options.targets:
+        parse_targets(",".join(options.targets))
+    output_dir = Path(output_dir)
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    plans = _rank_plans(program)
+    moe_mode = "plugin" if options.moe_plugin else "ootb"
+    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.building-", dir=output_dir.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary directory
+    try:
+        onnx_dir = staging / "onnx"
+        units: list[tuple[int, int, str, str]] = []  # (rank, segment, file stem, progress prefix)
+        jobs: list[Path] = []
+        exports = []
+        for rank_index, plan in enumerate(plans):
+            for segment_index, segment in enumerate(plan.segments):
+                stem = f"rank{rank_index}" if len(plan.segments) == 1 else f"rank{rank_index}.seg{segment_index}"
+                prefix = f"[rank {rank_index + 1}/{len(plans)}] " if len(plan.segments) == 1 else (
+                    f"[rank {rank_index + 1}/{len(plans)} engine {segment_index + 1}/{len(plan.segments)}] "
+                )
+                exported = export_program(
+                    segment.program, onnx_dir / f"{stem}.onnx", moe=moe_mode, decompose=tuple(options.decompose)
+                )
+                names = symbol_names(segment.program)
+                input_dims = {node.name: dim_exprs(node.meta["val"], names) for node in segment.program.input_nodes()}
+                _name_input_dims(exported.path, input_dims)
+                exports.append(exported)
+                progress(
+                    f"{prefix}exported ONNX: {exported.node_count} nodes, {exported.data_bytes / 2**20:.1f} MiB "
+                    f"in {exported.seconds:.1f}s"
+                )
+                job = {
+                    "onnx": str(exported.path),
+                    "engine": str(staging / f"{stem}.engine"),
+                    "result": str(onnx_dir / f"{stem}.result.json"),
+                    "moe_plugin": options.moe_plugin,
+                    "targets": list(options.targets),
+                    "max_batch": options.max_batch,
+                    "max_seq": options.max_seq,
+                    "opt_batch": options.opt_batch,
+                    "opt_seq": options.opt_seq,
+                    "input_dims": input_dims,
+                    "prefix": prefix,
+                    "provenance": _provenance(segment.program),
+                }
+                job_path = onnx_dir / f"{stem}.json"
+                job_path.write_text(json.dumps(job))
+                jobs.append(job_path)
+                units.append((rank_index, segment_index, stem, prefix))
+
+        environment = plugin_environment() if options.moe_plugin else dict(os.environ)
+        environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), environment.get("PYTHONPATH", "")]))
+        lock = threading.Lock()
+
+        def locked_progress(line: str) -> None:
+            with lock:
+                progress(line)
+
+        def build_one(index: int) -> dict[str, Any]:
+            prefix = units[index][3]
+            targets = ", ".join(options.targets) or "default target"
+            locked_progress(f"{prefix}building {moe_mode} engine ({targets}) ...")
+            result = _run_worker(jobs[index], environment, locked_progress, prefix)
+            locked_progress(f"{prefix}engine {result['bytes'] / 2**20:.1f} MiB in {result['build_seconds']:.1f}s")
+            return result
+
+        with ThreadPoolExecutor(max_workers=min(options.workers, len(units))) as pool:
+            results = list(pool.map(build_one, range(len(units))))
+
+        rank_entries: list[dict[str, Any]] = [
+            {"rank": index, "engines": [], "steps": plan.steps, "output": plan.output}
+            for index, plan in enumerate(plans)
+        ]
+        for (rank_index, segment_index, stem, _), result, exported in zip(units, results, exports):
+            segment = plans[rank_index].segments[segment_index]
+            rank_entries[rank_index]["engines"].append(
+                {
+                    "file": f"{stem}.engine",
+                    "onnx": f"onnx/{stem}.onnx" if options.keep_onnx else None,
+                    "computes": segment.output,
+                    "onnx_nodes": exported.node_count,
+                    "export_seconds": round(exported.seconds, 3),
+                    **{key: result[key] for key in _RESULT_KEYS},
+                }
+            )
+        config = {
+            "format": CONFIG_FORMAT,
+            "source": program.source_description,
+            "passes": list(passes or []),
+            "dtype": dtype or _program_dtype(program),
+            "parallelism": _parallelism(program),
+            "moe_lowering": moe_mode,
+            "plugin": {
+                "name": "MoE",
+                "version": "1",
+                "namespace": "moec",
+                "register": "backends.tensorrt.plugin:register_moe_plugin",
+            }
+            if options.moe_plugin
+            else None,
+            "tensorrt": {"flavour": info.flavour, "version": info.version},
+            "targets": list(options.targets),
+            "options": asdict(options),
+            "ranks": rank_entries,
+            "build_seconds": round(time.perf_counter() - started, 3),
+        }
+        (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+        if not options.keep_onnx:
+            shutil.rmtree(onnx_dir)
+        else:
+            for stale in list(onnx_dir.glob("rank*.json")):
+                stale.unlink()
+        _install(staging, output_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    engines = [output_dir / entry["file"] for rank in config["ranks"] for entry in rank["engines"]]
+    progress(f"built {len(engines)} engine(s) into {output_dir} in {config['build_seconds']:.1f}s")
+    return BuildSummary(output_dir, config, engines)

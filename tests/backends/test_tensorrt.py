@@ -1,0 +1,331 @@
+"""TensorRT backend: engines build (both MoE lowerings, fp32/fp16/bf16), the ONNX each build parsed computes
+backends/torch's logits in onnxruntime, config.json says what was built, and bad input fails cleanly.
+
+No GPU here: engines are built (TensorRT-RTX builds ahead of time for a chosen SM) but never run; the loader test
+checks it refuses with the exact reason. Skipped entirely where no TensorRT is importable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from backends.tensorrt.runtime import tensorrt_available
+
+pytestmark = pytest.mark.skipif(not tensorrt_available(), reason="no TensorRT (tensorrt or tensorrt_rtx) importable")
+
+from backends.tensorrt import add_build_cli, build_options  # noqa: E402
+from backends.tensorrt.build import BuildOptions, build_engines  # noqa: E402
+from backends.tensorrt.runtime import EngineRunError, TargetError, TensorRTBuildError, tensorrt_info  # noqa: E402
+from backends.tensorrt.verify import run_onnxruntime, simulate_ranks  # noqa: E402
+from backends.torch.runtime import TorchExecutable  # noqa: E402
+from compiler.api import load  # noqa: E402
+from compiler.errors import MoecError  # noqa: E402
+from compiler.ir import Program  # noqa: E402
+from compiler.passes import parse_pipeline, run_pipeline  # noqa: E402
+from tests.models import TINY_CONFIGS, TinyConfig, hf_model, input_ids, max_rel_err  # noqa: E402
+
+PIPELINE = "canonicalize,fuse-moe,dce"
+TOLERANCE = {"float32": 1e-4, "float16": 1e-2}
+# RTX builds ahead of time for named SMs; data-center TensorRT builds for the GPU it runs on (no targets).
+TARGETS = ("sm89",) if tensorrt_available() and tensorrt_info().targets else ()
+
+
+@lru_cache(maxsize=None)
+def program(config: TinyConfig, dtype: str) -> Program:
+    return run_pipeline(load(hf_model(config), dtype=dtype), parse_pipeline(PIPELINE)).program
+
+
+def _build(config: TinyConfig, dtype: str, moe_plugin: bool, out: Path, **overrides: object) -> dict:
+    options = BuildOptions(moe_plugin=moe_plugin, targets=TARGETS, max_batch=2, max_seq=16, keep_onnx=True, **overrides)
+    return build_engines(program(config, dtype), out, options, progress=lambda line: None).config
+
+
+def _check_onnx_matches_torch(out: Path, config: TinyConfig, dtype: str) -> None:
+    reference = TorchExecutable(program(config, dtype))
+    for seq in (5, 11):
+        ids = input_ids(config, 2, seq)
+        logits = run_onnxruntime(out / "onnx" / "rank0.onnx", ids.numpy())
+        expected = reference(ids)
+        assert logits.shape == tuple(expected.shape)
+        assert max_rel_err(torch.from_numpy(logits.astype(np.float32)), expected.float()) <= TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("moe_plugin", [False, True], ids=["ootb", "plugin"])
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_engine_builds_and_its_onnx_matches_torch(dtype: str, moe_plugin: bool, tmp_path: Path) -> None:
+    config = TINY_CONFIGS[0]
+    out = tmp_path / "engines"
+    built = _build(config, dtype, moe_plugin, out)
+    engine = out / "rank0.engine"
+    assert engine.stat().st_size > 100_000
+    (rank,) = built["ranks"]
+    (entry,) = rank["engines"]
+    assert entry["bytes"] == engine.stat().st_size
+    assert built["dtype"] == dtype
+    assert built["moe_lowering"] == ("plugin" if moe_plugin else "ootb")
+    if dtype in TOLERANCE:  # onnxruntime's CPU provider has no bfloat16 kernels
+        _check_onnx_matches_torch(out, config, dtype)
+
+
+def test_plugin_lowering_has_one_plugin_node_per_layer_and_ootb_none(tmp_path: Path) -> None:
+    import onnx
+
+    config = TINY_CONFIGS[0]
+    for moe_plugin in (False, True):
+        out = tmp_path / str(moe_plugin)
+        _build(config, "float16", moe_plugin, out)
+        graph = onnx.load(str(out / "onnx" / "rank0.onnx"), load_external_data=False).graph
+        plugins = [node for node in graph.node if node.op_type == "MoE"]
+        assert len(plugins) == (config.layers if moe_plugin else 0)
+        assert all(node.domain == "trt.plugins" for node in plugins)
+        # ootb: no data-dependent shapes (TensorRT-RTX builds neither NonZero nor its own MoE layer)
+        assert not any(node.op_type in ("NonZero", "ScatterND", "Loop") for node in graph.node)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", TINY_CONFIGS[1:3], ids=[c.id for c in TINY_CONFIGS[1:3]])
+def test_other_configs_build_and_match(config: TinyConfig, tmp_path: Path) -> None:
+    for moe_plugin in (False, True):
+        out = tmp_path / str(moe_plugin)
+        _build(config, "float16", moe_plugin, out)
+        _check_onnx_matches_torch(out, config, "float16")
+
+
+def test_config_json_describes_the_build(tmp_path: Path) -> None:
+    config = TINY_CONFIGS[0]
+    out = tmp_path / "engines"
+    _build(config, "float16", True, out)
+    written = json.loads((out / "config.json").read_text())
+    info = tensorrt_info()
+    assert written["format"] == "moec-tensorrt/1"
+    assert written["tensorrt"] == {"flavour": info.flavour, "version": info.version}
+    assert written["parallelism"] == {"world_size": 1}
+    assert written["targets"] == list(TARGETS)
+    assert written["plugin"] == {
+        "name": "MoE", "version": "1", "namespace": "moec", "register": "backends.tensorrt.plugin:register_moe_plugin"
+    }
+    (entry,) = written["ranks"][0]["engines"]
+    assert entry["inputs"] == [{"name": "input_ids", "dtype": "int64", "shape": [-1, -1]}]
+    assert entry["outputs"] == [{"name": "logits", "dtype": "float16", "shape": [-1, -1, config.vocab]}]
+    assert entry["profiles"] == [{"input_ids": {"min": [1, 1], "opt": [1, 16], "max": [2, 16]}}]
+    assert written["build_seconds"] >= entry["build_seconds"] > 0
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "onnx", "rank0.engine"]
+
+
+def test_plugin_attributes_are_serialized_into_the_engine(tmp_path: Path) -> None:
+    out = tmp_path / "engines"
+    _build(TINY_CONFIGS[0], "bfloat16", True, out)
+    engine = (out / "rank0.engine").read_bytes()
+    for text in (b"moec", b"num_experts", b"top_k", b"normalization", b"swiglu", b"bfloat16"):
+        assert text in engine
+
+
+def test_plugin_creator_round_trips_its_fields() -> None:
+    from backends.tensorrt.plugin import MoEPluginCreator, register_moe_plugin
+
+    creator = register_moe_plugin()
+    assert register_moe_plugin() is creator
+    values = {
+        "num_experts": 4, "top_k": 2, "normalization": "renormalize", "activation": "swiglu", "dtype": "float16",
+        "expert_offset": 4,
+    }
+    from backends.tensorrt.plugin import _EncodedFields
+
+    encoded = _EncodedFields(values)
+    plugin = MoEPluginCreator().create_plugin("moe", encoded.collection, None)
+    assert plugin.values == values
+    assert (plugin.plugin_name, plugin.plugin_version, plugin.plugin_namespace) == ("MoE", "1", "moec")
+    clone = MoEPluginCreator().create_plugin("moe", plugin.get_fields_to_serialize(), None)
+    assert clone.values == values
+    with pytest.raises(ValueError, match="normalization 'softmax'"):
+        bad = _EncodedFields({**values, "normalization": "softmax"})
+        MoEPluginCreator().create_plugin("moe", bad.collection, None)
+
+
+@pytest.mark.skipif(not TARGETS, reason="only TensorRT-RTX takes --target")
+def test_unsupported_target_is_refused() -> None:
+    info = tensorrt_info()
+    with pytest.raises(TargetError) as error:
+        build_options(targets="sm89,sm90")
+    assert str(error.value) == (
+        f"target sm90 is not supported by {info.flavour} {info.version} (it builds for {', '.join(info.targets)})"
+    )
+
+
+def test_op_tensorrt_cannot_take_names_the_op_and_pass_and_leaves_nothing(tmp_path: Path) -> None:
+    # Without decomposing attention, the ONNX `Attention` carries softmax_precision, which TensorRT rejects.
+    out = tmp_path / "engines"
+    with pytest.raises(TensorRTBuildError) as error:
+        _build(TINY_CONFIGS[0], "float16", False, out, decompose=())
+    message = str(error.value)
+    assert "ONNX node attention/Attention_" in message
+    assert "from fx node attention (moec.attention, produced by trace)" in message
+    assert "softmax precision is not supported" in message
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_foreign_directory_is_not_overwritten(tmp_path: Path) -> None:
+    out = tmp_path / "engines"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(MoecError, match="exists and is not empty"):
+        _build(TINY_CONFIGS[1], "float16", False, out)
+    assert [p.name for p in tmp_path.iterdir()] == ["engines"]
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+
+
+def _sharded(spec: str, dtype: str) -> Program:
+    return run_pipeline(program(TINY_CONFIGS[0], dtype), parse_pipeline(spec)).program
+
+
+def test_tensor_parallel_ranks_split_at_collectives_and_match_torch(tmp_path: Path) -> None:
+    config = TINY_CONFIGS[0]
+    out = tmp_path / "engines"
+    options = BuildOptions(targets=TARGETS, max_batch=2, max_seq=16, keep_onnx=True, workers=2)
+    built = build_engines(_sharded("shard{tp=2}", "float32"), out, options, progress=lambda line: None).config
+    assert built["parallelism"] == {"world_size": 2, "tp": 2, "pp": 1, "moe_tp": 2, "moe_ep": 1}
+    for rank in built["ranks"]:
+        # per layer: all_reduce after attention and after moe; plus the vocab-parallel embedding and lm_head
+        kinds = [step.get("collective", "engine") for step in rank["steps"]]
+        assert kinds == ["engine", "all_reduce"] * (2 * config.layers + 1) + ["engine", "all_gather"]
+        assert [engine["file"] for engine in rank["engines"]] == [f"rank{rank['rank']}.seg{i}.engine" for i in range(6)]
+        assert all((out / engine["file"]).stat().st_size > 0 for engine in rank["engines"])
+    moe_input = next(e for e in built["ranks"][0]["engines"] if e["inputs"][-1]["shape"] == [-1, config.hidden])
+    assert moe_input["profiles"][0][moe_input["inputs"][-1]["name"]]["max"] == [2 * 16, config.hidden]
+    reference = TorchExecutable(program(config, "float32"))
+    ids = input_ids(config, 2, 7)
+    for logits in simulate_ranks(out, ids.numpy()):
+        assert max_rel_err(torch.from_numpy(logits), reference(ids)) <= TOLERANCE["float32"]
+
+
+@pytest.mark.slow
+def test_pipeline_parallel_ranks_send_and_receive_and_match_torch(tmp_path: Path) -> None:
+    config = TINY_CONFIGS[0]
+    out = tmp_path / "engines"
+    options = BuildOptions(moe_plugin=True, targets=TARGETS, max_batch=2, max_seq=16, keep_onnx=True)
+    built = build_engines(_sharded("shard{tp=1,pp=2}", "float16"), out, options, progress=lambda line: None).config
+    assert [[step.get("collective", "engine") for step in rank["steps"]] for rank in built["ranks"]] == [
+        ["engine", "send"], ["recv", "engine"]
+    ]
+    ids = input_ids(config, 2, 7)
+    token, logits = simulate_ranks(out, ids.numpy())
+    assert token.shape == (0,)
+    expected = TorchExecutable(program(config, "float16"))(ids)
+    assert max_rel_err(torch.from_numpy(logits).float(), expected.float()) <= TOLERANCE["float16"]
+
+
+def test_expert_parallel_is_refused_naming_the_op(tmp_path: Path) -> None:
+    with pytest.raises(TensorRTBuildError) as error:
+        build_engines(_sharded("shard{tp=2,moe_ep=2}", "float16"), tmp_path / "engines", BuildOptions(targets=TARGETS))
+    assert str(error.value) == (
+        "rank 0: moe (moec.moe, produced by fuse-moe) is expert-parallel (2 of 4 experts, expert_offset=0); "
+        "the ONNX export does not carry expert_offset yet, so the TensorRT backend cannot build it"
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU refusal")
+def test_loader_refuses_without_gpu(tmp_path: Path) -> None:
+    from backends.tensorrt import load_engines
+
+    out = tmp_path / "engines"
+    _build(TINY_CONFIGS[1], "float16", False, out)
+    info = tensorrt_info()
+    with pytest.raises(EngineRunError) as error:
+        load_engines(out)
+    assert str(error.value) == (
+        f"cannot run engines built by {info.flavour} {info.version}: no CUDA GPU is visible here "
+        "(torch.cuda.is_available() is False)"
+    )
+
+
+def test_loader_refuses_other_tensorrt_version(tmp_path: Path) -> None:
+    from backends.tensorrt import load_engines
+
+    out = tmp_path / "engines"
+    _build(TINY_CONFIGS[1], "float16", False, out)
+    written = json.loads((out / "config.json").read_text())
+    written["tensorrt"]["version"] = "0.0.1"
+    (out / "config.json").write_text(json.dumps(written))
+    info = tensorrt_info()
+    with pytest.raises(EngineRunError, match=f"with {info.flavour} {info.version}: an engine only deserializes"):
+        load_engines(out)
+
+
+def test_cli_build(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    parser = argparse.ArgumentParser(prog="moec")
+    add_build_cli(parser.add_subparsers(dest="command", required=True))
+    out = tmp_path / "cli"
+    argv = ["build", "tiny", "--output-dir", str(out), "--dtype", "float16", "--moe-plugin", "enable"]
+    argv += ["--max-seq", "32"]
+    if TARGETS:
+        argv += ["--target", ",".join(TARGETS)]
+    args = parser.parse_args(argv)
+    assert args.func(args) == 0
+    written = json.loads((out / "config.json").read_text())
+    assert written["passes"] == ["canonicalize", "fuse-moe", "dce"]
+    assert (written["dtype"], written["moe_lowering"]) == ("float16", "plugin")
+    printed = capsys.readouterr().out
+    assert "[rank 1/1] engine " in printed and f"{out / 'rank0.engine'}" in printed
+
+
+@pytest.mark.parametrize("normalization", ["none", "renormalize"])
+@pytest.mark.parametrize("expert_offset", [0, 2])
+def test_plugin_computation_matches_torch_backend_moe(normalization: str, expert_offset: int) -> None:
+    from backends.tensorrt.plugin import moe_forward
+
+    generator = torch.Generator().manual_seed(0)
+    tokens, hidden, inter, experts, top_k = 7, 16, 24, 4, 2
+    x = torch.randn(2, tokens, hidden, generator=generator)
+    router = torch.randn(experts, hidden, generator=generator)
+    local = experts - expert_offset if expert_offset else experts
+    w13 = torch.randn(local, 2 * inter, hidden, generator=generator) / 4
+    w2 = torch.randn(local, hidden, inter, generator=generator) / 4
+    values = {"num_experts": local, "top_k": top_k, "normalization": normalization, "activation": "swiglu",
+              "dtype": "float32", "expert_offset": expert_offset}
+    out = torch.empty_like(x)
+    moe_forward(x, router, w13, w2, values, out)
+    # Independent dense form: every local expert on every token, weighted by its routing weight (0 if not chosen).
+    flat = x.reshape(-1, hidden)
+    weights, chosen = torch.topk(torch.softmax(flat @ router.T, dim=-1), top_k, dim=-1)
+    if normalization == "renormalize":
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    expected = torch.zeros_like(flat)
+    for e in range(local):
+        gate_up = flat @ w13[e].T
+        expert_out = (torch.nn.functional.silu(gate_up[:, :inter]) * gate_up[:, inter:]) @ w2[e].T
+        weight = (weights * (chosen == e + expert_offset)).sum(dim=-1, keepdim=True)
+        expected += weight * expert_out
+    assert max_rel_err(out, expected.reshape(x.shape)) <= 1e-5
+
+
+def test_compile_with_the_tensorrt_backend_builds_engines_and_refuses_to_run_without_a_gpu(tmp_path: Path) -> None:
+    from compiler.api import compile
+
+    config = TINY_CONFIGS[0]
+    compiled = compile(
+        hf_model(config),
+        backend="tensorrt",
+        backend_options={"output_dir": tmp_path / "engines", "moe_plugin": True, "targets": "sm89", "max_seq": 16},
+    )
+    written = json.loads((tmp_path / "engines" / "config.json").read_text())
+    assert written["dtype"] == "float32"
+    assert sorted(p.name for p in (tmp_path / "engines").glob("*.engine")) == ["rank0.engine"]
+    assert compiled.engine_dir == str(tmp_path / "engines")
+    if not torch.cuda.is_available():
+        with pytest.raises(EngineRunError, match=r"no CUDA GPU is visible here \(torch.cuda.is_available\(\) is False\)"):
+            compiled(input_ids(config, 1, 4))
+
+
+def test_compile_with_the_tensorrt_backend_needs_an_output_dir() -> None:
+    from compiler.api import compile
+
+    with pytest.raises(MoecError, match=r"backend='tensorrt' needs backend_options=\{'output_dir': DIR\}"):
+        compile("tiny", backend="tensorrt")
