@@ -28,7 +28,7 @@ from compiler.weights import (
 )
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # A few-hundred-KB model that runs everywhere; the default of the README's first command.
+    # A 1 MB model that runs everywhere; the default of the README's first command.
     "tiny": dict(
         vocab_size=256,
         hidden_size=64,
