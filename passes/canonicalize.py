@@ -266,10 +266,11 @@ RULES = (
 @register_pass
 @dataclass(frozen=True)
 class Canonicalize(Pass):
-    """Rewrite exported ATen into canonical ops (rms_norm, rope, linear) and remove export noise.
+    """Rewrite exported ATen into canonical ops (rms_norm, rope, attention, linear) and remove export noise.
 
-    before: pow/mean/add/rsqrt/mul chains, rotate_half cat/neg/slice, aten.linear, asserts, no-op casts/views
-    after:  moec.rms_norm, moec.rope, moec.linear; no asserts, no identity casts or views
+    before: pow/mean/add/rsqrt/mul chains, rotate_half cat/neg/slice, Hugging Face eager attention (repeat_kv,
+            masked float32 softmax), aten.linear, asserts, no-op casts/views/clones
+    after:  moec.rms_norm, moec.rope, moec.attention, moec.linear; no asserts, no identity casts or views
     """
 
     name = "canonicalize"
