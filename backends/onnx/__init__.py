@@ -6,7 +6,8 @@
 
 Opset 23 (the first with `Attention`, `RMSNormalization` and `RotaryEmbedding`); `com.microsoft` opset 1 is
 imported only for `moe="ort"`, `trt.plugins` only for `moe="plugin"`. See `export.py` (files, streaming),
-`converters.py` (op mapping) and `moe.py` (the three MoE modes).
+`converters.py` (op mapping), `moe.py` (the three MoE modes) and `ranks.py` (every rank of a sharded program,
+split at its collectives, exported and simulated together on onnxruntime).
 
 CLI glue (`moec compile SOURCE --passes ... --export-onnx-after NAME|all --onnx-dir DIR [--moe-export MODE]`):
 `add_onnx_cli_arguments(parser)` adds the flags, `handle_onnx_cli(args, traced, history)` writes the files.

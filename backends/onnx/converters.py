@@ -16,6 +16,8 @@ Canonical ops and the ONNX they become (opset 23; onnxruntime 1.32 CPU runs all 
 - `moec.linear` → `MatMul(x, Transpose(W))` (+ `Add` bias); the transpose of an initializer is constant-folded by
   onnxruntime and TensorRT.
 - `moec.moe` → see `moe.py` (three modes).
+`aten.ge`/`lt`/`logical_and`/`where` (`shard`'s vocabulary-parallel embedding) become `GreaterOrEqual`/`Less`/
+`And`/`Where`.
 `ExportOptions.decompose` lists canonical ops to emit as elementary ops instead (`attention`, `rms_norm`,
 `rope`), for consumers whose parser predates opset 23.
 """
@@ -189,14 +191,44 @@ def _pow(ctx: ConversionContext, node: torch.fx.Node) -> gs.Tensor:
     return ctx.op("Pow", [x, ctx.scalar(float(exponent), dtype)])
 
 
-@converter("aten.eq.Scalar", "aten.eq.Tensor", "aten.ne.Scalar", "aten.ne.Tensor")
-def _equal(ctx: ConversionContext, node: torch.fx.Node) -> gs.Tensor:
+def _comparison_operands(ctx: ConversionContext, node: torch.fx.Node) -> tuple[gs.Tensor, gs.Tensor]:
+    """Both operands in their promoted dtype (a Python number takes the tensor operand's dtype)."""
     left, right = node.args
     dtype = dtype_of(left)
     if isinstance(right, torch.fx.Node) and dtype_of(right) != dtype:
         dtype = torch.promote_types(dtype, dtype_of(right))
-    equal = ctx.op("Equal", [ctx.cast_to(left, dtype), ctx.cast_to(right, dtype)])
+    return ctx.cast_to(left, dtype), ctx.cast_to(right, dtype)
+
+
+@converter("aten.eq.Scalar", "aten.eq.Tensor", "aten.ne.Scalar", "aten.ne.Tensor")
+def _equal(ctx: ConversionContext, node: torch.fx.Node) -> gs.Tensor:
+    equal = ctx.op("Equal", list(_comparison_operands(ctx, node)))
     return ctx.op("Not", [equal]) if op_name(node).startswith("aten.ne") else equal
+
+
+def _compare(onnx_op: str) -> Converter:
+    def convert(ctx: ConversionContext, node: torch.fx.Node) -> gs.Tensor:
+        return ctx.op(onnx_op, list(_comparison_operands(ctx, node)))
+
+    return convert
+
+
+# `shard`'s vocabulary-parallel embedding: mask = (ids >= lo) & (ids < hi); where(mask, ids - lo, 0); ...
+converter("aten.ge.Scalar", "aten.ge.Tensor")(_compare("GreaterOrEqual"))
+converter("aten.lt.Scalar", "aten.lt.Tensor")(_compare("Less"))
+
+
+@converter("aten.logical_and")
+def _logical_and(ctx: ConversionContext, node: torch.fx.Node) -> gs.Tensor:
+    left, right = node.args
+    return ctx.op("And", [ctx.cast_to(left, torch.bool), ctx.cast_to(right, torch.bool)])
+
+
+@converter("aten.where.self", "aten.where.ScalarOther")
+def _where(ctx: ConversionContext, node: torch.fx.Node) -> gs.Tensor:
+    condition, chosen, other = node.args
+    dtype = _out_dtype(node)
+    return ctx.op("Where", [ctx.cast_to(condition, torch.bool), ctx.cast_to(chosen, dtype), ctx.cast_to(other, dtype)])
 
 
 @converter("aten._to_copy", "aten.to.dtype", "aten._to_dtype")

@@ -1,21 +1,26 @@
 """The canonical `moec.moe` op in three ONNX forms, picked by `export_onnx(..., moe=MODE)`.
 
-before: moe(x[T,H], router[E,H], w13[E,2I,H], w2[E,H,I], top_k, normalization, "swiglu")
+before: moe(x[T,H], router[E,H], w13[E',2I,H], w2[E',H,I], top_k, normalization, "swiglu", expert_offset=o)
+        (E' = E and o = 0 unless expert-parallel sharding gave this rank the expert block [o, o + E'))
 after, by mode:
 - `ootb` (standard ops only, no data-dependent shapes, so TensorRT can build it): the router is
-  `MatMul → Cast(f32) → Softmax → TopK` (+ `ReduceSum`/`Div` to renormalize); the top-k choices become a dense
-  float32 routing matrix R[T,E] by comparing the expert ids with `Range(E)` (`Equal`, `Mul`, `ReduceSum`: no
-  scatter, no `NonZero`); then EVERY expert runs on every token as two batched `MatMul`s over the expert axis
-  ([E,T,H]·[E,H,2I], [E,T,I]·[E,I,H]) and the outputs are summed weighted by Rᵀ. This costs E/top_k times the
-  routed FLOPs: it is the portable reference form, not a fast one (use `plugin` or `ort` for speed).
+  `MatMul → Cast(f32) → Softmax → TopK` over all E experts (+ `ReduceSum`/`Div` to renormalize); the top-k
+  choices become a dense float32 routing matrix R[T,E'] by comparing the expert ids with `Range(o, o + E')`
+  (`Equal`, `Mul`, `ReduceSum`: no scatter, no `NonZero`), i.e. columns [o, o + E') of the full routing matrix,
+  so slots routed to other ranks' experts weigh 0 here; then EVERY local expert runs on every token as two
+  batched `MatMul`s over the expert axis ([E',T,H]·[E',H,2I], [E',T,I]·[E',I,H]) and the outputs are summed
+  weighted by Rᵀ. This costs E'/top_k times the routed FLOPs: it is the portable reference form, not a fast one
+  (use `plugin` or `ort` for speed).
 - `plugin`: one `trt.plugins::MoE` node per layer with `plugin_version="1"`, `plugin_namespace="moec"`,
-  `top_k`, `normalization`, `activation`, `num_experts` attributes and inputs (x, router, w13, w2) in moec's
-  layouts; TensorRT's ONNX parser hands it to the plugin creator registered as `MoE` (namespace `moec`).
+  `top_k`, `normalization`, `activation`, `num_experts` (E, the router's rows), `num_local_experts` (E') and
+  `expert_offset` (o) attributes and inputs (x, router, w13, w2) in moec's layouts; TensorRT's ONNX parser hands
+  it to the plugin creator registered as `MoE` (namespace `moec`, `backends/tensorrt/plugin.py`).
 - `ort`: onnxruntime's `com.microsoft::MoE` (CPU and CUDA). It takes router LOGITS as `router_probs` (it applies
   softmax + top-k itself; `normalize_routing_weights=1` renormalizes the top-k, i.e. our "renormalize"), fc1
   weights [E, 2I, H] in (out, in) order with gate/up rows interleaved (`swiglu_fusion=1`), fc2 [E, H, I].
   `activation_alpha=1, activation_beta=0` with no `swiglu_limit` make its SwiGLU exactly silu(gate)·up. The
-  interleave is a lazy weight rewrite (`interleave_gate_up`) applied while the data file is streamed.
+  interleave is a lazy weight rewrite (`interleave_gate_up`) applied while the data file is streamed. Its experts
+  are always all E of the router, so an expert-parallel `moe` is refused in this mode (use `ootb` or `plugin`).
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import onnx_graphsurgeon as gs
 import torch
 import torch.fx
 
-from backends.onnx.context import ConversionContext, dtype_of, value_of
+from backends.onnx.context import ConversionContext, OnnxExportError, dtype_of, value_of
 from backends.onnx.converters import converter
 from compiler.weights import Rewrite, RewriteRule, Shape, WeightExpr, register_rewrite, stack_weights
 
@@ -69,8 +74,15 @@ def interleave_gate_up(expr: WeightExpr) -> WeightExpr:
 
 
 def _operands(ctx: ConversionContext, node: torch.fx.Node) -> tuple[Any, ...]:
-    x, router, w13, w2, top_k, normalization, activation = node.args
+    x, router, w13, w2, top_k, normalization, activation = node.args[:7]
     return x, router, w13, w2, int(top_k), str(normalization), str(activation)
+
+
+def _expert_block(node: torch.fx.Node) -> tuple[int, int, int]:
+    """(E = experts routed over, E' = experts held here, o = the first held expert's id)."""
+    offset = node.args[7] if len(node.args) > 7 else node.kwargs.get("expert_offset", 0)
+    router, w13 = node.args[1], node.args[2]
+    return int(value_of(router).shape[0]), int(value_of(w13).shape[0]), int(offset)
 
 
 def _flatten_tokens(ctx: ConversionContext, x: torch.fx.Node) -> tuple[gs.Tensor, gs.Tensor | None]:
@@ -98,27 +110,27 @@ def _router_logits(ctx: ConversionContext, tokens: gs.Tensor, x: torch.fx.Node, 
 def moe_ootb(ctx: ConversionContext, node: torch.fx.Node) -> gs.Tensor:
     x, router, w13, w2, top_k, normalization, _ = _operands(ctx, node)
     dtype = dtype_of(x)
-    experts, intermediate = value_of(w13).shape[0], value_of(w2).shape[-1]
+    _, local_experts, offset = _expert_block(node)
+    intermediate = value_of(w2).shape[-1]
     tokens, restore = _flatten_tokens(ctx, x)
 
     probs = ctx.op("Softmax", [_router_logits(ctx, tokens, x, router)], {"axis": -1})
     weights, chosen = ctx.op("TopK", [probs, ctx.ints([top_k])], {"axis": -1, "largest": 1, "sorted": 1}, outputs=2)
     if normalization == "renormalize":
         weights = ctx.op("Div", [weights, ctx.op("ReduceSum", [weights, ctx.ints([-1])], {"keepdims": 1})])
-    # Dense routing R[T, E]: R[t, e] = weight of e in token t's top-k, else 0.
-    one_hot = ctx.op("Equal", [ctx.op("Unsqueeze", [chosen, ctx.ints([-1])]), ctx.op(
-        "Range", [ctx.const(0), ctx.const(experts), ctx.const(1)]
-    )])
+    # Dense routing R[T, E'] over the local experts: R[t, e] = weight of expert o + e in token t's top-k, else 0.
+    local_ids = ctx.op("Range", [ctx.const(offset), ctx.const(offset + local_experts), ctx.const(1)])
+    one_hot = ctx.op("Equal", [ctx.op("Unsqueeze", [chosen, ctx.ints([-1])]), local_ids])
     weighted = ctx.op("Mul", [ctx.cast(one_hot, torch.float32), ctx.op("Unsqueeze", [weights, ctx.ints([-1])])])
     routing = ctx.op("ReduceSum", [weighted, ctx.ints([1])], {"keepdims": 0})
 
-    # All experts on all tokens: [1,T,H] · [E,H,2I] → [E,T,2I].
+    # All local experts on all tokens: [1,T,H] · [E',H,2I] → [E',T,2I].
     w13_t = ctx.op("Transpose", [ctx.tensor(w13)], {"perm": [0, 2, 1]})
     gate_up = ctx.op("MatMul", [ctx.op("Unsqueeze", [tokens, ctx.ints([0])]), w13_t])
     gate, up = ctx.op("Split", [gate_up, ctx.ints([intermediate, intermediate])], {"axis": -1}, outputs=2)
     activated = ctx.op("Mul", [ctx.op("Mul", [gate, ctx.op("Sigmoid", [gate])]), up])
-    down = ctx.op("MatMul", [activated, ctx.op("Transpose", [ctx.tensor(w2)], {"perm": [0, 2, 1]})])  # [E,T,H]
-    per_expert = ctx.op("Unsqueeze", [ctx.op("Transpose", [routing], {"perm": [1, 0]}), ctx.ints([-1])])  # [E,T,1]
+    down = ctx.op("MatMul", [activated, ctx.op("Transpose", [ctx.tensor(w2)], {"perm": [0, 2, 1]})])  # [E',T,H]
+    per_expert = ctx.op("Unsqueeze", [ctx.op("Transpose", [routing], {"perm": [1, 0]}), ctx.ints([-1])])  # [E',T,1]
     down32 = down if dtype == torch.float32 else ctx.cast(down, torch.float32)
     combined = ctx.op("ReduceSum", [ctx.op("Mul", [down32, per_expert]), ctx.ints([0])], {"keepdims": 0})
     out = combined if dtype == torch.float32 else ctx.cast(combined, dtype)
@@ -131,13 +143,16 @@ def moe_ootb(ctx: ConversionContext, node: torch.fx.Node) -> gs.Tensor:
 @converter("moec.moe", when=lambda ctx, node: ctx.options.moe == "plugin")
 def moe_plugin(ctx: ConversionContext, node: torch.fx.Node) -> gs.Tensor:
     x, router, w13, w2, top_k, normalization, activation = _operands(ctx, node)
+    experts, local_experts, offset = _expert_block(node)
     attrs = {
         "plugin_version": PLUGIN_VERSION,
         "plugin_namespace": PLUGIN_NAMESPACE,
         "top_k": top_k,
         "normalization": normalization,
         "activation": activation,
-        "num_experts": int(value_of(w13).shape[0]),
+        "num_experts": experts,
+        "num_local_experts": local_experts,
+        "expert_offset": offset,
     }
     inputs = [ctx.tensor(x), ctx.tensor(router), ctx.tensor(w13), ctx.tensor(w2)]
     return ctx.op("MoE", inputs, attrs, domain=PLUGIN_DOMAIN)
@@ -160,6 +175,13 @@ def _interleaved_w13(ctx: ConversionContext, w13: torch.fx.Node) -> gs.Tensor:
 @converter("moec.moe", when=lambda ctx, node: ctx.options.moe == "ort")
 def moe_ort(ctx: ConversionContext, node: torch.fx.Node) -> gs.Tensor:
     x, router, w13, w2, top_k, normalization, _ = _operands(ctx, node)
+    experts, local_experts, offset = _expert_block(node)
+    if local_experts != experts:
+        raise OnnxExportError(
+            f"{node.name} (moec.moe) is expert-parallel (experts [{offset}, {offset + local_experts}) of "
+            f"{experts}): onnxruntime's com.microsoft::MoE runs all of the router's experts and cannot take an "
+            "expert block; export it with moe='ootb' or moe='plugin'"
+        )
     dtype = dtype_of(x)
     tokens, restore = _flatten_tokens(ctx, x)
     logits = _router_logits(ctx, tokens, x, router)

@@ -6,11 +6,11 @@
     summary = build_compiled(compiled, "out/tiny-trt", moe_plugin=True, targets="sm89", dtype="float16")
     model = load_engines("out/tiny-trt")        # on a machine whose TensorRT supports its GPU; else EngineRunError
 
-Modules: `build.py` (export → per-rank child builds → config.json, atomically), `segments.py` (a sharded rank split
+Modules: `build.py` (export → per-rank child builds → config.json, atomically), `compiler/segments.py` (a sharded rank split
 at its collectives into consecutive engines + runtime steps), `worker.py` (parse + builder config, one engine),
 `plugin.py` (the Python IPluginV3 `MoE`, namespace `moec`), `verify.py` (run the parsed ONNX in onnxruntime; all
 ranks simulated), `loader.py` (config.json → engines → logits, torch.distributed between segments),
-`onnx_converters.py` (converters for the ops sharding adds), `runtime.py` (which TensorRT, targets, errors).
+`runtime.py` (which TensorRT, targets, errors).
 See README.md.
 
 Works with data-center `tensorrt` or `tensorrt_rtx` (`pip install tensorrt-rtx-cu13`), whichever imports

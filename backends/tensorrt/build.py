@@ -3,7 +3,7 @@ stretch between collectives), plus `config.json`.
 
 before: a Program (after `canonicalize,fuse-moe,dce`; sharded programs carry one program per rank in `ranks`)
 after:  OUTPUT_DIR/rank{r}.engine (OUTPUT_DIR/rank{r}.seg{k}.engine when rank r is split at collectives, see
-        `segments.py`) and OUTPUT_DIR/config.json describing them and the steps the runtime takes per rank
+        `compiler/segments.py`) and OUTPUT_DIR/config.json describing them and the steps the runtime takes per rank
 
 Lowering goes through ONNX: each rank's program is written by `backends.onnx.export_program` (MoE as `ootb`
 standard ops or as the `MoE` plugin node) and TensorRT's own ONNX parser reads that very file, so the graph
@@ -41,7 +41,7 @@ from backends.tensorrt.runtime import (
     tensorrt_info,
 )
 from compiler.errors import MoecError
-from backends.tensorrt.segments import RankPlan, dim_exprs, split_at_collectives, symbol_names
+from compiler.segments import RankPlan, dim_exprs, split_at_collectives, symbol_names
 from compiler.ir import Program, op_name
 
 CONFIG_FORMAT = "moec-tensorrt/1"
@@ -114,27 +114,9 @@ def _program_dtype(program: Program) -> str:
     return counts.most_common(1)[0][0] if counts else "float32"
 
 
-def _check_lowerable(program: Program, rank: int) -> None:
-    """Refuses what the ONNX export would lower wrongly: an expert-parallel `moe` (its `expert_offset` and the
-    router's full expert count are not carried into ONNX by `backends/onnx` yet)."""
-    for node in program.graph.nodes:
-        if op_name(node) == "moec.moe":
-            router, w13 = node.args[1], node.args[2]
-            local, routed = w13.meta["val"].shape[0], router.meta["val"].shape[0]
-            offset = node.kwargs.get("expert_offset", 0)
-            if offset or local != routed:
-                raise TensorRTBuildError(
-                    f"rank {rank}: {node.name} (moec.moe, produced by {node.meta.get('moec_rule', 'trace')}) is "
-                    f"expert-parallel ({local} of {routed} experts, expert_offset={offset}); "
-                    "the ONNX export does not carry expert_offset yet, so the TensorRT backend cannot build it"
-                )
-
-
 def _rank_plans(program: Program) -> list[RankPlan]:
     """One plan per rank: its engine segments (split at collectives) and the runtime's steps."""
     ranks = list(program.ranks) if program.ranks else [program]
-    for index, rank in enumerate(ranks):
-        _check_lowerable(rank, index)
     return [split_at_collectives(rank) for rank in ranks]
 
 
@@ -212,7 +194,6 @@ def build_engines(
     dtype: str | None = None,
 ) -> BuildSummary:
     """Builds one engine per rank of `program` into `output_dir`; returns the written config."""
-    import backends.tensorrt.onnx_converters  # noqa: F401 - converters for the ops sharding adds
     from backends.onnx.export import export_program
 
     started = time.perf_counter()

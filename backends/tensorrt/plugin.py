@@ -1,7 +1,8 @@
 """The `MoE` TensorRT plugin (IPluginV3, version "1", namespace "moec"), implemented in Python.
 
 before: the ONNX node `trt.plugins::MoE(x, router, w13, w2)` written by `export_onnx(..., moe="plugin")`, with
-        attributes plugin_version="1", plugin_namespace="moec", num_experts, top_k, normalization, activation
+        attributes plugin_version="1", plugin_namespace="moec", num_experts (E, routed over), num_local_experts
+        (E', the rows of w13/w2), expert_offset (the first local expert's id), top_k, normalization, activation
 after:  one IPluginV3 layer in the TensorRT network; its attributes (plus the activation dtype, learnt from the
         network) are serialized into the engine by `get_fields_to_serialize`.
 
@@ -32,6 +33,7 @@ ACTIVATIONS = ("swiglu",)
 # Field name → (kind, default). Ints are INT32 plugin fields, strings CHAR fields.
 _FIELDS: dict[str, tuple[str, Any]] = {
     "num_experts": ("int", 0),
+    "num_local_experts": ("int", 0),
     "top_k": ("int", 0),
     "normalization": ("str", "none"),
     "activation": ("str", "swiglu"),
@@ -91,10 +93,12 @@ class MoEPlugin(  # type: ignore[misc]
             raise ValueError(f"MoE plugin: normalization {values['normalization']!r} not in {NORMALIZATIONS}")
         if values["activation"] not in ACTIVATIONS:
             raise ValueError(f"MoE plugin: activation {values['activation']!r} not in {ACTIVATIONS}")
-        if values["top_k"] < 1 or values["expert_offset"] < 0 or values["num_experts"] < 1:
+        experts, local, offset = values["num_experts"], values["num_local_experts"], values["expert_offset"]
+        if values["top_k"] < 1 or local < 1 or offset < 0 or offset + local > experts:
             raise ValueError(
-                f"MoE plugin: need top_k >= 1, num_experts >= 1, expert_offset >= 0; got {values['top_k']}, "
-                f"{values['num_experts']}, {values['expert_offset']}"
+                f"MoE plugin: need top_k >= 1 and experts [expert_offset, expert_offset + num_local_experts) among "
+                f"the num_experts routed; got top_k={values['top_k']}, num_experts={experts}, "
+                f"num_local_experts={local}, expert_offset={offset}"
             )
         self.values = dict(values)
         self.num_outputs = 1

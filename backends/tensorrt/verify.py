@@ -6,8 +6,10 @@ after:  an onnxruntime session over the same graph where each `MoE(x, router, w1
         onnxruntime's `com.microsoft::MoE`, computed in float32:
             tokens = Reshape(x, [-1, H]); logits = Cast(MatMul(tokens, Transpose(router)), f32)
             y = Cast(com.microsoft.MoE(Cast(tokens, f32), logits, interleave(Cast(w13, f32)), -, Cast(w2, f32)), x)
-        (`interleave` = gate/up rows interleaved, `swiglu_fusion=1`, as onnxruntime wants). Every other node is the
-        file TensorRT read, untouched.
+        (`interleave` = gate/up rows interleaved, `swiglu_fusion=1`, as onnxruntime wants). An expert-parallel node
+        (num_local_experts < num_experts) has its expert block zero-padded to all experts at expert_offset: a zero
+        expert adds silu(0)·0 = 0, exactly what routing to another rank's expert adds here. Every other node is
+        the file TensorRT read, untouched.
 """
 
 from __future__ import annotations
@@ -86,14 +88,23 @@ def swap_plugin_for_onnxruntime(model: onnx.ModelProto) -> onnx.ModelProto:
         pairs = add("Reshape", [w13, const("pairs_shape", [experts, 2, rows // 2, hidden])], "w13_pairs")
         pairs = add("Transpose", [pairs], "w13_pairs_t", perm=[0, 2, 1, 3])
         w13_interleaved = add("Reshape", [pairs, const("w13_shape", [experts, rows, hidden])], "w13_interleaved")
+        offset, routed = int(attrs["expert_offset"]), int(attrs["num_experts"])
+
+        def all_experts(name: str) -> str:
+            if routed == experts:
+                return name
+            label = name.rsplit("/", 1)[-1]
+            pads = const(f"{label}_pads", [offset, 0, 0, routed - offset - experts, 0, 0])
+            return add("Pad", [name, pads], f"{label}_padded")
+
         moe = add(
             "MoE",
             [
                 add("Cast", [tokens], "tokens32", to=_FLOAT),
                 logits32,
-                add("Cast", [w13_interleaved], "w13_32", to=_FLOAT),
+                all_experts(add("Cast", [w13_interleaved], "w13_32", to=_FLOAT)),
                 "",
-                add("Cast", [w2], "w2_32", to=_FLOAT),
+                all_experts(add("Cast", [w2], "w2_32", to=_FLOAT)),
             ],
             "moe",
             domain="com.microsoft",

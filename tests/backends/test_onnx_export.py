@@ -19,6 +19,7 @@ from backends.onnx import OPSET, add_onnx_cli_arguments, export_onnx, handle_onn
 from backends.onnx.context import OnnxExportError
 from backends.onnx.export import stream_pieces
 from backends.onnx.moe import interleave_gate_up
+from backends.onnx.ranks import export_ranks, simulate_ranks
 from backends.torch.runtime import TorchExecutable
 from compiler.api import CompiledModel, load
 from compiler.errors import MoecError
@@ -26,6 +27,7 @@ from compiler.ir import Program, op_name
 from compiler.passes import parse_pipeline, run_pipeline
 from compiler.weights import MemoryTensor, RandomTensor, cast_weight, concat_weights, stack_weights
 from tests.models import TINY_CONFIGS, TinyConfig, hf_model, input_ids, max_rel_err
+from tests.passes import test_shard as shard_tests
 
 PIPELINE = "canonicalize,fuse-moe,dce"
 SEQ_LENGTHS = (5, 11)
@@ -150,6 +152,8 @@ def test_plugin_mode_emits_one_trt_plugin_node_per_layer(tmp_path: Path) -> None
         "normalization": b"renormalize",
         "activation": b"swiglu",
         "num_experts": 8,
+        "num_local_experts": 8,
+        "expert_offset": 0,
     }
     (moe_node,) = [n for n in compiled(config).program.graph.nodes if op_name(n) == "moec.moe"]
     weight_names = [arg.name for arg in moe_node.args[1:4]]
@@ -157,16 +161,82 @@ def test_plugin_mode_emits_one_trt_plugin_node_per_layer(tmp_path: Path) -> None
     assert set(weight_names) <= {t.name for t in model.graph.initializer}
 
 
+EXPERT_PARALLEL_SPECS = ["shard{tp=2,moe_ep=2}", "shard{tp=4,moe_tp=2,moe_ep=2}"]
+
+
+@pytest.mark.parametrize("spec", EXPERT_PARALLEL_SPECS)
+def test_expert_parallel_ranks_compute_the_unsharded_logits(spec: str, tmp_path: Path) -> None:
+    """Every rank routes over all experts but holds a block of them (expert_offset): simulated together, the ranks'
+    ONNX files give the unsharded program's logits."""
+    sharded = run_pipeline(shard_tests.fused_program(), parse_pipeline(spec)).program
+    moes = [node for rank in sharded.ranks for node in rank.graph.nodes if op_name(node) == "moec.moe"]
+    offsets = {node.kwargs["expert_offset"] for node in moes}
+    assert offsets == {0, shard_tests.EXPERTS // 2}
+    exports = export_ranks(sharded, tmp_path, moe="ootb")
+    reference = TorchExecutable(shard_tests.fused_program())
+    ids = input_ids(shard_tests.SHARD_CONFIG, 2, 7)
+    expected = reference(ids)
+    for logits in simulate_ranks(exports, ids.numpy()):
+        assert max_rel_err(torch.from_numpy(logits), expected) <= TOLERANCE
+
+
+def _expert_parallel_rank1() -> Program:
+    return run_pipeline(shard_tests.fused_program(), parse_pipeline(EXPERT_PARALLEL_SPECS[0])).program.ranks[1]
+
+
+def test_plugin_mode_carries_the_expert_block(tmp_path: Path) -> None:
+    exports = export_ranks(_expert_parallel_rank1(), tmp_path, moe="plugin")
+    plugins = [
+        node
+        for segment in exports[0].segments
+        for node in onnx.load(str(segment.path), load_external_data=False).graph.node
+        if node.op_type == "MoE"
+    ]
+    assert len(plugins) == shard_tests.SHARD_CONFIG.layers
+    for plugin in plugins:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in plugin.attribute}
+        assert (attrs["num_experts"], attrs["num_local_experts"], attrs["expert_offset"]) == (12, 6, 6)
+
+
+def test_ort_mode_refuses_an_expert_block(tmp_path: Path) -> None:
+    with pytest.raises(OnnxExportError) as error:
+        export_ranks(_expert_parallel_rank1(), tmp_path, moe="ort")
+    assert str(error.value) == (
+        "moe (moec.moe) is expert-parallel (experts [6, 12) of 12): onnxruntime's com.microsoft::MoE runs all of the "
+        "router's experts and cannot take an expert block; export it with moe='ootb' or moe='plugin'"
+    )
+
+
 def test_plugin_mode_parses_with_tensorrt_rtx(tmp_path: Path) -> None:
-    trt = pytest.importorskip("tensorrt_rtx")
-    registry = trt.get_plugin_registry()
-    if not any(c.name == "MoE" and c.plugin_namespace == "moec" for c in registry.all_creators):
-        pytest.skip("no TensorRT plugin creator MoE (namespace moec) is registered")
+    """TensorRT-RTX's own ONNX parser accepts the plugin-mode file once the `MoE` creator is registered.
+
+    Parsed in a child process: TensorRT-RTX finds plugins only with `libtensorrt_rtx.so` on the LD_LIBRARY_PATH the
+    process started with (`plugin_environment`), and aborts the whole process otherwise.
+    """
+    import subprocess
+    import sys
+
+    pytest.importorskip("tensorrt_rtx")
+    from backends.tensorrt.runtime import plugin_environment
+
     exported = export_onnx(compiled(TINY_CONFIGS[0]), tmp_path / "model.onnx", moe="plugin")
-    logger = trt.Logger(trt.Logger.WARNING)
-    network = trt.Builder(logger).create_network(0)
-    parser = trt.OnnxParser(network, logger)
-    assert parser.parse_from_file(str(exported.path)), [parser.get_error(i).desc() for i in range(parser.num_errors)]
+    script = (
+        "import sys, tensorrt_rtx as trt\n"
+        "from backends.tensorrt.plugin import register_moe_plugin\n"
+        "register_moe_plugin()\n"
+        "logger = trt.Logger(trt.Logger.ERROR)\n"
+        "network = trt.Builder(logger).create_network(0)\n"
+        "parser = trt.OnnxParser(network, logger)\n"
+        "ok = parser.parse_from_file(sys.argv[1])\n"
+        "print('parsed' if ok else [parser.get_error(i).desc() for i in range(parser.num_errors)])\n"
+        "print(sum(network.get_layer(i).type == trt.LayerType.PLUGIN_V3 for i in range(network.num_layers)))\n"
+    )
+    environment = {**plugin_environment(), "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(exported.path)], capture_output=True, text=True, env=environment, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["parsed", str(TINY_CONFIGS[0].layers)]
 
 
 def test_weights_live_in_one_external_data_file(tmp_path: Path) -> None:

@@ -133,8 +133,8 @@ def test_plugin_creator_round_trips_its_fields() -> None:
     creator = register_moe_plugin()
     assert register_moe_plugin() is creator
     values = {
-        "num_experts": 4, "top_k": 2, "normalization": "renormalize", "activation": "swiglu", "dtype": "float16",
-        "expert_offset": 4,
+        "num_experts": 8, "num_local_experts": 4, "top_k": 2, "normalization": "renormalize", "activation": "swiglu",
+        "dtype": "float16", "expert_offset": 4,
     }
     from backends.tensorrt.plugin import _EncodedFields
 
@@ -146,6 +146,9 @@ def test_plugin_creator_round_trips_its_fields() -> None:
     assert clone.values == values
     with pytest.raises(ValueError, match="normalization 'softmax'"):
         bad = _EncodedFields({**values, "normalization": "softmax"})
+        MoEPluginCreator().create_plugin("moe", bad.collection, None)
+    with pytest.raises(ValueError, match=r"num_experts=8, num_local_experts=4, expert_offset=5$"):
+        bad = _EncodedFields({**values, "expert_offset": 5})
         MoEPluginCreator().create_plugin("moe", bad.collection, None)
 
 
@@ -221,14 +224,18 @@ def test_pipeline_parallel_ranks_send_and_receive_and_match_torch(tmp_path: Path
     assert max_rel_err(torch.from_numpy(logits).float(), expected.float()) <= TOLERANCE["float16"]
 
 
-def test_expert_parallel_is_refused_naming_the_op(tmp_path: Path) -> None:
-    with pytest.raises(TensorRTBuildError) as error:
-        build_engines(_sharded("shard{tp=2,moe_ep=2}", "float16"), tmp_path / "engines", BuildOptions(targets=TARGETS))
-    assert str(error.value) == (
-        "rank 0: moe (moec.moe, produced by fuse-moe) is expert-parallel (2 of 4 experts, expert_offset=0); "
-        "the ONNX export does not carry expert_offset yet, so the TensorRT backend cannot build it"
-    )
-    assert list(tmp_path.iterdir()) == []
+@pytest.mark.parametrize("moe_plugin", [False, True], ids=["ootb", "plugin"])
+def test_expert_parallel_ranks_build_and_match_torch(moe_plugin: bool, tmp_path: Path) -> None:
+    config = TINY_CONFIGS[0]
+    out = tmp_path / "engines"
+    options = BuildOptions(moe_plugin=moe_plugin, targets=TARGETS, max_batch=2, max_seq=16, keep_onnx=True, workers=2)
+    built = build_engines(_sharded("shard{tp=2,moe_ep=2}", "float32"), out, options, progress=lambda line: None).config
+    assert built["parallelism"] == {"world_size": 2, "tp": 2, "pp": 1, "moe_tp": 1, "moe_ep": 2}
+    assert all((out / engine["file"]).stat().st_size > 0 for rank in built["ranks"] for engine in rank["engines"])
+    ids = input_ids(config, 2, 7)
+    expected = TorchExecutable(program(config, "float32"))(ids)
+    for logits in simulate_ranks(out, ids.numpy()):
+        assert max_rel_err(torch.from_numpy(logits), expected) <= TOLERANCE["float32"]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU refusal")
@@ -288,8 +295,8 @@ def test_plugin_computation_matches_torch_backend_moe(normalization: str, expert
     local = experts - expert_offset if expert_offset else experts
     w13 = torch.randn(local, 2 * inter, hidden, generator=generator) / 4
     w2 = torch.randn(local, hidden, inter, generator=generator) / 4
-    values = {"num_experts": local, "top_k": top_k, "normalization": normalization, "activation": "swiglu",
-              "dtype": "float32", "expert_offset": expert_offset}
+    values = {"num_experts": experts, "num_local_experts": local, "top_k": top_k, "normalization": normalization,
+              "activation": "swiglu", "dtype": "float32", "expert_offset": expert_offset}
     out = torch.empty_like(x)
     moe_forward(x, router, w13, w2, values, out)
     # Independent dense form: every local expert on every token, weighted by its routing weight (0 if not chosen).
