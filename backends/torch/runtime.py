@@ -78,7 +78,10 @@ class TorchExecutable:
 
     def _replay(self, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """Runs through a CUDA graph captured once per input shape: one launch instead of hundreds of Python-issued
-        kernels, which is what decode-sized steps are bound by."""
+        kernels, which is what decode-sized steps are bound by.
+
+        The returned logits live in the graph's static output buffer: the next call with the same shape overwrites
+        them, so clone what must outlive it."""
         key = tuple((tuple(t.shape), t.dtype) for t in inputs)
         if key not in self._graphs:
             static_inputs = tuple(t.to(self.device).clone() for t in inputs)
