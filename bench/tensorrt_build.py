@@ -41,34 +41,14 @@ LAYERS = 2
 
 
 def _full_source() -> Any:
-    import torch
-
-    from compiler.weights import RandomTensor, concat_weights, stack_weights
+    """2-layer Mixtral-8x7B shapes with float16 dummy weights; experts are per-expert random leaves (a checkpoint's
+    layout, which `random_weights` produces), so no [8, 28672, 4096] tensor is ever generated whole."""
     from frontends.hf.source import ModelSource, preset_config, random_weights
 
     config = preset_config("mixtral-8x7b")
     config.num_hidden_layers = LAYERS
     config.dtype = "float16"
-    weights = dict(random_weights(config, seed=0))
-    hidden, intermediate = config.hidden_size, config.intermediate_size
-    for layer in range(LAYERS):
-        prefix = f"model.layers.{layer}.mlp.experts"
-
-        def leaf(name: str, shape: tuple[int, int]) -> RandomTensor:
-            return RandomTensor(name, shape, torch.float16, 0, "normal", config.initializer_range)
-
-        experts = range(config.num_local_experts)
-        weights[f"{prefix}.gate_up_proj"] = stack_weights(
-            [
-                concat_weights(
-                    [leaf(f"{prefix}.{e}.w{n}", (intermediate, hidden)) for n in (1, 3)], 0
-                )
-                for e in experts
-            ]
-        )
-        down = [leaf(f"{prefix}.{e}.w2", (hidden, intermediate)) for e in experts]
-        weights[f"{prefix}.down_proj"] = stack_weights(down)
-    return ModelSource(config, weights, f"{LAYERS}-layer mixtral-8x7b shapes, per-expert random float16 weights")
+    return ModelSource(config, random_weights(config, seed=0), "2-layer mixtral-8x7b shapes, per-expert random weights")
 
 
 def _child(model: str, lowering: str, target: str, out_dir: str) -> None:
