@@ -46,7 +46,8 @@ def _source():  # noqa: ANN202 - a frontends.hf.source.ModelSource
 def _child(mode: str, out_dir: str) -> None:
     """One repeat: trace, passes, and (unless mode == 'none') export; prints one JSON line."""
     started = time.perf_counter()
-    from compiler.passes import parse_pipeline, run_pipeline
+    import passes  # noqa: F401 - fills the pass registry, as the driver does
+    from compiler.pass_manager import parse_pipeline, run_pipeline
     from frontends.hf.trace import trace
 
     program = run_pipeline(trace(_source()), parse_pipeline("canonicalize,fuse-moe,dce")).program

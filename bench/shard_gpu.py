@@ -76,7 +76,7 @@ def worker(args: argparse.Namespace) -> None:
     from backends.torch.distributed import DistributedExecutable, init_distributed, launch_environment, rank_device
     from backends.torch.runtime import TorchExecutable
     from compiler.api import load
-    from compiler.passes import parse_pipeline, run_pipeline
+    from compiler.pass_manager import parse_pipeline, run_pipeline
 
     env = launch_environment()
     assert env is not None, "run under torchrun"

@@ -57,7 +57,7 @@ def _child(model: str, lowering: str, target: str, out_dir: str) -> None:
     from backends.tensorrt import build_options
     from backends.tensorrt.build import build_engines
     from compiler.api import load
-    from compiler.passes import parse_pipeline, run_pipeline
+    from compiler.pass_manager import parse_pipeline, run_pipeline
     from frontends.hf.trace import trace
 
     traced = trace(_full_source()) if model == "full" else load("tiny", dtype="float16")
@@ -115,7 +115,7 @@ def _moe_cost(target: str, repeats: int) -> list[str]:
     from backends.tensorrt.build import build_engines
     from backends.tensorrt.verify import onnxruntime_session
     from compiler.api import load
-    from compiler.passes import parse_pipeline, run_pipeline
+    from compiler.pass_manager import parse_pipeline, run_pipeline
 
     config = MixtralConfig(
         vocab_size=1024, hidden_size=512, intermediate_size=1792, num_hidden_layers=2, num_attention_heads=8,

@@ -26,7 +26,7 @@ def _child(source: str) -> None:
     """One repeat: time each phase and print them as one JSON line."""
     started = time.perf_counter()
     from compiler.api import DEFAULT_PIPELINE, load
-    from compiler.passes import parse_pipeline, run_pipeline
+    from compiler.pass_manager import parse_pipeline, run_pipeline
 
     imported = time.perf_counter()
     program = load(source)

@@ -16,7 +16,9 @@ import torch
 
 from compiler.errors import MoecError
 from compiler.ir import Program
-from compiler.passes import Pass, PassRecord, parse_pipeline, run_pipeline
+from compiler.pass_manager import Pass, PassRecord, parse_pipeline, run_pipeline
+
+import passes  # noqa: F401,E402 - the driver fills the pass registry (passes register themselves on import)
 
 # Used when `passes` is not given: canonical ops, one `moe` op per layer, then clean-up.
 DEFAULT_PIPELINE = "canonicalize,fuse-moe,dce"

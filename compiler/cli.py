@@ -59,7 +59,7 @@ def _option_text(cls: type) -> str:
 
 def _cmd_passes(args: argparse.Namespace) -> int:
     from compiler.api import DEFAULT_PIPELINE
-    from compiler.passes import registered_passes
+    from compiler.pass_manager import registered_passes
 
     print(f"default pipeline: {DEFAULT_PIPELINE}\n")
     for name, cls in registered_passes().items():
@@ -86,7 +86,7 @@ def _dump(dump_dir: Path, index: int, spec: str, program: Any) -> None:
 
 def _cmd_compile(args: argparse.Namespace) -> int:
     from compiler.api import DEFAULT_PIPELINE
-    from compiler.passes import parse_pipeline, run_pipeline
+    from compiler.pass_manager import parse_pipeline, run_pipeline
 
     pipeline = parse_pipeline(args.passes if args.passes is not None else DEFAULT_PIPELINE)
     names = {p.name for p in pipeline} | {p.spec() for p in pipeline}
@@ -172,7 +172,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from compiler.api import CompiledModel, DEFAULT_PIPELINE
-    from compiler.passes import parse_pipeline, run_pipeline
+    from compiler.pass_manager import parse_pipeline, run_pipeline
 
     ids = _parse_ids(args.input_ids)
     pipeline = parse_pipeline(args.passes if args.passes is not None else DEFAULT_PIPELINE)

@@ -28,7 +28,7 @@ import torch
 import torch.fx
 
 from compiler.ir import Program
-from compiler.passes import Pass, PassResult, register_pass
+from compiler.pass_manager import Pass, PassResult, register_pass
 from compiler.rewrite import MatchFailure, Rewriter, Rule, expect, tensor_value
 from compiler import ops
 

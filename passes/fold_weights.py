@@ -20,7 +20,7 @@ import torch
 import torch.fx
 
 from compiler.ir import Program
-from compiler.passes import Pass, PassResult, register_pass
+from compiler.pass_manager import Pass, PassResult, register_pass
 from compiler.weights import (
     WeightExpr,
     cast_weight,

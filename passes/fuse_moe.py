@@ -31,7 +31,7 @@ import torch.fx
 from compiler import ops
 from compiler.errors import MoecError, PreconditionError
 from compiler.ir import Program
-from compiler.passes import Pass, PassResult, register_pass
+from compiler.pass_manager import Pass, PassResult, register_pass
 from compiler.rewrite import MatchFailure, Rewriter, expect, is_weight, layer_of, tensor_value
 from compiler.weights import WeightExpr, select_weight, stack_weights
 

@@ -37,7 +37,7 @@ from torch._guards import detect_fake_mode
 from compiler import collectives, ops
 from compiler.errors import MoecError, PassOptionError, PreconditionError
 from compiler.ir import Program
-from compiler.passes import Pass, PassResult, register_pass
+from compiler.pass_manager import Pass, PassResult, register_pass
 from compiler.rewrite import create_node, is_weight, layer_of
 from compiler.verifier import propagate_types
 from compiler.weights import WeightExpr, concat_weights, slice_weight

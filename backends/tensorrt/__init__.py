@@ -101,7 +101,7 @@ def build_compiled(
 def _cmd_build(args: argparse.Namespace) -> int:
     from backends.tensorrt.build import build_engines
     from compiler.api import DEFAULT_PIPELINE, load
-    from compiler.passes import parse_pipeline, run_pipeline
+    from compiler.pass_manager import parse_pipeline, run_pipeline
 
     options = build_options(args.moe_plugin, args.target, args.max_batch, args.max_seq, args.workers, args.keep_onnx)
     pipeline = parse_pipeline(args.passes if args.passes is not None else DEFAULT_PIPELINE)

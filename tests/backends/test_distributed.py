@@ -22,7 +22,7 @@ import torch
 
 from backends.torch.runtime import TorchExecutable
 from compiler.ir import Program
-from compiler.passes import parse_pipeline, run_pipeline
+from compiler.pass_manager import parse_pipeline, run_pipeline
 from tests.models import input_ids, max_rel_err
 from tests.passes.test_shard import SHARD_CONFIG, fused_program  # one trace of the sharding config per session
 

@@ -24,7 +24,7 @@ from backends.torch.runtime import TorchExecutable
 from compiler.api import CompiledModel, load
 from compiler.errors import MoecError
 from compiler.ir import Program, op_name
-from compiler.passes import parse_pipeline, run_pipeline
+from compiler.pass_manager import parse_pipeline, run_pipeline
 from compiler.weights import MemoryTensor, RandomTensor, cast_weight, concat_weights, stack_weights
 from tests.models import TINY_CONFIGS, TinyConfig, hf_model, input_ids, max_rel_err
 from tests.passes import test_shard as shard_tests

@@ -28,7 +28,7 @@ from backends.torch.runtime import TorchExecutable  # noqa: E402
 from compiler.api import load  # noqa: E402
 from compiler.errors import MoecError  # noqa: E402
 from compiler.ir import Program  # noqa: E402
-from compiler.passes import parse_pipeline, run_pipeline  # noqa: E402
+from compiler.pass_manager import parse_pipeline, run_pipeline  # noqa: E402
 from tests.models import TINY_CONFIGS, TinyConfig, hf_model, input_ids, max_rel_err  # noqa: E402
 
 PIPELINE = "canonicalize,fuse-moe,dce"

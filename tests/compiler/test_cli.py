@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from compiler.cli import main
-from compiler.passes import registered_passes
+from compiler.pass_manager import registered_passes
 from tests.models import TINY_CONFIGS, hf_model
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

@@ -15,7 +15,7 @@ from backends.torch.runtime import TorchExecutable
 from compiler.api import load
 from compiler.errors import PassOptionError, VerificationError
 from compiler.ir import Program, op_name
-from compiler.passes import Pass, PassResult, parse_pipeline, register_pass, registered_passes, run_pipeline
+from compiler.pass_manager import Pass, PassResult, parse_pipeline, register_pass, registered_passes, run_pipeline
 from compiler.weights import transpose_weight
 from passes.cleanup import CommonSubexpressionElimination, DeadCodeElimination
 from passes.fold_weights import FoldWeights

@@ -12,7 +12,7 @@ import torch
 from backends.torch.runtime import TorchExecutable
 from compiler.api import load
 from compiler.ir import Program
-from compiler.passes import parse_pipeline, run_pipeline
+from compiler.pass_manager import parse_pipeline, run_pipeline
 from tests.models import CONFIG_IDS, TINY_CONFIGS, TinyConfig, hf_model, hf_model_in, input_ids, max_rel_err, traced
 
 GOLDENS = Path(__file__).parent / "goldens"

@@ -10,7 +10,7 @@ import torch
 from backends.torch.runtime import TorchExecutable
 from compiler.cli import main
 from compiler.errors import MoecError
-from compiler.passes import parse_pipeline, run_pipeline
+from compiler.pass_manager import parse_pipeline, run_pipeline
 from compiler.weights import MemoryTensor, Rewrite
 from tests.models import CONFIG_IDS, TINY_CONFIGS, TinyConfig, hf_model, hf_model_in, input_ids, max_rel_err
 from tests.passes.test_canonicalize import compiled, traced

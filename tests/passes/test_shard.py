@@ -18,7 +18,7 @@ from compiler import ops
 from compiler.api import load
 from compiler.errors import MoecError, PassOptionError, PreconditionError
 from compiler.ir import Program, op_name
-from compiler.passes import parse_pipeline, run_pipeline
+from compiler.pass_manager import parse_pipeline, run_pipeline
 from passes.shard import Shard, ShardingError, stage_layers
 from tests.models import TinyConfig
 

@@ -79,8 +79,8 @@ def register_pass(cls: type[Pass]) -> type[Pass]:
 
 
 def registered_passes() -> dict[str, type[Pass]]:
-    import passes  # noqa: F401 - importing the package registers every pass
-
+    """Every registered pass by name. The registry is filled by whoever uses it: the driver (`compiler.api`,
+    `compiler.cli`) imports the `passes` package, and so may any program that defines passes of its own."""
     return dict(sorted(_REGISTRY.items()))
 
 
