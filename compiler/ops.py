@@ -6,6 +6,14 @@ verifier without computing anything. Real kernels live in the backends (`backend
 Conventions (shared by every pass and backend):
 - `attention(q[B,Hq,S,D], k[B,Hkv,S,D], v[B,Hkv,S,D]) -> [B,S,Hq,D]`: causal, grouped-query (Hq % Hkv == 0,
   no repeat_kv materialized), optional sliding window (0 = none; query i sees keys j with i - window < j <= i).
+- `cached_attention(q[B,Hq,S,D], k[B,Hkv,S,D], v[B,Hkv,S,D], k_cache![B,Hkv,M,D], v_cache![B,Hkv,M,D],
+  cache_position[B] i64, scale, sliding_window=0) -> [B,S,Hq,D]`: attention with a KV cache (the `kv-cache` pass
+  emits it). Sequence b's S new tokens sit at absolute positions cache_position[b] + [0, S): the op writes their k/v
+  into k_cache/v_cache[b, :, cache_position[b] : cache_position[b] + S] (in place: the caches are the only mutated
+  operands in moec's IR), then query i attends cache slots j with j <= cache_position[b] + i (and, with a window,
+  j > cache_position[b] + i - window). One op serves prefill (S > 1, cache_position 0 or a chunk's start) and decode
+  (S == 1). The caller guarantees cache_position[b] + S <= M; slots past a sequence's last write are never read.
+  The cache dtype may differ from q's (k/v are cast on write and read back in q's dtype).
 - `rms_norm(x, weight, eps)`: Hugging Face semantics (normalize in float32, cast back, then multiply by weight).
 - `rope(x[B,H,S,D], cos[B,S,D], sin[B,S,D])`: x*cos + rotate_half(x)*sin.
 - `linear(x, weight[out,in], bias?)`.
@@ -24,6 +32,10 @@ LIBRARY_NAME = "moec"
 
 _library = torch.library.Library(LIBRARY_NAME, "DEF")
 _library.define("attention(Tensor q, Tensor k, Tensor v, float scale, int sliding_window=0) -> Tensor")
+_library.define(
+    "cached_attention(Tensor q, Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor cache_position,"
+    " float scale, int sliding_window=0) -> Tensor"
+)
 _library.define("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor")
 _library.define("rope(Tensor x, Tensor cos, Tensor sin) -> Tensor")
 _library.define("linear(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor")
@@ -41,6 +53,27 @@ def _attention_fake(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
     torch._check(q.dim() == 4 and k.dim() == 4 and v.dim() == 4, lambda: "attention takes 4-d q, k, v")
     torch._check(k.shape == v.shape, lambda: f"attention: k {tuple(k.shape)} and v {tuple(v.shape)} differ")
     torch._check(q.shape[1] % k.shape[1] == 0, lambda: "attention: query heads must be a multiple of kv heads")
+    batch, heads, seq, head_dim = q.shape
+    return q.new_empty((batch, seq, heads, v.shape[-1]))
+
+
+@torch.library.register_fake("moec::cached_attention")
+def _cached_attention_fake(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_position: torch.Tensor,
+    scale: float,
+    sliding_window: int = 0,
+):
+    torch._check(k.shape == v.shape, lambda: f"cached_attention: k {tuple(k.shape)} and v {tuple(v.shape)} differ")
+    torch._check(k_cache.shape == v_cache.shape, lambda: "cached_attention: k_cache and v_cache shapes differ")
+    torch._check(k_cache.dim() == 4 and k_cache.shape[1] == k.shape[1] and k_cache.shape[3] == k.shape[3],
+                 lambda: f"cached_attention: cache {tuple(k_cache.shape)} is not [batch, kv_heads, max_seq, head_dim]")
+    torch._check(q.shape[1] % k.shape[1] == 0, lambda: "cached_attention: query heads must be a multiple of kv heads")
+    torch._check(cache_position.dim() == 1, lambda: "cached_attention: cache_position must be [batch]")
     batch, heads, seq, head_dim = q.shape
     return q.new_empty((batch, seq, heads, v.shape[-1]))
 
@@ -113,9 +146,10 @@ def check_moe_signature(
 
 
 attention = torch.ops.moec.attention.default
+cached_attention = torch.ops.moec.cached_attention.default
 rms_norm = torch.ops.moec.rms_norm.default
 rope = torch.ops.moec.rope.default
 linear = torch.ops.moec.linear.default
 moe = torch.ops.moec.moe.default
 
-CANONICAL_OPS = (attention, rms_norm, rope, linear, moe)
+CANONICAL_OPS = (attention, cached_attention, rms_norm, rope, linear, moe)
