@@ -16,7 +16,7 @@ Mixtral-8x7B expert shapes (H=4096, I=14336, E=8, k=2, bf16).  For each T it
   FLOP floor = 2*T*k*3*H*I / GEMM rate.
 
 ``--sweep`` times a few candidate configs per T first and uses the fastest for the table (it also
-prints the winners in the form of ``triton_moe._TABLE``).
+prints the winners in the form of ``moe_tuning.TUNING_TABLE``).
 """
 
 import argparse
@@ -31,12 +31,13 @@ from dataclasses import astuple
 import torch
 
 from backends.torch import triton_moe as tm
+from backends.torch.moe_tuning import MoeConfig, get_config
 
 H, I, E, K = 4096, 14336, 8, 2
 DTYPE = torch.bfloat16
 DEFAULT_TOKENS = [1, 2, 4, 8, 16, 64, 256, 1024, 4096, 16384]
 
-C = tm.MoeConfig
+C = MoeConfig
 # Sweep candidates per regime (max T -> configs); fields as in MoeConfig:
 # (block_m, gu_bn, gu_bk, gu_group, gu_warps, gu_stages, dn_bn, dn_bk, dn_split, dn_group, dn_warps, dn_stages)
 PREFILL = [
@@ -51,7 +52,7 @@ PREFILL = [
     C(128, 128, 32, 8, 8, 5, 256, 64, 1, 8, 8, 3),
     C(128, 128, 64, 8, 8, 3, 128, 64, 1, 8, 8, 4),
 ]
-CANDIDATES: list[tuple[int, list[tm.MoeConfig]]] = [
+CANDIDATES: list[tuple[int, list[MoeConfig]]] = [
     (1, [
         C(16, 64, 64, 8, 4, 6, 64, 64, 4, 8, 4, 6),
         C(16, 64, 64, 8, 4, 5, 64, 64, 8, 8, 4, 6),
@@ -199,7 +200,7 @@ def profile_breakdown(fn: Callable[[], object], t: int) -> None:
             log(f"  profile T={t}: {ev.key[:40]:40s} x{ev.count:3d} avg {dev_us:9.1f} us")
 
 
-def sweep_candidates(t: int) -> list[tm.MoeConfig]:
+def sweep_candidates(t: int) -> list[MoeConfig]:
     for max_t, cands in CANDIDATES:
         if t <= max_t:
             return cands
@@ -257,7 +258,7 @@ def main() -> int:
             log(f"HF {name} vs fp32 {rel_err(y, ref):.2e}; ours vs HF {name} {rel_err(ours, y.float()):.2e}")
 
     rows: list[dict[str, object]] = []
-    chosen: dict[int, tm.MoeConfig] = {}
+    chosen: dict[int, MoeConfig] = {}
     for t in tokens:
         n_sets = 8 if t <= 1024 else 3
         sets = []
@@ -269,7 +270,7 @@ def main() -> int:
             distinct.append(int(torch.unique(ids).numel()))
         n_distinct = statistics.mean(distinct)
 
-        cfg = tm.get_config(t, H, I)
+        cfg = get_config(t, H, I)
         if args.sweep:
             best = (float("inf"), cfg)
             for cand in sweep_candidates(t):

@@ -8,8 +8,10 @@ builds for the GPU it runs on.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import os
+import threading
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -124,7 +126,7 @@ def dtype_name(data_type: object) -> str:
 
 
 def plugin_library_dir() -> Path | None:
-    """A directory holding `libtensorrt_rtx.so` → the wheel's `libtensorrt_rtx.so.1`, or None when not needed.
+    """A directory holding `libtensorrt_rtx.so` → this interpreter's `libtensorrt_rtx.so.1`, or None when not needed.
 
     TensorRT-RTX's ONNX parser finds the plugin registry by dlopen-ing the unversioned `libtensorrt_rtx.so`, which the
     wheel does not ship; without it every plugin node fails to parse. The link lives in moec's cache (the wheel's
@@ -136,15 +138,35 @@ def plugin_library_dir() -> Path | None:
         return None
     import tensorrt_rtx_libs
 
-    library = Path(tensorrt_rtx_libs.__file__).parent / "libtensorrt_rtx.so.1"
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "moec" / f"tensorrt_rtx-{trt.__version__}"
+    library = (Path(tensorrt_rtx_libs.__file__).parent / "libtensorrt_rtx.so.1").resolve()
+    if not library.is_file():
+        raise TensorRTUnavailableError(f"tensorrt_rtx {trt.__version__} is installed without its library {library}")
+    return link_library(library, f"tensorrt_rtx-{trt.__version__}")
+
+
+def link_library(library: Path, prefix: str) -> Path:
+    """The cache directory whose `libtensorrt_rtx.so` is a symlink to `library` (a resolved path), made or mended.
+
+    The directory is keyed by the library's path, not only by the TensorRT version: two environments with the same
+    version have two different library files, and a build process that dlopens another environment's copy beside
+    its own holds two TensorRT runtimes and crashes (glibc: "malloc_consolidate(): invalid chunk size"). The link is
+    re-read on every use, so a link that names anything else (another file, or nothing: its environment was deleted
+    and reinstalled elsewhere) is replaced atomically, never followed.
+    """
+    digest = hashlib.sha256(str(library).encode()).hexdigest()[:16]
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "moec" / f"{prefix}-{digest}"
     link = cache / "libtensorrt_rtx.so"
-    if not link.exists():
-        cache.mkdir(parents=True, exist_ok=True)
-        temporary = cache / f".libtensorrt_rtx.so.{os.getpid()}"
-        temporary.unlink(missing_ok=True)
-        temporary.symlink_to(library)
-        temporary.replace(link)
+    try:
+        if os.readlink(link) == str(library):
+            return cache
+    except OSError:  # no link yet, or a regular file in its place
+        pass
+    cache.mkdir(parents=True, exist_ok=True)
+    # A private name per process and thread, then an atomic rename: concurrent builds never see a half-made link.
+    temporary = cache / f".libtensorrt_rtx.so.{os.getpid()}.{threading.get_ident()}"
+    temporary.unlink(missing_ok=True)
+    temporary.symlink_to(library)
+    temporary.replace(link)
     return cache
 
 

@@ -36,13 +36,16 @@ Algorithm (four launches, no host synchronisation, CUDA-graph capturable):
 4. ``_combine_kernel``: ``out[t] = sum_{split, j} partial[split, t*k + j]`` in
    fp32, a fixed summation order, so the result is deterministic.
 
-Block sizes come from a small explicit table keyed on T (``_TABLE``), not from
-run-time autotuning, so the first call compiles exactly one variant per regime.
+Block sizes come from a small explicit table keyed on T (``TUNING_TABLE`` in
+``moe_tuning.py``), not from run-time autotuning, so the first call compiles exactly one
+variant per regime.
 """
 
 import os
-from dataclasses import dataclass, replace
+
 import torch
+
+from backends.torch.moe_tuning import MoeConfig, get_config, next_pow2
 
 try:  # Triton is optional: CPU-only installs may not have it.
     import triton
@@ -54,7 +57,7 @@ except ImportError:  # pragma: no cover - exercised only without triton
     tl = None  # type: ignore[assignment]
     _HAVE_TRITON = False
 
-__all__ = ["MoeConfig", "fused_moe", "get_config", "is_available"]
+__all__ = ["fused_moe", "is_available"]
 
 
 def is_available() -> bool:
@@ -64,64 +67,6 @@ def is_available() -> bool:
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         return True
     return torch.cuda.is_available()
-
-
-@dataclass(frozen=True)
-class MoeConfig:
-    """Launch parameters for one call (one regime of the table)."""
-
-    block_m: int  # rows (slots) per block; also the alignment granularity of each expert's segment
-    gu_block_n: int  # gate/up: columns of I per program (the dot is 2x this wide: gate and up)
-    gu_block_k: int
-    gu_group_m: int  # programs walk GROUP_M row blocks for one column tile before moving on (L2 reuse of weights)
-    gu_warps: int
-    gu_stages: int
-    dn_block_n: int  # down: columns of H per program
-    dn_block_k: int
-    dn_split_k: int  # number of K slices of the down GEMM (decode: more programs streaming w2)
-    dn_group_m: int
-    dn_warps: int
-    dn_stages: int
-
-
-# Explicit tuning table: (max T, config).  Chosen for Mixtral-8x7B shapes (H=4096,
-# I=14336, E=8, k=2) on H100/H200 from the sweep in bench/moe_kernel.py (see
-# bench/NOTES_moe_kernel.md).  Rows: decode (weights streaming), small batches
-# (still weight-bound, several row blocks share each weight tile through L2),
-# prefill (tensor-core bound, 128x128 tiles, 8 warps).
-_TABLE: list[tuple[int, MoeConfig]] = [
-    # T=1: only 2 experts' weights to stream, so few programs: small K tiles and deep pipelines
-    # (2 programs per SM) keep more bytes in flight than 128-wide K tiles (1 program per SM).
-    (1, MoeConfig(16, 64, 64, 8, 4, 6, 64, 64, 4, 8, 4, 6)),
-    # Decode: 16-row blocks (tl.dot minimum), w2 split 4 ways along I so ~8x more programs stream it.
-    (16, MoeConfig(16, 64, 128, 8, 4, 4, 64, 128, 4, 8, 4, 4)),
-    (64, MoeConfig(32, 64, 128, 16, 4, 4, 64, 128, 4, 16, 4, 4)),
-    (256, MoeConfig(64, 128, 64, 16, 4, 4, 128, 64, 1, 16, 4, 4)),
-    # Prefill: 128x256 MMA tiles (gate/up: 128 gate + 128 up columns) on 8 warps.
-    (1024, MoeConfig(128, 128, 64, 8, 8, 3, 256, 64, 1, 8, 8, 4)),
-    (1 << 62, MoeConfig(128, 128, 64, 8, 8, 4, 256, 64, 1, 8, 8, 3)),
-]
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
-
-
-def get_config(num_tokens: int, hidden: int, inter: int) -> MoeConfig:
-    """Table entry for ``num_tokens``, with tiles clamped to small problems (tests, tiny models)."""
-    cfg = _TABLE[-1][1]
-    for max_t, entry in _TABLE:
-        if num_tokens <= max_t:
-            cfg = entry
-            break
-    # tl.dot needs every tile dimension >= 16; tiles larger than the problem only waste work.
-    return replace(
-        cfg,
-        gu_block_n=min(cfg.gu_block_n, max(16, _next_pow2(inter))),
-        gu_block_k=min(cfg.gu_block_k, max(16, _next_pow2(hidden))),
-        dn_block_n=min(cfg.dn_block_n, max(16, _next_pow2(hidden))),
-        dn_block_k=min(cfg.dn_block_k, max(16, _next_pow2(inter))),
-    )
 
 
 if _HAVE_TRITON:
@@ -430,7 +375,7 @@ def fused_moe(
     nb_max = triton.cdiv(num_slots, bm) + min(num_slots, num_experts)
     sorted_slots = torch.empty(nb_max * bm, dtype=torch.int32, device=dev)
     block_expert = torch.empty(nb_max, dtype=torch.int32, device=dev)
-    chunk = min(1024, max(16, _next_pow2(num_slots)))
+    chunk = min(1024, max(16, next_pow2(num_slots)))
     _align_kernel[(1,)](
         ids,
         sorted_slots,
@@ -438,10 +383,10 @@ def fused_moe(
         num_slots,
         nb_max,
         E=num_experts,
-        E_P=max(2, _next_pow2(num_experts)),
+        E_P=max(2, next_pow2(num_experts)),
         BLOCK_M=bm,
         CHUNK=chunk,
-        NB_CHUNK=min(1024, max(16, _next_pow2(nb_max))),
+        NB_CHUNK=min(1024, max(16, next_pow2(nb_max))),
         num_warps=4,
     )
 
@@ -513,7 +458,7 @@ def fused_moe(
     )
 
     # 4. combine the k contributions (and K slices) of each token.
-    block_h = min(1024, _next_pow2(h))
+    block_h = min(1024, next_pow2(h))
     _combine_kernel[(t, triton.cdiv(h, block_h))](
         partial,
         out,

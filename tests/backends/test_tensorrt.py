@@ -7,8 +7,8 @@ checks it refuses with the exact reason. Skipped entirely where no TensorRT is i
 
 from __future__ import annotations
 
-import argparse
 import json
+import os
 from functools import lru_cache
 from pathlib import Path
 
@@ -20,12 +20,21 @@ from backends.tensorrt.runtime import tensorrt_available
 
 pytestmark = pytest.mark.skipif(not tensorrt_available(), reason="no TensorRT (tensorrt or tensorrt_rtx) importable")
 
-from backends.tensorrt import add_build_cli, build_options  # noqa: E402
+from backends.tensorrt import build_options  # noqa: E402
 from backends.tensorrt.build import BuildOptions, build_engines  # noqa: E402
-from backends.tensorrt.runtime import EngineRunError, TargetError, TensorRTBuildError, tensorrt_info  # noqa: E402
+from backends.tensorrt.runtime import (  # noqa: E402
+    EngineRunError,
+    TargetError,
+    TensorRTBuildError,
+    TensorRTUnavailableError,
+    link_library,
+    plugin_library_dir,
+    tensorrt_info,
+)
 from backends.tensorrt.verify import run_onnxruntime, simulate_ranks  # noqa: E402
 from backends.torch.runtime import TorchExecutable  # noqa: E402
 from compiler.api import load  # noqa: E402
+from compiler import cli  # noqa: E402
 from compiler.errors import MoecError  # noqa: E402
 from compiler.ir import Program  # noqa: E402
 from compiler.pass_manager import parse_pipeline, run_pipeline  # noqa: E402
@@ -117,6 +126,70 @@ def test_config_json_describes_the_build(tmp_path: Path) -> None:
     assert entry["profiles"] == [{"input_ids": {"min": [1, 1], "opt": [1, 16], "max": [2, 16]}}]
     assert written["build_seconds"] >= entry["build_seconds"] > 0
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "onnx", "rank0.engine"]
+
+
+def test_two_environments_get_two_library_links_and_a_changed_link_is_mended(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Two environments of one TensorRT-RTX version: same version string, two library files.
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    libraries = [tmp_path / env / "libtensorrt_rtx.so.1" for env in ("venvA", "venvB")]
+    for library in libraries:
+        library.parent.mkdir()
+        library.write_bytes(b"a library")
+    directories = [link_library(library, "tensorrt_rtx-1.7.1.116") for library in libraries]
+    assert directories[0] != directories[1]
+    for directory, library in zip(directories, libraries):
+        assert os.readlink(directory / "libtensorrt_rtx.so") == str(library)
+    # venvB's link edited to name venvA's library: the next use points it back at venvB's own.
+    link = directories[1] / "libtensorrt_rtx.so"
+    link.unlink()
+    link.symlink_to(libraries[0])
+    assert link_library(libraries[1], "tensorrt_rtx-1.7.1.116") == directories[1]
+    assert os.readlink(link) == str(libraries[1])
+    assert sorted(p.name for p in directories[1].iterdir()) == ["libtensorrt_rtx.so"]
+
+
+@pytest.mark.skipif(not TARGETS, reason="only TensorRT-RTX parses plugins through the libtensorrt_rtx.so link")
+@pytest.mark.parametrize("stale", ["another-environment", "dangling"])
+def test_plugin_build_replaces_a_stale_library_link(
+    stale: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tensorrt_rtx_libs
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    own_library = (Path(tensorrt_rtx_libs.__file__).parent / "libtensorrt_rtx.so.1").resolve()
+    link = plugin_library_dir() / "libtensorrt_rtx.so"
+    assert os.readlink(link) == str(own_library)
+    # What another environment leaves behind: a link to its library (a build process that loads it beside its own
+    # crashes; this stand-in is not even a library), or, once that environment is deleted, a dangling link.
+    other = tmp_path / "venvA" / "libtensorrt_rtx.so.1"
+    if stale == "another-environment":
+        other.parent.mkdir()
+        other.write_bytes(b"not this interpreter's TensorRT")
+    link.unlink()
+    link.symlink_to(other)
+    out = tmp_path / "engines"
+    built = _build(TINY_CONFIGS[1], "float16", True, out)
+    assert built["moe_lowering"] == "plugin" and (out / "rank0.engine").stat().st_size > 100_000
+    assert os.readlink(link) == str(own_library)
+
+
+@pytest.mark.skipif(not TARGETS, reason="only TensorRT-RTX parses plugins through the libtensorrt_rtx.so link")
+def test_an_install_without_its_library_is_refused_before_linking(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tensorrt_rtx_libs
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(tensorrt_rtx_libs, "__file__", str(tmp_path / "tensorrt_rtx_libs" / "__init__.py"))
+    with pytest.raises(TensorRTUnavailableError) as error:
+        plugin_library_dir()
+    version = tensorrt_info().version
+    assert str(error.value) == (
+        f"tensorrt_rtx {version} is installed without its library {tmp_path / 'tensorrt_rtx_libs'}/libtensorrt_rtx.so.1"
+    )
+    assert not (tmp_path / "cache").exists()
 
 
 def test_plugin_attributes_are_serialized_into_the_engine(tmp_path: Path) -> None:
@@ -267,20 +340,23 @@ def test_loader_refuses_other_tensorrt_version(tmp_path: Path) -> None:
 
 
 def test_cli_build(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    parser = argparse.ArgumentParser(prog="moec")
-    add_build_cli(parser.add_subparsers(dest="command", required=True))
     out = tmp_path / "cli"
     argv = ["build", "tiny", "--output-dir", str(out), "--dtype", "float16", "--moe-plugin", "enable"]
     argv += ["--max-seq", "32"]
     if TARGETS:
         argv += ["--target", ",".join(TARGETS)]
-    args = parser.parse_args(argv)
-    assert args.func(args) == 0
+    assert cli.main(argv) == 0
     written = json.loads((out / "config.json").read_text())
     assert written["passes"] == ["canonicalize", "fuse-moe", "dce"]
     assert (written["dtype"], written["moe_lowering"]) == ("float16", "plugin")
     printed = capsys.readouterr().out
     assert "[rank 1/1] engine " in printed and f"{out / 'rank0.engine'}" in printed
+
+
+def test_cli_build_bad_option_is_one_error_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["build", "tiny", "--output-dir", str(tmp_path / "out"), "--workers", "0"]) == 2
+    assert capsys.readouterr().err == "moec: error: --workers must be >= 1, got 0\n"
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("normalization", ["none", "renormalize"])
@@ -324,6 +400,8 @@ def test_compile_with_the_tensorrt_backend_builds_engines_and_refuses_to_run_wit
     )
     written = json.loads((tmp_path / "engines" / "config.json").read_text())
     assert written["dtype"] == "float32"
+    # Without `passes`, engines come from ENGINE_PIPELINE, not from the default pipeline (which may hold kv-cache).
+    assert written["passes"] == [record.spec for record in compiled.history] == ["canonicalize", "fuse-moe", "dce"]
     assert sorted(p.name for p in (tmp_path / "engines").glob("*.engine")) == ["rank0.engine"]
     assert compiled.engine_dir == str(tmp_path / "engines")
     if not torch.cuda.is_available():

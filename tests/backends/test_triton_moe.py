@@ -19,6 +19,7 @@ if not torch.cuda.is_available():
 triton = pytest.importorskip("triton")
 
 import backends.torch.triton_moe as tm  # noqa: E402
+from backends.torch.moe_tuning import MoeConfig  # noqa: E402
 
 if os.environ.get("TRITON_INTERPRET") == "1" and type(tm._gate_up_kernel).__name__ != "InterpretedFunction":
     tm = importlib.reload(sys.modules["backends.torch.triton_moe"])
@@ -78,7 +79,7 @@ def _check(
     fixed_ids: torch.Tensor | None = None,
     ids_dtype: torch.dtype = torch.int64,
     weights_fp32: bool = True,
-    config: "tm.MoeConfig | None" = None,
+    config: "MoeConfig | None" = None,
     weights: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> float:
     gen = torch.Generator(device=DEVICE).manual_seed(seed)
@@ -130,7 +131,7 @@ def test_expert_without_tokens(dtype: torch.dtype) -> None:
 
 def test_split_k_uneven_k_and_n() -> None:
     # Odd sizes: K of both GEMMs not a multiple of BLOCK_K, N not a multiple of BLOCK_N, 3 K-splits.
-    cfg = tm.MoeConfig(16, 32, 16, 2, 4, 2, 16, 16, 3, 2, 4, 2)
+    cfg = MoeConfig(16, 32, 16, 2, 4, 2, 16, 16, 3, 2, 4, 2)
     _check(9, 40, 72, 5, 2, torch.bfloat16, seed=10, config=cfg)
 
 

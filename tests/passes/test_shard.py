@@ -19,7 +19,9 @@ from compiler.api import load
 from compiler.errors import MoecError, PassOptionError, PreconditionError
 from compiler.ir import Program, op_name
 from compiler.pass_manager import parse_pipeline, run_pipeline
-from passes.shard import Shard, ShardingError, stage_layers
+from passes.shard import Shard
+from passes.sharding.layout import ShardingError
+from passes.sharding.pipeline import stage_layers
 from tests.models import TinyConfig
 
 # Heads, experts and intermediate size divide by 4; 2 kv heads, so tp=4 replicates kv heads; 3 layers, so pp=2
@@ -200,6 +202,26 @@ def test_shard_needs_fuse_moe_first() -> None:
     with pytest.raises(PreconditionError) as error:
         run_pipeline(shard("shard{tp=2}"), parse_pipeline("shard{tp=2}"))
     assert str(error.value) == "pass 'shard{tp=2}' cannot run (it ran first): the program is already sharded over 2 ranks"
+
+
+def test_shard_refuses_a_program_that_already_attends_over_kv_caches() -> None:
+    # The smallest graph `kv-cache` could leave: one moec.cached_attention over its caches.
+    graph = torch.fx.Graph()
+    q, k, v, k_cache, v_cache, cache_position = (
+        graph.placeholder(name) for name in ("q", "k", "v", "k_cache", "v_cache", "cache_position")
+    )
+    graph.output(graph.call_function(ops.cached_attention, (q, k, v, k_cache, v_cache, cache_position, 0.5)))
+    cached = Program(torch.fx.GraphModule(torch.nn.Module(), graph), config=None)
+    with pytest.raises(PreconditionError) as error:
+        Shard(tp=2).requires(cached)
+    assert str(error.value) == (
+        "shard must run before kv-cache: the graph already attends over KV caches (moec.cached_attention), "
+        "whose heads and layers a rank could not split"
+    )
+    Shard(tp=2).requires(fused_program())  # the same check passes the graph kv-cache has not run on
+    with pytest.raises(PreconditionError) as error:
+        run_pipeline(fused_program(), parse_pipeline("kv-cache,shard{tp=2}"))
+    assert str(error.value).startswith("pass 'shard{tp=2}' cannot run (after kv-cache): shard must run before kv-cache")
 
 
 def test_cli_compile_dumps_one_graph_per_rank(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:

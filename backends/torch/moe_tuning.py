@@ -1,0 +1,70 @@
+"""Launch parameters of the fused MoE kernels (`triton_moe.py`): one `MoeConfig` per token-count regime, from an
+explicit table rather than run-time autotuning, so the first call compiles exactly one variant per regime.
+
+The table was measured (bench/moe_kernel.py --sweep, BENCHMARKS.md) and changes when the hardware or the model shapes
+do; the kernels change when the algorithm does. Kept apart for that reason, and importable without Triton.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+__all__ = ["TUNING_TABLE", "MoeConfig", "get_config", "next_pow2"]
+
+
+@dataclass(frozen=True)
+class MoeConfig:
+    """Launch parameters for one call (one regime of the table)."""
+
+    block_m: int  # rows (slots) per block; also the alignment granularity of each expert's segment
+    gu_block_n: int  # gate/up: columns of I per program (the dot is 2x this wide: gate and up)
+    gu_block_k: int
+    gu_group_m: int  # programs walk GROUP_M row blocks for one column tile before moving on (L2 reuse of weights)
+    gu_warps: int
+    gu_stages: int
+    dn_block_n: int  # down: columns of H per program
+    dn_block_k: int
+    dn_split_k: int  # number of K slices of the down GEMM (decode: more programs streaming w2)
+    dn_group_m: int
+    dn_warps: int
+    dn_stages: int
+
+
+# Explicit tuning table: (max T, config).  Chosen for Mixtral-8x7B shapes (H=4096,
+# I=14336, E=8, k=2) on H100/H200 from the sweep in bench/moe_kernel.py (see
+# bench/NOTES_moe_kernel.md).  Rows: decode (weights streaming), small batches
+# (still weight-bound, several row blocks share each weight tile through L2),
+# prefill (tensor-core bound, 128x128 tiles, 8 warps).
+TUNING_TABLE: list[tuple[int, MoeConfig]] = [
+    # T=1: only 2 experts' weights to stream, so few programs: small K tiles and deep pipelines
+    # (2 programs per SM) keep more bytes in flight than 128-wide K tiles (1 program per SM).
+    (1, MoeConfig(16, 64, 64, 8, 4, 6, 64, 64, 4, 8, 4, 6)),
+    # Decode: 16-row blocks (tl.dot minimum), w2 split 4 ways along I so ~8x more programs stream it.
+    (16, MoeConfig(16, 64, 128, 8, 4, 4, 64, 128, 4, 8, 4, 4)),
+    (64, MoeConfig(32, 64, 128, 16, 4, 4, 64, 128, 4, 16, 4, 4)),
+    (256, MoeConfig(64, 128, 64, 16, 4, 4, 128, 64, 1, 16, 4, 4)),
+    # Prefill: 128x256 MMA tiles (gate/up: 128 gate + 128 up columns) on 8 warps.
+    (1024, MoeConfig(128, 128, 64, 8, 8, 3, 256, 64, 1, 8, 8, 4)),
+    (1 << 62, MoeConfig(128, 128, 64, 8, 8, 4, 256, 64, 1, 8, 8, 3)),
+]
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def get_config(num_tokens: int, hidden: int, inter: int) -> MoeConfig:
+    """Table entry for ``num_tokens``, with tiles clamped to small problems (tests, tiny models)."""
+    cfg = TUNING_TABLE[-1][1]
+    for max_t, entry in TUNING_TABLE:
+        if num_tokens <= max_t:
+            cfg = entry
+            break
+    # tl.dot needs every tile dimension >= 16; tiles larger than the problem only waste work.
+    return replace(
+        cfg,
+        gu_block_n=min(cfg.gu_block_n, max(16, next_pow2(inter))),
+        gu_block_k=min(cfg.gu_block_k, max(16, next_pow2(hidden))),
+        dn_block_n=min(cfg.dn_block_n, max(16, next_pow2(hidden))),
+        dn_block_k=min(cfg.dn_block_k, max(16, next_pow2(inter))),
+    )
