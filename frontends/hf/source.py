@@ -8,6 +8,7 @@ Expert tensors of the original layout become a lazy stack, so nothing is copied 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Mapping
@@ -27,9 +28,17 @@ from compiler.weights import (
     stack_weights,
 )
 
+# Models shipped with moec as checkpoint directories (package data): real weights and a tokenizer.
+EMBEDDED_MODELS_DIR = Path(__file__).parent / "models"
+EMBEDDED_MODELS: dict[str, str] = {
+    # 4 layers, 8 experts top-2, GQA, a 3072-token BPE, trained on Python's documentation (models/train_tiny.py);
+    # the default of the README's first command.
+    "tiny": "a 2.2M-parameter Mixtral trained on Python's documentation",
+}
+
 PRESETS: dict[str, dict[str, Any]] = {
-    # A 1 MB model that runs everywhere; the default of the README's first command.
-    "tiny": dict(
+    # A 1 MB model with reproducible random weights: structure tests that need no trained weights.
+    "tiny-random": dict(
         vocab_size=256,
         hidden_size=64,
         intermediate_size=128,
@@ -68,6 +77,12 @@ class ModelSource:
     weights: Mapping[str, WeightExpr]
     description: str
     model: torch.nn.Module | None = None  # the user's in-memory model, when one was given
+    directory: Path | None = None  # the checkpoint directory, when the source is one (its tokenizer lives there)
+
+
+def source_names() -> list[str]:
+    """Every name `resolve` takes besides paths: the embedded models, then the random-weight presets."""
+    return [*EMBEDDED_MODELS, *PRESETS]
 
 
 def preset_config(name: str) -> Any:
@@ -116,6 +131,9 @@ def resolve(source: Any, seed: int = 0) -> ModelSource:
         return ModelSource(source, random_weights(source, seed), f"random weights (seed {seed})")
     if isinstance(source, (str, os.PathLike)):
         text = os.fspath(source)
+        if text in EMBEDDED_MODELS:
+            source = checkpoint_source(EMBEDDED_MODELS_DIR / text)
+            return dataclasses.replace(source, description=f"embedded model {text}: {EMBEDDED_MODELS[text]}")
         if text in PRESETS:
             config = preset_config(text)
             return ModelSource(config, random_weights(config, seed), f"preset {text} with random weights (seed {seed})")
@@ -123,7 +141,7 @@ def resolve(source: Any, seed: int = 0) -> ModelSource:
         if path.is_dir():
             return checkpoint_source(path)
         raise UnsupportedModelError(
-            f"{text!r} is neither a checkpoint directory nor a preset ({', '.join(PRESETS)})"
+            f"{text!r} is neither a checkpoint directory nor a built-in model ({', '.join(source_names())})"
         )
     raise UnsupportedModelError(f"cannot compile a {type(source).__name__}; pass a model, a config or a path")
 
@@ -199,7 +217,7 @@ def checkpoint_source(directory: Path) -> ModelSource:
     check_mixtral_config(config)
     stored = read_checkpoint_index(directory)
     weights = map_checkpoint(config, stored)
-    return ModelSource(config, weights, f"checkpoint {directory}")
+    return ModelSource(config, weights, f"checkpoint {directory}", directory=directory)
 
 
 def read_checkpoint_index(directory: Path) -> dict[str, CheckpointTensor]:

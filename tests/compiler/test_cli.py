@@ -19,7 +19,7 @@ from compiler.pass_manager import registered_passes
 from tests.models import TINY_CONFIGS, hf_model
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-TINY_EXPERT_SELECTS = 2 * 4 * 2  # gate_up and down, 4 experts, 2 layers of the tiny preset
+TINY_EXPERT_SELECTS = 2 * 4 * 2  # gate_up and down, 4 experts, 2 layers of the tiny-random preset
 
 
 def _cli(*argv: str) -> tuple[int, str, str]:
@@ -32,7 +32,7 @@ def _cli(*argv: str) -> tuple[int, str, str]:
 
 @lru_cache(maxsize=None)
 def _trace_tiny() -> str:
-    status, out, _ = _cli("trace", "tiny")
+    status, out, _ = _cli("trace", "tiny-random")
     assert status == 0
     return out
 
@@ -40,7 +40,7 @@ def _trace_tiny() -> str:
 def test_trace_prints_op_counts_then_graph() -> None:
     out = _trace_tiny()
     header, graph = out.split("graph:\n")
-    assert header.startswith("# preset tiny with random weights (seed 0)\n# weights: ")
+    assert header.startswith("# preset tiny-random with random weights (seed 0)\n# weights: ")
     assert "\n# op counts:\n" in header
     assert "#   moec.attention: 2\n" in header
     assert f"#   aten.select.int: {TINY_EXPERT_SELECTS}\n" in header
@@ -55,7 +55,7 @@ def test_trace_is_byte_identical_across_processes() -> None:
     command = [shutil.which("moec")] if shutil.which("moec") else [sys.executable, "-m", "compiler.cli"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
     completed = subprocess.run(
-        [*command, "trace", "tiny"], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300
+        [*command, "trace", "tiny-random"], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300
     )
     assert completed.returncode == 0, completed.stderr
     assert completed.stdout == _trace_tiny()
@@ -73,7 +73,7 @@ def test_passes_lists_every_pass_with_its_docstring() -> None:
 def test_compile_dumps_numbered_graphs_and_prints_after_a_pass(tmp_path: Path) -> None:
     dumps = tmp_path / "dumps"
     status, out, err = _cli(
-        "compile", "tiny", "--passes", "fold-weights,dce", "--dump-dir", str(dumps), "--print-after", "fold-weights"
+        "compile", "tiny-random", "--passes", "fold-weights,dce", "--dump-dir", str(dumps), "--print-after", "fold-weights"
     )
     assert status == 0, err
     assert sorted(p.name for p in dumps.iterdir()) == ["00-trace.txt", "01-fold-weights.txt", "02-dce.txt"]
@@ -89,12 +89,12 @@ def test_compile_dumps_numbered_graphs_and_prints_after_a_pass(tmp_path: Path) -
 
 @torch.no_grad()
 def _hugging_face_greedy(prompt: list[int], steps: int) -> list[int]:
-    """Greedy decoding with Hugging Face's model loaded with the tiny preset's own random weights."""
+    """Greedy decoding with Hugging Face's model loaded with the tiny-random preset's own random weights."""
     from transformers import MixtralForCausalLM
 
     from frontends.hf.source import preset_config, random_weights
 
-    config = preset_config("tiny")
+    config = preset_config("tiny-random")
     model = MixtralForCausalLM(config).eval()
     weights = {name: expr.materialize() for name, expr in random_weights(config, seed=0).items()}
     missing, _ = model.load_state_dict(weights, strict=False)
@@ -107,7 +107,7 @@ def _hugging_face_greedy(prompt: list[int], steps: int) -> list[int]:
 
 
 def test_run_decodes_like_hugging_face() -> None:
-    status, out, err = _cli("run", "tiny", "--input-ids", "1 2 3", "--max-new-tokens", "4")
+    status, out, err = _cli("run", "tiny-random", "--input-ids", "1 2 3", "--max-new-tokens", "4")
     assert status == 0, err
     lines = out.splitlines()
     assert lines[0] == "input ids:  1 2 3"

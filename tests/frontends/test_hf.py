@@ -89,8 +89,12 @@ def test_non_mixtral_config_is_rejected() -> None:
 
 
 def test_unknown_source_is_rejected(tmp_path: Path) -> None:
-    with pytest.raises(UnsupportedModelError, match="neither a checkpoint directory nor a preset"):
+    with pytest.raises(UnsupportedModelError) as error:
         load(str(tmp_path / "nowhere"))
+    assert str(error.value) == (
+        f"{str(tmp_path / 'nowhere')!r} is neither a checkpoint directory nor a built-in model "
+        "(tiny, tiny-random, mixtral-8x7b)"
+    )
 
 
 def _saved(tmp_path: Path, config: TinyConfig = TINY_CONFIGS[0]) -> Path:
