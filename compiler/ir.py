@@ -1,8 +1,10 @@
 """moec's IR: a torch.fx GraphModule from torch.export, wrapped with what passes and backends need to know.
 
 Conventions every pass keeps:
-- A placeholder with `node.meta["weight"]` (a `WeightExpr`) is a weight; every other placeholder is a runtime
-  input (`input_ids`). Weights are never tensors: backends materialize them.
+- A placeholder with `node.meta["weight"]` (a `WeightExpr`) is a weight; one with `node.meta["kv_cache"]` (a
+  `KVCacheSpec`, added by the `kv-cache` pass) is a layer's key or value cache, which the runtime allocates and owns
+  and `moec.cached_attention` updates in place; every other placeholder is a runtime input (`input_ids`,
+  `cache_position`). Weights are never tensors: backends materialize them.
 - `node.meta["val"]` is a fake tensor (meta device, symbolic batch/seq) giving each value's shape and dtype.
 - `node.meta["moec_rule"]` names the rule or pass that created a node.
 Programs are values: passes `clone()` and never mutate a program they were given.
@@ -14,12 +16,35 @@ import copy
 import re
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.fx
 
-from compiler.weights import WeightExpr, format_type
+from compiler.weights import WeightExpr, dtype_name, format_type
+
+
+@dataclass(frozen=True)
+class KVCacheSpec:
+    """What one cache placeholder holds: `[batch, kv_heads, max_seq, head_dim]` keys or values of one layer."""
+
+    layer: int
+    kind: Literal["key", "value"]
+    kv_heads: int
+    max_seq: int
+    head_dim: int
+    dtype: torch.dtype
+
+    @property
+    def shape_per_sequence(self) -> tuple[int, int, int]:
+        return (self.kv_heads, self.max_seq, self.head_dim)
+
+    @property
+    def bytes_per_sequence(self) -> int:
+        return self.kv_heads * self.max_seq * self.head_dim * self.dtype.itemsize
+
+    def describe(self) -> str:
+        return f"layer {self.layer} {self.kind}, max_seq {self.max_seq}"
 
 
 @dataclass
@@ -76,7 +101,21 @@ class Program:
         return [n for n in self.graph.nodes if n.op == "placeholder" and "weight" in n.meta]
 
     def input_nodes(self) -> list[torch.fx.Node]:
-        return [n for n in self.graph.nodes if n.op == "placeholder" and "weight" not in n.meta]
+        """The runtime inputs a caller passes (`input_ids`, and `cache_position` in a cached program): neither
+        weights nor caches."""
+        return [
+            n for n in self.graph.nodes if n.op == "placeholder" and "weight" not in n.meta and "kv_cache" not in n.meta
+        ]
+
+    def cache_nodes(self) -> list[torch.fx.Node]:
+        """The KV cache placeholders, in graph order (layer by layer, key before value)."""
+        return [n for n in self.graph.nodes if n.op == "placeholder" and "kv_cache" in n.meta]
+
+    def cache_specs(self) -> dict[str, KVCacheSpec]:
+        return {node.name: node.meta["kv_cache"] for node in self.cache_nodes()}
+
+    def cache_bytes_per_sequence(self) -> int:
+        return sum(spec.bytes_per_sequence for spec in self.cache_specs().values())
 
     def weights(self) -> dict[str, WeightExpr]:
         return {node.name: node.meta["weight"] for node in self.weight_nodes()}
@@ -155,6 +194,9 @@ def format_node(node: torch.fx.Node, names: dict[Any, Any]) -> str:
         weight = node.meta.get("weight")
         if weight is not None:
             return f"%{node.name}: {weight.type_str} = weight {weight.describe()}"
+        cache = node.meta.get("kv_cache")
+        if cache is not None:
+            return f"%{node.name}: {value_type} = kv cache ({cache.describe()})"
         return f"%{node.name}: {value_type} = input"
     if node.op == "output":
         return "return " + _format_arg(node.args[0])
@@ -180,6 +222,13 @@ def format_program(program: Program, weights: bool = True) -> str:
     if program.attributes:
         lines.append("# " + ", ".join(f"{k}={v}" for k, v in sorted(program.attributes.items())))
     lines.append(f"# weights: {len(program.weight_nodes())} tensors, {program.weight_bytes():,} bytes")
+    specs = list(program.cache_specs().values())
+    if specs:
+        dtypes = ", ".join(sorted({dtype_name(spec.dtype) for spec in specs}))
+        lines.append(
+            f"# kv cache: {len(specs)} tensors, {program.cache_bytes_per_sequence():,} bytes per sequence "
+            f"(max_seq {max(spec.max_seq for spec in specs)}, {dtypes})"
+        )
     lines.append("# op counts:")
     lines += [f"#   {name}: {count}" for name, count in sorted(counts.items())]
     lines.append("graph:")

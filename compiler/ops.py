@@ -22,11 +22,20 @@ Conventions (shared by every pass and backend):
   (w3). The router runs in float32 over all E experts. normalization "renormalize" = softmax over the top-k logits;
   "none" = top-k of the full softmax. w13/w2 hold the E' experts [expert_offset, expert_offset + E') (all of them
   unless expert-parallel sharding gave this rank a block); tokens routed to other experts contribute 0 here.
+- `quantized_linear(x, qweight, scales, bias?, precision, group_size)`: `linear` with the weight
+  dequantize(qweight, scales) (the `quantize-weights` pass emits it). precision "int8": qweight i8[out,in];
+  "int4": u8[out,in/2], two offset-binary codes per byte, low nibble first. scales [out, groups] in x's dtype
+  (groups = in/group_size; 1 per output channel when group_size = 0). Layout and arithmetic: compiler/quantization.py.
+- `quantized_moe(x, router, w13_q, w13_scales, w2_q, w2_scales, top_k, normalization, activation, precision,
+  group_size, expert_offset=0)`: `moe` with w13 = dequantize(w13_q [E',2I,H or H/2], w13_scales [E',2I,H/gs]) and
+  w2 = dequantize(w2_q, w2_scales [E',H,I/gs]), both quantized along their input dim; the router stays float.
 """
 
 from __future__ import annotations
 
 import torch
+
+from compiler.quantization import logical_shape
 
 LIBRARY_NAME = "moec"
 
@@ -42,6 +51,13 @@ _library.define("linear(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor")
 _library.define(
     "moe(Tensor x, Tensor router_weight, Tensor w13, Tensor w2, int top_k, str normalization, str activation,"
     " int expert_offset=0) -> Tensor"
+)
+_library.define(
+    "quantized_linear(Tensor x, Tensor qweight, Tensor scales, Tensor? bias, str precision, int group_size) -> Tensor"
+)
+_library.define(
+    "quantized_moe(Tensor x, Tensor router_weight, Tensor w13_q, Tensor w13_scales, Tensor w2_q, Tensor w2_scales,"
+    " int top_k, str normalization, str activation, str precision, int group_size, int expert_offset=0) -> Tensor"
 )
 
 MOE_NORMALIZATIONS = ("none", "renormalize")
@@ -152,4 +168,67 @@ rope = torch.ops.moec.rope.default
 linear = torch.ops.moec.linear.default
 moe = torch.ops.moec.moe.default
 
-CANONICAL_OPS = (attention, cached_attention, rms_norm, rope, linear, moe)
+
+
+@torch.library.register_fake("moec::quantized_linear")
+def _quantized_linear_fake(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    bias: torch.Tensor | None,
+    precision: str,
+    group_size: int,
+):
+    out_features, in_features = check_quantized_operand(
+        "quantized_linear: weight", qweight, scales, x.dtype, precision, group_size, dims=2
+    )
+    torch._check(
+        x.shape[-1] == in_features, lambda: f"quantized_linear: input {x.shape[-1]} != weight in {in_features}"
+    )
+    torch._check(bias is None or tuple(bias.shape) == (out_features,), lambda: "quantized_linear: bias must be [out]")
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
+@torch.library.register_fake("moec::quantized_moe")
+def _quantized_moe_fake(
+    x: torch.Tensor,
+    router_weight: torch.Tensor,
+    w13_q: torch.Tensor,
+    w13_scales: torch.Tensor,
+    w2_q: torch.Tensor,
+    w2_scales: torch.Tensor,
+    top_k: int,
+    normalization: str,
+    activation: str,
+    precision: str,
+    group_size: int,
+    expert_offset: int = 0,
+):
+    w13 = check_quantized_operand("quantized_moe: w13", w13_q, w13_scales, x.dtype, precision, group_size, dims=3)
+    w2 = check_quantized_operand("quantized_moe: w2", w2_q, w2_scales, x.dtype, precision, group_size, dims=3)
+    check_moe_signature(x.shape[-1], router_weight.shape, w13, w2, top_k, normalization, activation, expert_offset)
+    return x.new_empty(x.shape)
+
+
+def check_quantized_operand(
+    what: str,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    activation_dtype: torch.dtype,
+    precision: str,
+    group_size: int,
+    dims: int,
+) -> tuple[int, ...]:
+    """The float shape a quantized (qweight, scales) operand stands for; ValueError naming what disagrees."""
+    if qweight.dim() != dims:
+        raise ValueError(f"{what} is {qweight.dim()}-d, expected {dims}-d")
+    if scales.dtype != activation_dtype:
+        raise ValueError(f"{what} scales are {scales.dtype}, not the activation dtype {activation_dtype}")
+    return logical_shape(tuple(qweight.shape), qweight.dtype, tuple(scales.shape), precision, group_size, what)
+
+
+quantized_linear = torch.ops.moec.quantized_linear.default
+quantized_moe = torch.ops.moec.quantized_moe.default
+QUANTIZED_OPS = (quantized_linear, quantized_moe)
+
+CANONICAL_OPS = (attention, cached_attention, rms_norm, rope, linear, moe, quantized_linear, quantized_moe)

@@ -1,4 +1,5 @@
-"""The verifier run after every pass: graph lint, weight/type agreement, and shape/dtype re-propagation.
+"""The verifier run after every pass: graph lint, weight/type agreement, KV cache wiring, and shape/dtype
+re-propagation.
 
 Re-propagation runs every node's fake kernel (moec ops check their own operands there) on the recorded fake
 inputs and compares the result with the node's recorded `val`, so a pass that wires a wrong tensor, or records
@@ -14,6 +15,7 @@ import torch
 import torch.fx
 from torch._guards import detect_fake_mode
 
+from compiler import ops
 from compiler.errors import VerificationError
 from compiler.ir import Program, _symbol_names, format_value_type, op_name
 
@@ -99,6 +101,37 @@ class _NodeError(Exception):
         super().__init__(f"node %{node.name} ({op_name(node)}): {reason}")
 
 
+_CACHE_OPERANDS = {3: "key", 4: "value"}  # positions of k_cache / v_cache in moec.cached_attention
+
+
+def _check_caches(program: Program) -> None:
+    """KV caches are the only operands the IR mutates, so their wiring is checked exactly: each cache placeholder
+    has the type its spec describes and is the key (or value) cache of exactly one cached attention, and every cached
+    attention reads caches and an int64 [batch] cache_position input."""
+    for node in program.cache_nodes():
+        spec, value = node.meta["kv_cache"], node.meta.get("val")
+        typed = isinstance(value, torch.Tensor) and value.dim() == 4
+        if not typed or tuple(value.shape[1:]) != spec.shape_per_sequence or value.dtype != spec.dtype:
+            raise _NodeError(node, f"kv cache spec ({spec.describe()}, {spec.dtype}) disagrees with its recorded type")
+        uses = [(user, index) for user in node.users for index, arg in enumerate(user.args) if arg is node]
+        if len(uses) != 1 or uses[0][0].target != ops.cached_attention or _CACHE_OPERANDS.get(uses[0][1]) != spec.kind:
+            raise _NodeError(
+                node, f"a {spec.kind} cache must be the {spec.kind} cache operand of exactly one cached_attention"
+            )
+    for node in program.graph.nodes:
+        if node.target != ops.cached_attention:
+            continue
+        for index, kind in _CACHE_OPERANDS.items():
+            operand = node.args[index]
+            if not (isinstance(operand, torch.fx.Node) and operand.op == "placeholder" and "kv_cache" in operand.meta):
+                raise _NodeError(node, f"its {kind} cache is not a kv cache input (caches are the runtime's state)")
+        position = node.args[5]
+        value = position.meta.get("val") if isinstance(position, torch.fx.Node) else None
+        is_input = isinstance(position, torch.fx.Node) and position.op == "placeholder"
+        if not (is_input and isinstance(value, torch.Tensor) and value.dtype == torch.int64 and value.dim() == 1):
+            raise _NodeError(node, "its cache_position is not an int64 [batch] input")
+
+
 def verify_program(program: Program, after: str | None = None, before: Sequence[str] = ()) -> None:
     """Raises `VerificationError` naming the node, the pass that produced the graph and the passes before it."""
     where = _where(after, before)
@@ -114,6 +147,10 @@ def verify_program(program: Program, after: str | None = None, before: Sequence[
                 f"verification failed {where}: node %{node.name}: weight expression is {expr.type_str} "
                 f"but the graph uses it as {format_value_type(value, {})}"
             )
+    try:
+        _check_caches(program)
+    except _NodeError as error:
+        raise VerificationError(f"verification failed {where}: {error}") from None
     for node in program.graph.nodes:
         if node.op == "call_function" and node.users and "val" not in node.meta:
             raise VerificationError(f"verification failed {where}: node %{node.name} ({op_name(node)}) has no type")

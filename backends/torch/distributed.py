@@ -7,7 +7,9 @@ MASTER_ADDR and MASTER_PORT default to 127.0.0.1:29500 there). The backend is NC
         --input-ids "1 2 3"
 
 Each process binds its own rank's program with `TorchExecutable`, so it materializes only that rank's weight
-slices. The collective ops' real kernels (registered here) call torch.distributed: `all_reduce` / `all_gather`
+slices; after `kv-cache` (run after `shard`) it also holds only its own kv heads' and layers' caches. `generate`
+runs `compiler.generation` on every rank with the same arguments: every rank steps (the steps hold the collectives),
+the logits rank chooses each token and broadcasts it, so all ranks return the same tokens. The collective ops' real kernels (registered here) call torch.distributed: `all_reduce` / `all_gather`
 on the process group of their `group` ranks (created once, in the same order on every process), `send` / `recv`
 point to point on the world group.
 """
@@ -15,7 +17,9 @@ point to point on the world group.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -23,6 +27,7 @@ import torch.distributed as dist
 import compiler.collectives as collectives
 from backends.torch.runtime import ProgressCallback, TorchExecutable
 from compiler.errors import MoecError
+from compiler.generation import DecodeSession, RecomputeSession, generate
 from compiler.ir import Program
 
 # Process groups by their sorted global ranks; filled by `DistributedExecutable` before anything runs.
@@ -117,6 +122,7 @@ class DistributedExecutable:
         logits_output = next(n for n in reversed(program.ranks[self.logits_rank].graph.nodes) if n.op == "output")
         self._logits_dtype = logits_output.args[0][0].meta["val"].dtype
         self._vocab = program.config.vocab_size
+        self.vocab_size = int(self._vocab)
 
     def __call__(self, input_ids: torch.Tensor, broadcast: bool = False) -> torch.Tensor | None:
         """Logits on ranks of the last stage (None elsewhere); with `broadcast`, every rank gets them."""
@@ -129,18 +135,42 @@ class DistributedExecutable:
         dist.broadcast(logits, src=self.logits_rank)
         return logits
 
-    @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
-        """Greedy decoding without a KV cache; every rank runs every step and gets the same tokens."""
-        tokens = input_ids.to(self.device)
-        for _ in range(max_new_tokens):
-            logits = self(tokens)
-            next_token = torch.empty((tokens.shape[0], 1), dtype=tokens.dtype, device=self.device)
-            if logits is not None:
-                next_token = logits[:, -1, :].argmax(dim=-1, keepdim=True).to(tokens.dtype)
-            dist.broadcast(next_token, src=self.logits_rank)
-            tokens = torch.cat([tokens, next_token], dim=1)
-        return tokens
+    @property
+    def max_seq(self) -> int | None:
+        """This rank's cache length (the same on every rank: one kv-cache pass ran on all); None without caches."""
+        return self._executable.max_seq
+
+    def new_session(self, batch: int) -> DecodeSession:
+        """This rank's session: its own caches (its kv heads and layers); steps return logits on the last stage's
+        ranks and None elsewhere. Every rank must step its session in the same order (the steps hold collectives)."""
+        if not self._executable.is_cached:
+            return RecomputeSession(self, batch, self.device)
+        return _RankSession(self._executable.new_session(batch), self.returns_logits)
+
+    def share_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The tokens the logits rank chose, on every rank (whatever the others sampled, or did not)."""
+        shared = tokens.contiguous()
+        dist.broadcast(shared, src=self.logits_rank)
+        return shared
+
+    def generate(
+        self, input_ids: torch.Tensor | Sequence[Sequence[int]], max_new_tokens: int = 20, **options: Any
+    ) -> torch.Tensor | list[list[int]]:
+        """`compiler.generation.generate` over this rank (same arguments); call it on every rank with the same
+        arguments: every rank runs every step, and the logits rank's tokens are broadcast, so all return the same."""
+        return generate(self, input_ids, max_new_tokens, share_tokens=self.share_tokens, **options)
+
+
+class _RankSession:
+    """A rank's KV-cache session; the logits of a rank that does not produce them (an earlier stage) are None."""
+
+    def __init__(self, session: DecodeSession, returns_logits: bool) -> None:
+        self._session = session
+        self._returns_logits = returns_logits
+
+    def step(self, input_ids: torch.Tensor, cache_position: torch.Tensor) -> torch.Tensor | None:
+        outputs = self._session.step(input_ids, cache_position)
+        return outputs if self._returns_logits else None
 
 
 def _group(ranks: list[int]) -> dist.ProcessGroup:

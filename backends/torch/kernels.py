@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import compiler.ops  # noqa: F401 - defines the op schemas these kernels implement
+from compiler.quantization import dequantize
 
 
 @torch.library.impl("moec::attention", "CompositeExplicitAutograd")
@@ -31,6 +32,58 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, s
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
     out = torch.matmul(probs.view(batch, kv_heads, groups * seq_q, seq_k), v)
     return out.view(batch, kv_heads * groups, seq_q, v.shape[-1]).transpose(1, 2).contiguous()
+
+
+@torch.library.impl("moec::cached_attention", "CompositeExplicitAutograd")
+def cached_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_position: torch.Tensor,
+    scale: float,
+    sliding_window: int = 0,
+) -> torch.Tensor:
+    """The ground truth of `moec.cached_attention` (semantics in compiler/ops.py), on any device.
+
+    It scores every filled cache slot and masks the invisible ones: simple rather than fast. Off the CPU it scores
+    the whole cache instead and reads nothing back to the host, so a decode step that uses it can be captured in a
+    CUDA graph.
+    """
+    if q.is_cuda:  # CUDA runs the Triton kernels; `unsupported_reason` is the one rule for what stays here
+        from backends.torch import triton_attention
+
+        if triton_attention.unsupported_reason(q, k, k_cache, cache_position) is None:
+            return triton_attention.cached_attention(q, k, v, k_cache, v_cache, cache_position, scale, sliding_window)
+    batch, kv_heads, seq, head_dim = k.shape
+    max_seq = k_cache.shape[2]
+    # slots[b, i]: the absolute position (and cache slot) of sequence b's i-th new token.
+    slots = cache_position.to(torch.int64)[:, None] + torch.arange(seq, device=q.device)
+    index = slots[:, None, :, None].expand(batch, kv_heads, seq, head_dim)
+    k_cache.scatter_(2, index, k.to(k_cache.dtype))
+    v_cache.scatter_(2, index, v.to(v_cache.dtype))
+    # On the CPU nothing is captured, so read back how far the caches are filled and score only that prefix (a
+    # decode step costs O(filled), not O(max_seq)). On a CUDA fallback the whole cache is scored with no host sync,
+    # so the step stays capturable in a CUDA graph.
+    visible = int(slots.max()) + 1 if q.device.type == "cpu" else max_seq
+    keys, values = k_cache[:, :, :visible].to(q.dtype), v_cache[:, :, :visible].to(q.dtype)
+    query_pos = slots[:, None, None, :, None]  # [B, 1, 1, S, 1] against key slots [visible]
+    key_pos = torch.arange(visible, device=q.device)
+    allowed = key_pos <= query_pos
+    if sliding_window > 0:
+        allowed &= key_pos > query_pos - sliding_window
+    groups = q.shape[1] // kv_heads
+    grouped_q = q.reshape(batch, kv_heads, groups * seq, q.shape[-1])
+    scores = torch.matmul(grouped_q, keys.transpose(-1, -2)) * scale
+    scores = scores.view(batch, kv_heads, groups, seq, visible).masked_fill(~allowed, float("-inf"))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    # Masked slots get probability exactly 0, but 0 * inf is NaN: slots past the last new token may hold anything
+    # (a previous sequence's values), so they are zeroed before the product.
+    written = key_pos[None, None, :, None] <= slots[:, -1, None, None, None]
+    values = torch.where(written, values, torch.zeros((), dtype=values.dtype, device=values.device))
+    out = torch.matmul(probs.view(batch, kv_heads, groups * seq, visible), values)
+    return out.view(batch, kv_heads * groups, seq, v.shape[-1]).transpose(1, 2).contiguous()
 
 
 @torch.library.impl("moec::rms_norm", "CompositeExplicitAutograd")
@@ -124,3 +177,58 @@ def moe(
         if triton_moe.is_available():
             return triton_moe.fused_moe(flat, experts, weights, w13, w2).reshape(shape)
     return moe_experts_reference(flat, experts, weights, w13, w2).reshape(shape)
+
+
+# --- weight-only quantized ops (CPU reference, any device) ------------------------------------------------------
+# The ground truth of `moec.quantized_linear` / `moec.quantized_moe`: dequantize (compiler/quantization.py) and
+# compute exactly as `linear` / `moe` do on the dequantized weights. Weights stay quantized in memory; each call
+# dequantizes what it uses (a linear's weight, the experts that receive tokens) and drops it: simple, not fast.
+
+
+@torch.library.impl("moec::quantized_linear", "CompositeExplicitAutograd")
+def quantized_linear(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    bias: torch.Tensor | None,
+    precision: str,
+    group_size: int,
+) -> torch.Tensor:
+    return F.linear(x, dequantize(qweight, scales, precision, group_size), bias)
+
+
+class DequantizedExperts:
+    """Stacked quantized expert weights that `moe_experts_reference` indexes like a float [E, out, in] tensor:
+    `experts[e]` dequantizes expert e alone, so only the experts that receive tokens are dequantized."""
+
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, precision: str, group_size: int) -> None:
+        self.qweight, self.scales, self.precision, self.group_size = qweight, scales, precision, group_size
+        packing = 2 if precision == "int4" else 1
+        self.shape = torch.Size((*qweight.shape[:-1], qweight.shape[-1] * packing))
+
+    def __getitem__(self, expert: int) -> torch.Tensor:
+        return dequantize(self.qweight[expert], self.scales[expert], self.precision, self.group_size)
+
+
+@torch.library.impl("moec::quantized_moe", "CompositeExplicitAutograd")
+def quantized_moe(
+    x: torch.Tensor,
+    router_weight: torch.Tensor,
+    w13_q: torch.Tensor,
+    w13_scales: torch.Tensor,
+    w2_q: torch.Tensor,
+    w2_scales: torch.Tensor,
+    top_k: int,
+    normalization: str,
+    activation: str,
+    precision: str,
+    group_size: int,
+    expert_offset: int = 0,
+) -> torch.Tensor:
+    shape = x.shape
+    flat = x.reshape(-1, shape[-1])
+    experts, weights = route(flat, router_weight, top_k, normalization)
+    w13 = DequantizedExperts(w13_q, w13_scales, precision, group_size)
+    w2 = DequantizedExperts(w2_q, w2_scales, precision, group_size)
+    # Expert parallelism as in `moe`: ids outside this rank's block [expert_offset, expert_offset + E') are skipped.
+    return moe_experts_reference(flat, experts - expert_offset, weights, w13, w2).reshape(shape)  # type: ignore[arg-type]
