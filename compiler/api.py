@@ -1,15 +1,18 @@
 """`compile()`: trace a Mixtral, run a pass pipeline, bind a backend.
 
-    compiled = compile("tiny")                  # default pipeline: canonicalize,fuse-moe,dce
+    compiled = compile("tiny")                  # default pipeline: canonicalize,fuse-moe,kv-cache,dce
     logits = compiled(input_ids)                 # runs on the backend
+    tokens = compiled.generate(input_ids, 32)    # prefill + cached decode steps (Hugging Face's arguments)
     compiled.graph                               # the final program
     compiled.graph_after("fuse-moe")             # the program after any pass
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,10 +23,15 @@ from compiler.pass_manager import Pass, PassRecord, parse_pipeline, run_pipeline
 
 import passes  # noqa: F401,E402 - the driver fills the pass registry (passes register themselves on import)
 
-# Used when `passes` is not given: canonical ops, one `moe` op per layer, then clean-up.
-DEFAULT_PIPELINE = "canonicalize,fuse-moe,dce"
+# Used when `passes` is not given: canonical ops, one `moe` op per layer, attention over KV caches, then clean-up.
+DEFAULT_PIPELINE = "canonicalize,fuse-moe,kv-cache,dce"
+# What `moec build` and `compile(backend="tensorrt")` run when `passes` is not given. Kept apart from
+# DEFAULT_PIPELINE, which gains `kv-cache`: TensorRT engines have no KV cache inputs yet (a later issue), so they are
+# built from the stateless graph whatever the default pipeline becomes.
+ENGINE_PIPELINE = "canonicalize,fuse-moe,dce"
 
 PassSpec = str | Pass | Iterable[str | Pass]
+DEFAULT_EVAL_SEQ_LEN = 256  # perplexity windows; the embedded `tiny` was trained on 256-token sequences
 BACKENDS = ("torch", "tensorrt")
 
 
@@ -40,6 +48,25 @@ def load(source: Any, dtype: torch.dtype | str | None = None, seed: int = 0, att
     return trace(resolve(source, seed=seed), dtype=dtype, attention=attention)
 
 
+def resolve_tokenizer(model: Any, tokenizer: Any, vocab_size: int) -> Any:
+    """The tokenizer to use: `tokenizer` (a directory or an object) if given, else the source directory's own (the
+    embedded models and checkpoint directories that have one), else None."""
+    from frontends.hf.source import EMBEDDED_MODELS, EMBEDDED_MODELS_DIR
+    from frontends.hf.tokenizer import TokenizerError, has_tokenizer, load_tokenizer
+
+    if tokenizer is not None and not isinstance(tokenizer, (str, os.PathLike)):
+        if len(tokenizer) > vocab_size:
+            raise TokenizerError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary has {vocab_size}")
+        return tokenizer
+    if tokenizer is not None:
+        return load_tokenizer(tokenizer, vocab_size)
+    if isinstance(model, (str, os.PathLike)):
+        directory = EMBEDDED_MODELS_DIR / str(model) if str(model) in EMBEDDED_MODELS else Path(model)
+        if directory.is_dir() and has_tokenizer(directory):
+            return load_tokenizer(directory, vocab_size)
+    return None
+
+
 @dataclass
 class CompiledModel:
     """The result of `compile`: the final program, every intermediate one, and a runnable backend."""
@@ -52,6 +79,8 @@ class CompiledModel:
     cuda_graphs: bool = False  # replay one captured CUDA graph per input shape (see backends/torch/runtime.py)
     engine_dir: str | None = None  # backend="tensorrt": where the engines and config.json were written
     build: Any = None  # backend="tensorrt": the BuildSummary (config.json's contents, seconds, sizes)
+    # A Hugging Face tokenizer: the checkpoint directory's own, or `compile(..., tokenizer=DIR)`'s; None without one.
+    tokenizer: Any = None
     _executable: Any = field(default=None, repr=False)
 
     @property
@@ -96,19 +125,100 @@ class CompiledModel:
 
         return export_onnx(self, path, moe=moe, after=after, decompose=decompose)
 
+    def perplexity(
+        self,
+        texts_or_token_ids: str | Sequence[str] | Sequence[Sequence[int]],
+        seq_len: int = DEFAULT_EVAL_SEQ_LEN,
+        stride: int | None = None,
+        batch_size: int = 8,
+        max_tokens: int | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> float:
+        """Perplexity of texts (tokenized with `self.tokenizer`) or token-id lists, each token scored once in
+        windows of `seq_len` (see `compiler.evaluation`)."""
+        return self.score(texts_or_token_ids, seq_len, stride, batch_size, max_tokens, progress).perplexity
+
+    def score(
+        self,
+        texts_or_token_ids: str | Sequence[str] | Sequence[Sequence[int]],
+        seq_len: int = DEFAULT_EVAL_SEQ_LEN,
+        stride: int | None = None,
+        batch_size: int = 8,
+        max_tokens: int | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> Any:
+        """Like `perplexity`, with the count of scored tokens and the mean NLL (`compiler.evaluation.Perplexity`)."""
+        from compiler.evaluation import score
+
+        items = [texts_or_token_ids] if isinstance(texts_or_token_ids, str) else list(texts_or_token_ids)
+        if not items:
+            raise MoecError("nothing to score: no texts given")
+        if all(isinstance(item, str) for item in items):
+            if self.tokenizer is None:
+                raise MoecError("this model has no tokenizer: pass token ids, or compile with tokenizer=DIR")
+            token_ids = [self.tokenizer(text, verbose=False)["input_ids"] for text in items]
+        elif any(isinstance(item, str) for item in items):
+            raise MoecError("pass either texts or token-id lists, not a mix")
+        else:
+            token_ids = [list(item) for item in items]
+        vocab = self.traced.config.vocab_size
+        if any(not 0 <= int(t) < vocab for ids in token_ids for t in ids):
+            raise MoecError(f"token ids must lie in [0, {vocab}) for this model's vocabulary")
+        return score(self, token_ids, seq_len, stride, batch_size, max_tokens, progress)
+
     def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.executable()(input_ids)
 
-    @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
-        """Greedy decoding without a KV cache (each step recomputes the whole sequence)."""
+    def generate(
+        self,
+        input_ids: torch.Tensor | Sequence[Sequence[int]],
+        max_new_tokens: int = 20,
+        *,
+        attention_mask: torch.Tensor | None = None,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        eos_token_id: int | Sequence[int] | None = None,
+        pad_token_id: int | None = None,
+        streamer: Any = None,
+    ) -> torch.Tensor | list[list[int]]:
+        """Hugging Face's `generate` for this model (see `compiler.generation.generate` for every argument).
+
+        A program with KV caches (the default pipeline) prefills once and decodes one position per step; one
+        without them recomputes every sequence at every step, through the same sampling code. A tensor gives a
+        tensor [batch, prompt + generated] (left padding marked by `attention_mask` kept as given); a list of
+        token-id lists gives lists. `eos_token_id=None` never stops early. Bad arguments raise `MoecError` before
+        anything runs; a sharded program generates on every rank alike (under torchrun/mpirun).
+        """
+        options = dict(
+            attention_mask=attention_mask, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+            seed=seed, eos_token_id=eos_token_id, pad_token_id=pad_token_id, streamer=streamer,
+        )
+        from compiler.generation import RecomputeDecoder, generate
+
+        executable = self.executable()
         if self.program.ranks:
-            return self.executable().generate(input_ids, max_new_tokens)  # every rank steps, tokens broadcast
-        tokens = input_ids
-        for _ in range(max_new_tokens):
-            next_token = self(tokens)[:, -1, :].argmax(dim=-1, keepdim=True)
-            tokens = torch.cat([tokens, next_token.to(tokens.device)], dim=1)
-        return tokens
+            return executable.generate(input_ids, max_new_tokens, **options)  # every rank steps, tokens broadcast
+        if not hasattr(executable, "new_session"):  # a backend that only maps input ids to logits (TensorRT)
+            executable = RecomputeDecoder(executable, int(self.program.config.vocab_size))
+        return generate(executable, input_ids, max_new_tokens, **options)
+
+    def generate_text(self, prompts: Sequence[str], max_new_tokens: int = 20, **sampling: Any) -> list[str]:
+        """Each prompt's continuation as text, through `generate` with `self.tokenizer` (its EOS id ends a
+        sequence unless `eos_token_id` is given); `sampling` takes `generate`'s keyword arguments."""
+        if self.tokenizer is None:
+            raise MoecError("this model has no tokenizer: compile with tokenizer=DIR, or call generate with token ids")
+        if isinstance(prompts, str) or not prompts or not all(isinstance(p, str) for p in prompts):
+            raise MoecError("generate_text takes a non-empty list of strings")
+        sampling.setdefault("eos_token_id", getattr(self.tokenizer, "eos_token_id", None))
+        token_ids = [list(self.tokenizer(prompt)["input_ids"]) for prompt in prompts]
+        outputs = self.generate(token_ids, max_new_tokens, **sampling)
+        return [
+            self.tokenizer.decode(output[len(prompt) :], skip_special_tokens=True)
+            for prompt, output in zip(token_ids, outputs)
+        ]
 
 
 def compile(  # noqa: A001 - the public name users expect
@@ -123,30 +233,44 @@ def compile(  # noqa: A001 - the public name users expect
     cuda_graphs: bool = False,
     attention: str = "moec",
     backend_options: dict[str, Any] | None = None,
+    tokenizer: Any = None,
 ) -> CompiledModel:
-    """Traces `model`, runs `passes` (default `DEFAULT_PIPELINE`), and binds `backend`.
+    """Traces `model`, runs `passes` (default `DEFAULT_PIPELINE`; `ENGINE_PIPELINE` for tensorrt), binds `backend`.
 
     `backend="tensorrt"` also builds one engine per rank into `backend_options["output_dir"]`; the other
     `backend_options` are `backends.tensorrt.build_options`' (`moe_plugin`, `targets`, `max_batch`, `max_seq`,
     `workers`, `keep_onnx`).
+
+    `tokenizer`: a directory holding a Hugging Face tokenizer, or a tokenizer object; by default a checkpoint
+    directory's (or the embedded model's) own tokenizer is used when it has one.
     """
     if backend not in BACKENDS:
         raise MoecError(f"unknown backend {backend!r}; available: {', '.join(BACKENDS)}")
     backend_options = dict(backend_options or {})
     if backend == "tensorrt" and "output_dir" not in backend_options:
         raise MoecError("backend='tensorrt' needs backend_options={'output_dir': DIR} for the engines")
-    pipeline = parse_pipeline(DEFAULT_PIPELINE if passes is None else passes)
+    default_pipeline = ENGINE_PIPELINE if backend == "tensorrt" else DEFAULT_PIPELINE
+    pipeline = parse_pipeline(default_pipeline if passes is None else passes)
     traced = load(model, dtype=dtype, seed=seed, attention=attention)
     result = run_pipeline(traced, pipeline, verify=verify, on_pass=on_pass)
     compiled = CompiledModel(
-        result.program, traced, result.history, backend=backend, device=device, cuda_graphs=cuda_graphs
+        result.program,
+        traced,
+        result.history,
+        backend=backend,
+        device=device,
+        cuda_graphs=cuda_graphs,
+        tokenizer=resolve_tokenizer(model, tokenizer, traced.config.vocab_size),
     )
     if backend == "tensorrt":
-        from backends.tensorrt import build_compiled
+        from backends.tensorrt import build_engines, build_options
 
         output_dir = backend_options.pop("output_dir")
         logits = next(n for n in traced.graph.nodes if n.op == "output").args[0][0].meta["val"]
         dtype_name = str(logits.dtype).removeprefix("torch.")  # the dtype the model was traced in
-        compiled.build = build_compiled(compiled, output_dir, dtype=dtype_name, **backend_options)
+        passes_run = [record.spec for record in result.history]
+        compiled.build = build_engines(
+            result.program, output_dir, build_options(**backend_options), passes=passes_run, dtype=dtype_name
+        )
         compiled.engine_dir = str(output_dir)
     return compiled

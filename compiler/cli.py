@@ -1,9 +1,10 @@
-"""The `moec` command line: trace, list passes, compile with per-pass dumps, run.
+"""The `moec` command line: trace, list passes, compile with per-pass dumps, run, eval, build.
 
     moec trace tiny
     moec passes
     moec compile tiny --passes fold-weights,dce --print-after-all --dump-dir dumps/
-    moec run tiny --input-ids "1 2 3" --max-new-tokens 8
+    moec run tiny --input-text "The list" --max-output-len 16
+    moec eval tiny
     moec build tiny --output-dir engines/ --dtype float16 --target sm89 --moe-plugin enable
 
 Errors on bad input print one line (`moec: error: ...`) and exit with status 2, without a traceback.
@@ -29,7 +30,7 @@ def _status(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def _load(args: argparse.Namespace) -> Any:
+def load_traced(args: argparse.Namespace) -> Any:
     from compiler.api import load
 
     _status(f"tracing {args.source} ...")
@@ -40,7 +41,7 @@ def _load(args: argparse.Namespace) -> Any:
 
 
 def _cmd_trace(args: argparse.Namespace) -> int:
-    program = _load(args)
+    program = load_traced(args)
     sys.stdout.write(program.format(weights=not args.no_weights))
     return 0
 
@@ -87,8 +88,9 @@ def _dump(dump_dir: Path, index: int, spec: str, program: Any) -> None:
 def _cmd_compile(args: argparse.Namespace) -> int:
     from compiler.api import DEFAULT_PIPELINE
     from compiler.pass_manager import parse_pipeline, run_pipeline
+    from compiler.recipe import pipeline_with_quantization
 
-    pipeline = parse_pipeline(args.passes if args.passes is not None else DEFAULT_PIPELINE)
+    pipeline = parse_pipeline(pipeline_with_quantization(args.passes if args.passes is not None else DEFAULT_PIPELINE, args))
     names = {p.name for p in pipeline} | {p.spec() for p in pipeline}
     for wanted in [args.print_after, args.explain]:
         if wanted is not None and wanted not in names:
@@ -99,7 +101,7 @@ def _cmd_compile(args: argparse.Namespace) -> int:
             dump_dir.mkdir(parents=True, exist_ok=True)
         except OSError as error:
             raise MoecError(f"cannot create dump directory {dump_dir}: {error.strerror}") from None
-    program = _load(args)
+    program = load_traced(args)
     if dump_dir is not None:
         (dump_dir / "00-trace.txt").write_text(program.format())
     if args.explain is not None:
@@ -140,17 +142,7 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     return 0
 
 
-def _parse_ids(text: str) -> list[int]:
-    try:
-        ids = [int(token) for token in text.replace(",", " ").split()]
-    except ValueError:
-        raise MoecError(f"--input-ids must be integers separated by spaces, got {text!r}") from None
-    if not ids:
-        raise MoecError("--input-ids is empty")
-    return ids
-
-
-def _check_fits_in_memory(program: Any, device: str) -> None:
+def check_fits_in_memory(program: Any, device: str) -> None:
     """Refuses, before reading a byte, to materialize more weights than the machine holds (`mixtral-8x7b` on a CPU)."""
     import torch
 
@@ -167,60 +159,61 @@ def _check_fits_in_memory(program: Any, device: str) -> None:
         )
 
 
-def _cmd_run(args: argparse.Namespace) -> int:
-    import torch
+def _read_dataset(path: str) -> str:
+    file = Path(path)
+    if not file.is_file():
+        raise MoecError(f"dataset file {path} does not exist")
+    try:
+        text = file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise MoecError(f"cannot read dataset file {path}: {error}") from None
+    if not text.strip():
+        raise MoecError(f"dataset file {path} is empty")
+    return text
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    """Perplexity of a text file (default: the embedded model's held-out text) under the compiled model."""
     from tqdm import tqdm
 
-    from compiler.api import CompiledModel, DEFAULT_PIPELINE
+    from compiler.api import DEFAULT_PIPELINE, CompiledModel, resolve_tokenizer
     from compiler.pass_manager import parse_pipeline, run_pipeline
+    from compiler.recipe import pipeline_with_quantization
+    from frontends.hf.source import EMBEDDED_MODELS_DIR
 
-    ids = _parse_ids(args.input_ids)
-    pipeline = parse_pipeline(args.passes if args.passes is not None else DEFAULT_PIPELINE)
-    traced = _load(args)
-    vocab = traced.config.vocab_size
-    if max(ids) >= vocab or min(ids) < 0:
-        raise MoecError(f"--input-ids must lie in [0, {vocab}) for this model's vocabulary")
+    if args.seq_len < 2:
+        raise MoecError(f"--seq-len must be at least 2 (one token of context and one target), got {args.seq_len}")
+    if args.max_tokens is not None and args.max_tokens < 2:
+        raise MoecError(f"--max-tokens must be at least 2, got {args.max_tokens}")
+    dataset = args.dataset or str(EMBEDDED_MODELS_DIR / "tiny" / "eval.txt")
+    text = _read_dataset(dataset)
+    pipeline = parse_pipeline(pipeline_with_quantization(args.passes if args.passes is not None else DEFAULT_PIPELINE, args))
+    traced = load_traced(args)
+    tokenizer = resolve_tokenizer(args.source, args.tokenizer_dir, traced.config.vocab_size)
+    if tokenizer is None:
+        raise MoecError(f"{args.source} has no tokenizer to read {dataset} with; name one with --tokenizer-dir DIR")
     result = run_pipeline(traced, pipeline)
     if result.program.ranks:
-        return _run_distributed(result.program, ids, args)
-    _check_fits_in_memory(result.program, args.device)
-    compiled = CompiledModel(result.program, traced, result.history, device=args.device, cuda_graphs=args.cuda_graphs)
-    with tqdm(total=len(result.program.weight_nodes()), desc="weights", unit="tensor", file=sys.stderr) as bar:
-        compiled.executable(progress=lambda done, total: bar.update(1))
-    input_ids = torch.tensor([ids], dtype=torch.long)
-    tokens = compiled.generate(input_ids, args.max_new_tokens)
-    logits = compiled(tokens[:, : len(ids)])
-    print("input ids:  " + " ".join(str(t) for t in ids))
-    print("output ids: " + " ".join(str(t) for t in tokens[0, len(ids) :].tolist()))
-    print(f"last-position logits: argmax={int(logits[0, -1].argmax())} max={float(logits[0, -1].max()):.6f}")
-    return 0
+        raise MoecError("moec eval runs one process; evaluate a sharded pipeline's numerics with its unsharded form")
+    check_fits_in_memory(result.program, args.device)
+    compiled = CompiledModel(result.program, traced, result.history, device=args.device, tokenizer=tokenizer)
+    started = time.perf_counter()
+    with tqdm(desc="windows", unit="window", file=sys.stderr) as bar:
 
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
 
-def _run_distributed(program: Any, ids: list[int], args: argparse.Namespace) -> int:
-    """One rank of a sharded program under torchrun or mpirun; every rank decodes, rank 0 prints."""
-    import torch
-
-    from backends.torch.distributed import DistributedExecutable, init_distributed, launch_environment, rank_device
-
-    env = launch_environment()
-    if env is None:
-        raise MoecError(
-            f"the pipeline shards the model over {len(program.ranks)} ranks; launch it with "
-            f"torchrun --nproc-per-node {len(program.ranks)} -m compiler.cli run ... (or mpirun -n {len(program.ranks)})"
-        )
-    device = rank_device(args.device, env.local_rank)
-    init_distributed(device)
-    executable = DistributedExecutable(program, device)
-    input_ids = torch.tensor([ids], dtype=torch.long)
-    tokens = executable.generate(input_ids, args.max_new_tokens)
-    logits = executable(tokens[:, : len(ids)], broadcast=True)
-    _status(f"rank {env.rank}: {executable.materialized_bytes:,} weight bytes materialized")
-    if env.rank == 0:
-        print(f"ranks: {len(program.ranks)} ({env.launcher})")
-        print("input ids:  " + " ".join(str(t) for t in ids))
-        print("output ids: " + " ".join(str(t) for t in tokens[0, len(ids) :].tolist()))
-        print(f"last-position logits: argmax={int(logits[0, -1].argmax())} max={float(logits[0, -1].max()):.6f}")
-    torch.distributed.destroy_process_group()
+        scored = compiled.score(text, seq_len=args.seq_len, stride=args.stride, batch_size=args.batch_size,
+                                max_tokens=args.max_tokens, progress=progress)
+    seconds = time.perf_counter() - started
+    print(f"dataset:    {dataset}")
+    print(f"passes:     {','.join(record.spec for record in result.history)}")
+    print(f"seq_len:    {args.seq_len} (stride {args.stride or args.seq_len - 1})")
+    print(f"tokens:     {scored.tokens}")
+    print(f"nll:        {scored.nll:.6f}")
+    print(f"perplexity: {scored.perplexity:.4f}")
+    _status(f"scored in {seconds:.1f}s ({scored.tokens / seconds:,.0f} tokens/s)")
     return 0
 
 
@@ -229,7 +222,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def add_source(p: argparse.ArgumentParser) -> None:
-        p.add_argument("source", help="checkpoint directory, 'tiny' or 'mixtral-8x7b' (dummy weights)")
+        p.add_argument(
+            "source",
+            help="checkpoint directory, 'tiny' (embedded trained model), 'tiny-random' or 'mixtral-8x7b' (random weights)",
+        )
         p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None)
         p.add_argument("--seed", type=int, default=0, help="seed of dummy weights (presets)")
         p.add_argument(
@@ -258,18 +254,31 @@ def build_parser() -> argparse.ArgumentParser:
     from backends.onnx import add_onnx_cli_arguments
 
     add_onnx_cli_arguments(p_compile)
+    from compiler.recipe import add_quantization_arguments
+
+    add_quantization_arguments(p_compile)
     p_compile.set_defaults(func=_cmd_compile)
 
-    p_run = sub.add_parser("run", help="compile and greedily decode with the torch backend")
-    add_source(p_run)
-    p_run.add_argument("--passes", default=None)
-    p_run.add_argument("--input-ids", required=True, help='token ids, e.g. "1 2 3"')
-    p_run.add_argument("--max-new-tokens", type=int, default=8)
-    p_run.add_argument("--device", default="cpu")
-    p_run.add_argument("--cuda-graphs", action="store_true", help="replay a captured CUDA graph per input shape")
-    p_run.set_defaults(func=_cmd_run)
+    from compiler.run_cli import add_run_cli
 
-    from backends.tensorrt import add_build_cli
+    add_run_cli(sub, add_source)
+
+    p_eval = sub.add_parser("eval", help="perplexity of a text file under the compiled model (torch backend)")
+    add_source(p_eval)
+    p_eval.add_argument("--passes", default=None)
+    p_eval.add_argument("--dataset", metavar="FILE", default=None,
+                        help="UTF-8 text to score (default: the embedded tiny model's held-out text)")
+    p_eval.add_argument("--max-tokens", type=int, default=None, help="score at most the first N tokens")
+    p_eval.add_argument("--seq-len", type=int, default=256, help="window length (default 256)")
+    p_eval.add_argument("--stride", type=int, default=None, help="new targets per window (default seq_len - 1)")
+    p_eval.add_argument("--batch-size", type=int, default=8)
+    p_eval.add_argument("--tokenizer-dir", "--tokenizer_dir", dest="tokenizer_dir", default=None,
+                        help="a Hugging Face tokenizer directory (default: the checkpoint's own)")
+    p_eval.add_argument("--device", default="cpu")
+    add_quantization_arguments(p_eval)
+    p_eval.set_defaults(func=_cmd_eval)
+
+    from compiler.build_cli import add_build_cli
 
     add_build_cli(sub)
     return parser
