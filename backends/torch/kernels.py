@@ -7,6 +7,8 @@ graph reproduces Hugging Face's logits.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 
@@ -119,6 +121,10 @@ def route(x: torch.Tensor, router_weight: torch.Tensor, top_k: int, normalizatio
     return experts, weights
 
 
+# Said (once per reason) when a CUDA `moe` cannot run on the fused kernel: the reference syncs with the host.
+MOE_REFERENCE_ON_CUDA = "moec::moe runs the reference kernel on CUDA (a host sync per call; not CUDA-graph capturable)"
+
+
 def moe_experts_reference(
     x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor
 ) -> torch.Tensor:
@@ -168,15 +174,16 @@ def moe(
     shape = x.shape
     flat = x.reshape(-1, shape[-1])
     experts, weights = route(flat, router_weight, top_k, normalization)
-    if expert_offset or w13.shape[0] != router_weight.shape[0]:
-        # Expert parallelism: this rank holds experts [expert_offset, expert_offset + E') of the routed E.
-        return moe_experts_reference(flat, experts - expert_offset, weights, w13, w2).reshape(shape)
-    if flat.is_cuda and flat.dtype in (torch.float16, torch.bfloat16):
+    # Under expert parallelism this rank holds experts [expert_offset, expert_offset + E') of the routed E: the fused
+    # kernel takes the global ids and the offset, the reference local ids; both skip the slots routed elsewhere.
+    if flat.is_cuda:  # CUDA runs the Triton kernel; `unsupported_reason` is the one rule for what stays here
         from backends.torch import triton_moe
 
-        if triton_moe.is_available():
-            return triton_moe.fused_moe(flat, experts, weights, w13, w2).reshape(shape)
-    return moe_experts_reference(flat, experts, weights, w13, w2).reshape(shape)
+        reason = triton_moe.unsupported_reason(flat, w13, w2)
+        if reason is None:
+            return triton_moe.fused_moe(flat, experts, weights, w13, w2, expert_offset=expert_offset).reshape(shape)
+        warnings.warn(f"{MOE_REFERENCE_ON_CUDA}: {reason}", RuntimeWarning, stacklevel=2)
+    return moe_experts_reference(flat, experts - expert_offset, weights, w13, w2).reshape(shape)
 
 
 # --- weight-only quantized ops (CPU reference, any device) ------------------------------------------------------

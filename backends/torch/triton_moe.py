@@ -10,6 +10,14 @@ rows ``I..2I-1`` = up ``w3``) and ``w2`` [E, H, I]::
 (the layout of Hugging Face transformers 5 ``MixtralExperts.gate_up_proj`` /
 ``down_proj``).
 
+Expert parallelism: ``w13``/``w2`` may hold only the ``E'`` experts
+``[expert_offset, expert_offset + E')`` of the routed ones (an EP rank's block); ``topk_ids`` keep
+the routed (global) ids.  Slots routed elsewhere are dropped by the routing kernel, so they are
+never sorted, gathered or multiplied, and the combine kernel skips them: they contribute zero and
+cost nothing.  ``expert_offset`` is a run-time argument, never specialized: one compiled
+variant serves every rank, and nothing about the routing reaches the host, so EP ranks stay
+CUDA-graph capturable.
+
 Algorithm (four launches, no host synchronisation, CUDA-graph capturable):
 
 1. ``_align_kernel`` (one program): every (token, j) pair is a *slot*
@@ -17,11 +25,12 @@ Algorithm (four launches, no host synchronisation, CUDA-graph capturable):
    expert's count up to a multiple of ``BLOCK_M`` and lays the slots out
    expert by expert in ``sorted_slots`` (a stable counting sort: a one-hot
    [CHUNK, E] matrix and its running sum give each slot its rank inside its
-   expert).  Padding positions hold the sentinel ``S = T*k``.  It also writes
-   ``block_expert[b]``, the expert that owns row block ``b``, or -1 for blocks
-   past the end.  All buffers are sized by the upper bound
-   ``cdiv(S, BLOCK_M) + min(S, E)`` blocks, which depends on shapes only, so
-   nothing about the routing ever reaches the host.
+   expert).  Slots whose expert is not local (expert parallelism) match no
+   column and are neither counted nor stored.  Padding positions hold the
+   sentinel ``S = T*k``.  It also writes ``block_expert[b]``, the expert that
+   owns row block ``b``, or -1 for blocks past the end.  All buffers are sized
+   by the upper bound ``cdiv(S, BLOCK_M) + min(S, E)`` blocks, which depends on
+   shapes only, so nothing about the routing ever reaches the host.
 2. ``_gate_up_kernel``: a grouped GEMM over the row blocks.  Each program owns
    a [BLOCK_M, BLOCK_N] tile of one expert, gathers its rows of ``x`` through
    ``sorted_slots``, multiplies them by an interleaved weight tile (gate row
@@ -34,7 +43,8 @@ Algorithm (four launches, no host synchronisation, CUDA-graph capturable):
    epilogue and each slot's partial row is written to ``partial[split, s]``
    without atomics.
 4. ``_combine_kernel``: ``out[t] = sum_{split, j} partial[split, t*k + j]`` in
-   fp32, a fixed summation order, so the result is deterministic.
+   fp32, a fixed summation order, so the result is deterministic; slots of
+   non-local experts (never written) are masked out by their id.
 
 Block sizes come from a small explicit table keyed on T (``TUNING_TABLE`` in
 ``moe_tuning.py``), not from run-time autotuning, so the first call compiles exactly one
@@ -57,7 +67,9 @@ except ImportError:  # pragma: no cover - exercised only without triton
     tl = None  # type: ignore[assignment]
     _HAVE_TRITON = False
 
-__all__ = ["fused_moe", "is_available"]
+__all__ = ["SUPPORTED_DTYPES", "fused_moe", "is_available", "unsupported_reason"]
+
+SUPPORTED_DTYPES = (torch.bfloat16, torch.float16)
 
 
 def is_available() -> bool:
@@ -69,29 +81,52 @@ def is_available() -> bool:
     return torch.cuda.is_available()
 
 
+def unsupported_reason(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> str | None:
+    """Why these operands cannot run on the fused kernel (None when they can): the dispatch's one rule."""
+    if not _HAVE_TRITON:
+        return "triton is not installed"
+    if not (hidden_states.is_cuda or os.environ.get("TRITON_INTERPRET", "0") == "1"):
+        return f"operands are on {hidden_states.device}, not CUDA (and TRITON_INTERPRET is off)"
+    if hidden_states.dtype not in SUPPORTED_DTYPES:
+        return f"activation dtype {hidden_states.dtype} is not among {SUPPORTED_DTYPES}"
+    if w13.dtype != hidden_states.dtype or w2.dtype != hidden_states.dtype:
+        return f"expert weights w13 {w13.dtype} / w2 {w2.dtype} differ from the activations' {hidden_states.dtype}"
+    return None
+
+
 if _HAVE_TRITON:
     # Kernel parameters are typed the Triton way (tl.constexpr); the JIT reads these annotations at
     # run time, so the kernels carry no other annotations.
 
     @triton.jit
+    def _local_ids(topk_ids_ptr, offs, num_slots, expert_offset, E: tl.constexpr, E_P: tl.constexpr):
+        # Local expert id of each slot, or E_P (matches no column) for slots past the end or routed to an
+        # expert outside [expert_offset, expert_offset + E).  In int64: ids may arrive as int64.
+        ids = tl.load(topk_ids_ptr + offs, mask=offs < num_slots, other=0).to(tl.int64) - expert_offset
+        local = (offs < num_slots) & (ids >= 0) & (ids < E)
+        return tl.where(local, ids, E_P).to(tl.int32)
+
+    @triton.jit(do_not_specialize=["expert_offset"])
     def _align_kernel(
         topk_ids_ptr,  # [S] int32/int64, flattened topk_ids
         sorted_slots_ptr,  # [NB_MAX * BLOCK_M] int32 out
         block_expert_ptr,  # [NB_MAX] int32 out
         num_slots,  # S = T * k
         num_blocks_max,  # NB_MAX
-        E: tl.constexpr,
+        expert_offset,  # first local expert: ids are global, columns local
+        E: tl.constexpr,  # local experts
         E_P: tl.constexpr,  # E rounded up to a power of two
         BLOCK_M: tl.constexpr,
         CHUNK: tl.constexpr,
         NB_CHUNK: tl.constexpr,
     ):
         experts = tl.arange(0, E_P)
-        # Pass 1: per-expert histogram.  Out-of-range slots load E_P, which matches no column.
+        # Pass 1: per-expert histogram.  Slots past the end and slots of non-local experts become E_P,
+        # which matches no column.
         counts = tl.zeros([E_P], dtype=tl.int32)
         for start in range(0, num_slots, CHUNK):
             offs = start + tl.arange(0, CHUNK)
-            ids = tl.load(topk_ids_ptr + offs, mask=offs < num_slots, other=E_P).to(tl.int32)
+            ids = _local_ids(topk_ids_ptr, offs, num_slots, expert_offset, E, E_P)
             counts += tl.sum((ids[:, None] == experts[None, :]).to(tl.int32), axis=0)
         padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
         seg_end = tl.cumsum(padded, axis=0)  # inclusive prefix sum: end of each expert's segment
@@ -101,12 +136,11 @@ if _HAVE_TRITON:
         running = seg_start
         for start in range(0, num_slots, CHUNK):
             offs = start + tl.arange(0, CHUNK)
-            valid = offs < num_slots
-            ids = tl.load(topk_ids_ptr + offs, mask=valid, other=E_P).to(tl.int32)
+            ids = _local_ids(topk_ids_ptr, offs, num_slots, expert_offset, E, E_P)
             onehot = (ids[:, None] == experts[None, :]).to(tl.int32)
             rank = tl.cumsum(onehot, axis=0) - 1 + running[None, :]
             dest = tl.sum(onehot * rank, axis=1)
-            tl.store(sorted_slots_ptr + dest, offs, mask=valid)
+            tl.store(sorted_slots_ptr + dest, offs, mask=ids < E)  # local slots only
             running += tl.sum(onehot, axis=0)
 
         # Padding tail of each expert's segment (< BLOCK_M positions, disjoint from the slots above,
@@ -270,10 +304,13 @@ if _HAVE_TRITON:
         out_ptrs = partial_ptr + pid_k * stride_ps + row[:, None] * stride_pm + offs_n[None, :]
         tl.store(out_ptrs, acc.to(partial_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_n[None, :] < N))
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["expert_offset"])
     def _combine_kernel(
         partial_ptr,  # [SPLIT_K, S, H]
         out_ptr,  # [T, H]
+        topk_ids_ptr,  # [S]: slots of non-local experts were never written and are skipped
+        expert_offset,
+        E,  # local experts
         H,
         stride_ps,
         stride_pm,
@@ -284,14 +321,17 @@ if _HAVE_TRITON:
     ):
         t = tl.program_id(0).to(tl.int64)
         offs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-        mask = offs < H
         acc = tl.zeros([BLOCK_H], dtype=tl.float32)
         # Fixed order over (split, j): deterministic, unlike atomics.
         for s in tl.static_range(SPLIT_K):
             for j in tl.static_range(TOPK):
+                local = tl.load(topk_ids_ptr + t * TOPK + j).to(tl.int64) - expert_offset
+                # A non-local slot's row has length 0 (a bound, not a scalar mask: the interpreter rejects
+                # a vector mask combined with a scalar one).
+                row_len = tl.where((local >= 0) & (local < E), H, 0)
                 p = partial_ptr + s * stride_ps + (t * TOPK + j) * stride_pm + offs
-                acc += tl.load(p, mask=mask, other=0.0).to(tl.float32)
-        tl.store(out_ptr + t * stride_om + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+                acc += tl.load(p, mask=offs < row_len, other=0.0).to(tl.float32)
+        tl.store(out_ptr + t * stride_om + offs, acc.to(out_ptr.dtype.element_ty), mask=offs < H)
 
 
 def _dot_in_f32(dtype: torch.dtype) -> bool:
@@ -335,13 +375,16 @@ def fused_moe(
     w13: torch.Tensor,
     w2: torch.Tensor,
     *,
+    expert_offset: int = 0,
     config: MoeConfig | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mixtral expert computation; returns [T, H] in the dtype of ``hidden_states``.
 
-    ``topk_ids`` [T, k] int32/int64 with values in ``[0, E)``; ``topk_weights`` [T, k] float32 or the
-    activation dtype; ``w13`` [E, 2I, H] (gate rows first, then up); ``w2`` [E, H, I].
+    ``topk_ids`` [T, k] int32/int64, the routed (global) expert ids; ``topk_weights`` [T, k] float32 or
+    the activation dtype; ``w13`` [E', 2I, H] (gate rows first, then up) and ``w2`` [E', H, I] hold experts
+    ``[expert_offset, expert_offset + E')`` (all of them when ``expert_offset`` is 0 and E' is the routed
+    count).  Slots routed to other experts contribute zero, at no cost (expert parallelism).
     ``config`` overrides the table entry (used by the benchmark's sweep); ``out`` [T, H] (contiguous,
     dtype of ``hidden_states``) receives the result instead of a fresh tensor.
     Allocations depend on shapes only and there is no host synchronisation, so the call can be
@@ -350,6 +393,8 @@ def fused_moe(
     if not _HAVE_TRITON:
         raise RuntimeError("fused_moe needs triton")
     _check_inputs(hidden_states, topk_ids, topk_weights, w13, w2)
+    if expert_offset < 0:
+        raise ValueError(f"expert_offset must be >= 0, got {expert_offset}")
     t, h = hidden_states.shape
     topk = topk_ids.shape[1]
     num_experts, two_i, _ = w13.shape
@@ -382,6 +427,7 @@ def fused_moe(
         block_expert,
         num_slots,
         nb_max,
+        expert_offset,
         E=num_experts,
         E_P=max(2, next_pow2(num_experts)),
         BLOCK_M=bm,
@@ -462,6 +508,9 @@ def fused_moe(
     _combine_kernel[(t, triton.cdiv(h, block_h))](
         partial,
         out,
+        ids,
+        expert_offset,
+        num_experts,
         h,
         partial.stride(0),
         partial.stride(1),
