@@ -12,6 +12,13 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from compiler.errors import MoecError
+
+
+def decoder_pipeline(max_seq: int) -> str:
+    """What `moec build --kv-cache` runs: the engine pipeline with KV caches as long as the engines' --max-seq."""
+    return f"canonicalize,fuse-moe,kv-cache{{max_seq={max_seq}}},dce"
+
 
 def _cmd_build(args: argparse.Namespace) -> int:
     from backends.tensorrt import build_engines, build_options
@@ -19,7 +26,10 @@ def _cmd_build(args: argparse.Namespace) -> int:
     from compiler.pass_manager import parse_pipeline, run_pipeline
 
     options = build_options(args.moe_plugin, args.target, args.max_batch, args.max_seq, args.workers, args.keep_onnx)
-    pipeline = parse_pipeline(args.passes if args.passes is not None else ENGINE_PIPELINE)
+    if args.kv_cache and args.passes is not None:
+        raise MoecError("give --kv-cache or --passes (with kv-cache in it), not both")
+    default = decoder_pipeline(args.max_seq) if args.kv_cache else ENGINE_PIPELINE
+    pipeline = parse_pipeline(args.passes if args.passes is not None else default)
     print(f"moec build: tracing {args.source} ...", flush=True)
     program = load(args.source, dtype=args.dtype, seed=args.seed)
     result = run_pipeline(program, pipeline)
@@ -53,6 +63,9 @@ def add_build_cli(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--max-batch", type=int, default=4, help="largest batch of the optimization profile")
     parser.add_argument("--max-seq", type=int, default=512, help="longest sequence of the optimization profile")
     parser.add_argument("--keep-onnx", action="store_true", help="keep the ONNX files TensorRT parsed (DIR/onnx/)")
+    parser.add_argument("--kv-cache", action="store_true",
+                        help="decoder engines (past/present KV cache inputs, context and generation profiles): "
+                        "pipeline " + decoder_pipeline(512).replace("512", "--max-seq"))
     parser.add_argument("--seed", type=int, default=0, help="seed of dummy weights (presets)")
     parser.set_defaults(func=_cmd_build)
     return parser

@@ -53,6 +53,9 @@ def add_run_cli(sub: Any, add_source: Any) -> None:
                    help="a Hugging Face tokenizer directory (default: the checkpoint's own)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--cuda-graphs", action="store_true", help="replay captured CUDA graphs (decode steps)")
+    p.add_argument("--onnx", metavar="FILE", default=None,
+                   help="generate greedily from this decoder export (past/present ONNX) in onnxruntime instead of "
+                   "compiling; SOURCE then only gives the tokenizer and vocabulary")
     from compiler.recipe import add_quantization_arguments
 
     add_quantization_arguments(p)
@@ -242,6 +245,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.end_id is not None and not 0 <= args.end_id < vocab:
         raise MoecError(f"--end-id {args.end_id} is outside the vocabulary [0, {vocab})")
     options = sampling_options(args, tokenizer)
+    if args.onnx is not None:
+        return _run_onnx(args, prompts, texts, tokenizer, options, vocab)
     traced = load_traced(args)
     result = run_pipeline(traced, pipeline)
     if result.program.ranks:
@@ -254,6 +259,27 @@ def cmd_run(args: argparse.Namespace) -> int:
     streamer = RunStreamer(tokenizer, len(prompts), args.streaming, args.streaming_interval, options["eos_token_id"])
     outputs = compiled.generate(prompts, args.max_output_len, streamer=streamer, **options)
     _print_results(prompts, texts, outputs, tokenizer, streamer, args, [])
+    return 0
+
+
+def _run_onnx(
+    args: argparse.Namespace, prompts: list[list[int]], texts: list[str] | None, tokenizer: Any,
+    options: dict[str, Any], vocab: int,
+) -> int:
+    """`moec run SOURCE --onnx FILE`: the exported decoder's greedy loop in onnxruntime (backends/onnx/decoder.py)."""
+    from backends.onnx.decoder import OnnxDecoder, greedy_generate
+
+    if options["do_sample"]:
+        raise MoecError("--onnx generates greedily: leave --top-k at 1 and --top-p at 0")
+    if args.passes is not None:
+        raise MoecError("--onnx runs the exported file as it is: --passes does not apply")
+    decoder = OnnxDecoder(args.onnx)
+    if decoder.vocab_size != vocab:
+        raise MoecError(f"{args.onnx} has a vocabulary of {decoder.vocab_size}, but {args.source}'s is {vocab}")
+    eos = options["eos_token_id"]
+    streamer = RunStreamer(tokenizer, len(prompts), args.streaming, args.streaming_interval, eos)
+    result = greedy_generate(decoder, prompts, args.max_output_len, eos_token_id=eos, streamer=streamer)
+    _print_results(prompts, texts, result.sequences, tokenizer, streamer, args, [f"onnxruntime: {args.onnx}"])
     return 0
 
 

@@ -79,10 +79,15 @@ def _segment(program: Program, output: torch.fx.Node, runtime_input: torch.fx.No
     nodes = _slice(output)
     cuts = [node for node in nodes if node.target in COLLECTIVE_OPS]
     weights = [node for node in nodes if node.op == "placeholder" and "weight" in node.meta]
+    # A program with KV caches: the segments holding attention also read cache_position and their layers' caches.
+    state = [
+        node for node in nodes if node.op == "placeholder" and node is not runtime_input and "weight" not in node.meta
+    ]
     # input_ids first: the ONNX export names batch/seq from the first runtime input.
-    for node in [runtime_input, *cuts, *weights]:
+    for node in [runtime_input, *state, *cuts, *weights]:
         placeholder = graph.placeholder(node.name)
-        placeholder.meta = {key: value for key, value in node.meta.items() if key in ("val", "weight", "moec_rule")}
+        kept = ("val", "weight", "kv_cache", "moec_rule")
+        placeholder.meta = {key: value for key, value in node.meta.items() if key in kept}
         mapping[node] = placeholder
     for node in nodes:
         if node in mapping:
@@ -93,12 +98,12 @@ def _segment(program: Program, output: torch.fx.Node, runtime_input: torch.fx.No
     graph.output(mapping[output])
     module = torch.fx.GraphModule(torch.nn.Module(), graph)
     segment = Program(module, program.config, program.source_description, 0.0, dict(program.attributes))
-    return Segment(segment, [runtime_input.name, *(node.name for node in cuts)], output.name)
+    return Segment(segment, [runtime_input.name, *(node.name for node in [*state, *cuts])], output.name)
 
 
 def split_at_collectives(program: Program) -> RankPlan:
     """The segments and steps of one rank; a program without collectives is one segment."""
-    (runtime_input,) = program.input_nodes()
+    runtime_input = program.input_nodes()[0]  # input_ids (then cache_position in a program with KV caches)
     (output,) = program.graph.find_nodes(op="output")
     (result,) = output.args[0] if isinstance(output.args[0], (tuple, list)) else (output.args[0],)
     plan = RankPlan(output=result.name)

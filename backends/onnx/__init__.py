@@ -6,11 +6,15 @@
 
 Opset 23 (the first with `Attention`, `RMSNormalization` and `RotaryEmbedding`); `com.microsoft` opset 1 is
 imported only for `moe="ort"`, `trt.plugins` only for `moe="plugin"`. See `export.py` (files, streaming),
-`converters.py` (op mapping), `moe.py` (the three MoE modes) and `ranks.py` (every rank of a sharded program,
-split at its collectives, exported and simulated together on onnxruntime).
+`converters.py` (the converter registry), `aten_ops.py` and `canonical_ops.py` (op mapping), `moe.py` (the three
+MoE modes) and `ranks.py` (every rank of a sharded program, split at its collectives, exported and simulated
+together on onnxruntime).
 
 CLI glue (`moec compile SOURCE --passes ... --export-onnx-after NAME|all --onnx-dir DIR [--moe-export MODE]`):
-`add_onnx_cli_arguments(parser)` adds the flags, `handle_onnx_cli(args, traced, history)` writes the files.
+`add_onnx_cli_arguments(parser)` adds the flags, `handle_onnx_cli(args, traced, history)` writes the files (with
+`all`, programs that cannot be exported, those with quantized ops, are named on stderr and skipped). A program with
+KV caches exports as a past/present decoder (`cached.py`), which `decoder.py` generates from in onnxruntime and
+describes for onnxruntime-genai.
 """
 
 from __future__ import annotations
@@ -18,12 +22,13 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from backends.onnx.context import OnnxExportError
-from backends.onnx.export import DECOMPOSABLE, OPSET, OnnxExport, export_program
+from backends.onnx.export import DECOMPOSABLE, OPSET, OnnxExport, export_program, unexportable_reason
 from backends.onnx.moe import MOE_MODES
 from compiler.errors import MoecError
 from compiler.ir import Program
@@ -56,13 +61,29 @@ def export_onnx(
     moe: str = "ootb",
     after: str | None = None,
     decompose: Sequence[str] = (),
+    genai: bool = False,
 ) -> OnnxExport:
     """Exports a Program, or a CompiledModel's program after pass `after` (`"trace"` = as traced; None = final).
 
+    A program with KV caches becomes a past/present decoder (`cached.py`); `genai=True` also writes onnxruntime-genai's
+    `genai_config.json` beside it, and a CompiledModel's tokenizer files (`decoder.write_genai_config`).
+
     Raises `MoecError` naming the cause: a pass not in the pipeline, an unknown MoE mode, an op without a
-    converter, or an unwritable path.
+    converter, an unwritable path, or `genai=True` for a program without KV caches or with moe="plugin".
     """
-    return export_program(_select_program(source, after), path, moe=moe, decompose=tuple(decompose))
+    program = _select_program(source, after)
+    if genai and not program.cache_nodes():
+        raise OnnxExportError("genai=True describes a decoder: export a program after kv-cache")
+    if genai and moe == "plugin":
+        raise OnnxExportError(
+            "genai=True: onnxruntime-genai cannot run trt.plugins::MoE; export with moe='ootb' or 'ort'"
+        )
+    exported = export_program(program, path, moe=moe, decompose=tuple(decompose))
+    if genai:
+        from backends.onnx.decoder import write_genai_config
+
+        write_genai_config(program, exported.path, getattr(source, "tokenizer", None))
+    return exported
 
 
 def add_onnx_cli_arguments(parser: argparse.ArgumentParser) -> None:
@@ -101,6 +122,16 @@ def handle_onnx_cli(args: argparse.Namespace, traced: Program, history: Sequence
                 ran = ", ".join(spec for _, spec, _ in stages[1:]) or "none"
                 raise MoecError(f"--export-onnx-after {name!r}: no such pass in the pipeline (passes run: {ran})")
             selected.append(matches[-1])
+    if "all" in wanted:
+        # "all" means every program that can be exported; the rest are named, not silently dropped.
+        exportable = []
+        for index, spec, program in selected:
+            reason = unexportable_reason(program)
+            if reason is None:
+                exportable.append((index, spec, program))
+            else:
+                print(f"skipped ONNX export of {_file_name(index, spec)}: {reason}", file=sys.stderr)
+        selected = exportable
     directory = Path(args.onnx_dir)
     return [
         export_program(program, directory / _file_name(index, spec), moe=args.moe_export)

@@ -78,6 +78,18 @@ class ExportOptions:
 
 
 @dataclass
+class DecoderIO:
+    """The past/present interface of a program with KV caches (filled by `backends/onnx/cached.py`)."""
+
+    attention_mask: gs.Tensor  # int64 [batch, past_seq + seq]: 1 = a real token in that slot
+    position_ids: gs.Tensor  # int64 [batch, seq]: the rotary position of every new token
+    past_seq: gs.Tensor  # 1-element int64: the slots each past_key_values input holds
+    # `present.{layer}.{key|value}` -> its tensor, in the order the converters emit them.
+    presents: dict[str, gs.Tensor] = field(default_factory=dict)
+    masks: dict[int, gs.Tensor] = field(default_factory=dict)  # sliding window -> bool[batch, 1, seq, total_seq]
+
+
+@dataclass
 class ConversionContext:
     """Everything a converter reads or writes while one program is converted."""
 
@@ -90,6 +102,7 @@ class ConversionContext:
     _initializer_by_expr: dict[int, gs.Constant] = field(default_factory=dict)
     _counter: int = 0
     current: torch.fx.Node | None = None
+    decoder: DecoderIO | None = None  # set for a program with KV caches
 
     # --- naming and node creation ------------------------------------------------------------------------------
 

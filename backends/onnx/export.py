@@ -2,9 +2,12 @@
 
 before: a Program (fx graph on the meta device; weights are lazy `WeightExpr`s)
 after:  `model.onnx` (opset 23; graph input `input_ids[batch, seq]` int64, output `logits[batch, seq, vocab]`)
-        and `model.onnx.data` holding every initializer's bytes.
+        and `model.onnx.data` holding every initializer's bytes. A program with KV caches (after `kv-cache`) becomes
+        a past/present decoder instead (inputs input_ids, attention_mask, position_ids, past_key_values.{i}.key/.value;
+        outputs logits, present.{i}.key/.value; metadata `moec.max_seq`): see `cached.py`.
 
-The graph is built with onnx-graphsurgeon, one registered converter per fx op (`converters.py`, `moe.py`).
+The graph is built with onnx-graphsurgeon, one registered converter per fx op (`converters.py` is the registry;
+`aten_ops.py`, `canonical_ops.py` and `moe.py` the converters).
 Initializers are `LazyValues` over TensorProtos that point into the data file and hold no bytes; the data file is
 then written by streaming each weight (a stack of experts one expert at a time), so exporting never holds more
 than the largest single piece of one weight in memory, whatever the model size.
@@ -25,10 +28,14 @@ import onnx_graphsurgeon as gs
 import torch
 import torch.fx
 
+import backends.onnx.aten_ops  # noqa: F401 - registers the ATen converters
+import backends.onnx.canonical_ops  # noqa: F401 - registers the converters of moec's canonical ops
+from backends.onnx.cached import declare_decoder_io, present_outputs
 import backends.onnx.moe  # noqa: F401 - registers the moec.moe converters
 from backends.onnx.context import ConversionContext, ExportOptions, OnnxExportError, onnx_dtype
 from backends.onnx.converters import find_converter
 from backends.onnx.moe import MOE_MODES
+from compiler import ops
 from compiler.ir import Program
 from compiler.weights import Rewrite, WeightExpr
 
@@ -37,6 +44,7 @@ DECOMPOSABLE = ("attention", "rms_norm", "rope")
 # Offsets in the data file are page-aligned, so runtimes can mmap each initializer.
 _ALIGNMENT = 4096
 _CUSTOM_DOMAINS = {"com.microsoft": 1, "trt.plugins": 1}
+MAX_SEQ_METADATA = "moec.max_seq"
 
 
 @dataclass(frozen=True)
@@ -103,8 +111,12 @@ def build_graph(program: Program, options: ExportOptions) -> ConversionContext:
     """Converts every node; returns the context holding the onnx-graphsurgeon graph and its initializers."""
     ctx = ConversionContext(options)
     names = _dim_names(program)
+    if program.cache_nodes():
+        ctx.graph.inputs.extend(declare_decoder_io(ctx, program))
     for node in program.graph.nodes:
         ctx.current = node
+        if node in ctx.values:
+            continue  # a decoder input, or the rotary positions the `position_ids` input replaces
         if node.op == "placeholder":
             expr = node.meta.get("weight")
             if expr is not None:
@@ -125,6 +137,8 @@ def build_graph(program: Program, options: ExportOptions) -> ConversionContext:
                 identity = gs.Node("Identity", name=f"{name}/Identity", inputs=[ctx.tensor(result)], outputs=[variable])
                 ctx.graph.nodes.append(identity)
                 ctx.graph.outputs.append(variable)
+            if ctx.decoder is not None:
+                ctx.graph.outputs.extend(present_outputs(program, ctx))
         else:
             raise OnnxExportError(f"cannot export fx node {node.name} of kind {node.op}")
     ctx.current = None
@@ -182,6 +196,14 @@ def write_external_data(ctx: ConversionContext, data_path: Path, used: set[str])
     return offset
 
 
+def unexportable_reason(program: Program) -> str | None:
+    """Why `program` cannot be exported as a whole (None when it can): quantized ops are a later issue."""
+    programs = (program, *program.ranks)
+    if any(node.target in ops.QUANTIZED_OPS for each in programs for node in each.graph.nodes):
+        return "ONNX export of quantized ops is not supported yet (export before quantize-weights)"
+    return None
+
+
 def export_program(
     program: Program,
     path: str | os.PathLike[str],
@@ -195,6 +217,9 @@ def export_program(
     unknown = set(decompose) - set(DECOMPOSABLE)
     if unknown:
         raise OnnxExportError(f"cannot decompose {', '.join(sorted(unknown))}; decomposable: {', '.join(DECOMPOSABLE)}")
+    reason = unexportable_reason(program)
+    if reason is not None:
+        raise OnnxExportError(reason)
     model_path, data_path = _prepare_paths(path)
     ctx = build_graph(program, ExportOptions(moe=moe, decompose=frozenset(decompose)))
     graph = ctx.graph
@@ -207,6 +232,11 @@ def export_program(
     model = gs.export_onnx(graph, do_type_check=False)
     model.producer_name = "moec"
     model.graph.name = program.source_description or "moec"
+    specs = program.cache_specs()
+    if specs:
+        # What bounds past_seq + seq: the kv-cache pass's max_seq (the generation loop and genai_config read it).
+        entry = model.metadata_props.add()
+        entry.key, entry.value = MAX_SEQ_METADATA, str(min(spec.max_seq for spec in specs.values()))
     try:
         model_path.write_bytes(model.SerializeToString())
     except OSError as error:

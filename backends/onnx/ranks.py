@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from backends.onnx.context import OnnxExportError
-from backends.onnx.export import OnnxExport, export_program
+from backends.onnx.export import OnnxExport, export_program, unexportable_reason
 from compiler.segments import split_at_collectives
 from compiler.ir import Program
 
@@ -32,7 +32,7 @@ class RankExport:
     """One rank's ONNX segments and the steps that run them (the `steps` format of `segments.RankPlan`)."""
 
     rank: int
-    segments: list[OnnxExport]
+    segments: list[OnnxExport]  # (what is read of each: its `.path`, so a TensorRT build's parsed files serve too)
     steps: list[dict[str, Any]]
     output: str
     _sessions: list[Any] = field(default_factory=list, repr=False)
@@ -46,7 +46,9 @@ class RankExport:
                 for segment in self.segments
             ]
         session = self._sessions[index]
-        (result,) = session.run(None, {inp.name: values[inp.name] for inp in session.get_inputs()})
+        result, *presents = session.run(None, {inp.name: values[inp.name] for inp in session.get_inputs()})
+        for output, present in zip(session.get_outputs()[1:], presents):
+            values[output.name] = present  # a decoder segment's present.{i}.key/value
         return result
 
 
@@ -54,6 +56,9 @@ def export_ranks(
     program: Program, directory: str | os.PathLike[str], moe: str = "ootb", decompose: tuple[str, ...] = ()
 ) -> list[RankExport]:
     """Writes every rank's segments into `directory`; a Program without ranks is exported as rank 0."""
+    reason = unexportable_reason(program)
+    if reason is not None:
+        raise OnnxExportError(reason)
     directory = Path(directory)
     exports = []
     for rank, rank_program in enumerate(program.ranks or [program]):
@@ -81,7 +86,13 @@ def _group_ready(exports: list[RankExport], position: list[int], step: dict[str,
 def simulate_ranks(exports: list[RankExport], input_ids: np.ndarray) -> list[np.ndarray]:
     """Runs all ranks in lockstep (one step each per round; a collective waits for its whole group, a recv for its
     send); returns each rank's final value (the logits where the rank computes them, a send's empty token else)."""
-    values: list[dict[str, np.ndarray]] = [{"input_ids": input_ids} for _ in exports]
+    values = _simulate(exports, [{"input_ids": input_ids} for _ in exports])
+    return [values[r][export.output] for r, export in enumerate(exports)]
+
+
+def _simulate(exports: list[RankExport], feeds: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+    """`simulate_ranks` from each rank's graph inputs; returns every rank's values (outputs, presents)."""
+    values: list[dict[str, np.ndarray]] = [dict(feed) for feed in feeds]
     position = [0] * len(exports)
     mailbox: dict[tuple[int, int], np.ndarray] = {}
     while any(position[r] < len(export.steps) for r, export in enumerate(exports)):
@@ -120,4 +131,58 @@ def simulate_ranks(exports: list[RankExport], input_ids: np.ndarray) -> list[np.
             progressed = True
         if not progressed:
             raise OnnxExportError("simulated ranks deadlocked: the ranks' collective steps do not match")
-    return [values[r][export.output] for r, export in enumerate(exports)]
+    return values
+
+
+class RankDecoder:
+    """The ranks of a sharded decoder export (a program after `shard` and `kv-cache`) stepped together, with the
+    interface of `backends.onnx.decoder.OnnxDecoder`, so `greedy_generate` runs them: its past holds every rank's
+    caches (`rank{r}/past_key_values.{i}.key`: each rank's own kv heads or layers)."""
+
+    def __init__(self, exports: list[RankExport], vocab_size: int) -> None:
+        from backends.onnx.decoder import OnnxDecoder
+
+        self.exports = exports
+        self.vocab_size = vocab_size
+        self.caches: list[tuple[int, Any]] = []
+        max_seqs = []
+        for rank, export in enumerate(exports):
+            for segment in export.segments:
+                names = [i.name for i in onnx_inputs(segment.path)]
+                if "attention_mask" not in names:
+                    continue  # a segment without attention (embedding, MoE, lm_head)
+                decoder = OnnxDecoder.describe(segment.path)
+                max_seqs.append(decoder.max_seq)
+                self.caches += [(rank, cache) for cache in decoder.caches]
+        if not self.caches:
+            raise OnnxExportError("these ranks hold no KV caches: export a program after kv-cache")
+        self.max_seq = min(max_seqs)
+
+    def empty_past(self, batch: int) -> dict[str, np.ndarray]:
+        return {
+            f"rank{rank}/{c.name}": np.zeros((batch, c.kv_heads, 0, c.head_dim), dtype=c.dtype)
+            for rank, c in self.caches
+        }
+
+    def step(
+        self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, past: dict[str, np.ndarray]
+    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        shared = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+        feeds = [dict(shared) for _ in self.exports]
+        for name, value in past.items():
+            rank, cache = name.split("/", 1)
+            feeds[int(rank.removeprefix("rank"))][cache] = value
+        values = _simulate(self.exports, feeds)
+        outputs = [values[r][export.output] for r, export in enumerate(self.exports)]
+        logits = next(output for output in outputs if output.ndim == 3)  # a pipeline's last stage holds them
+        presents = {
+            f"rank{rank}/{c.name}": values[rank][c.name.replace("past_key_values", "present", 1)]
+            for rank, c in self.caches
+        }
+        return logits, presents
+
+
+def onnx_inputs(path: Path) -> list[Any]:
+    import onnx
+
+    return list(onnx.load(str(path), load_external_data=False).graph.input)

@@ -41,7 +41,7 @@ from backends.tensorrt.runtime import (
     tensorrt_info,
 )
 from compiler.errors import MoecError
-from compiler.segments import RankPlan, dim_exprs, split_at_collectives, symbol_names
+from compiler.segments import RankPlan, Segment, dim_exprs, split_at_collectives, symbol_names
 from compiler.ir import Program, op_name
 
 CONFIG_FORMAT = "moec-tensorrt/1"
@@ -117,7 +117,83 @@ def _program_dtype(program: Program) -> str:
 def _rank_plans(program: Program) -> list[RankPlan]:
     """One plan per rank: its engine segments (split at collectives) and the runtime's steps."""
     ranks = list(program.ranks) if program.ranks else [program]
-    return [split_at_collectives(rank) for rank in ranks]
+    return [_decoder_plan(rank) if rank.cache_nodes() else split_at_collectives(rank) for rank in ranks]
+
+
+def _decoder_io(program: Program) -> tuple[dict[str, list[int | str]], list[str]]:
+    """A decoder engine's input dims (named as `backends/onnx/cached.py` declares them) and output names."""
+    from backends.onnx.cached import ATTENTION_MASK, POSITION_IDS, past_name, present_name
+
+    dims: dict[str, list[int | str]] = {
+        "input_ids": ["batch", "seq"], ATTENTION_MASK: ["batch", "total_seq"], POSITION_IDS: ["batch", "seq"]
+    }
+    specs = list(program.cache_specs().values())
+    for spec in specs:
+        dims[past_name(spec)] = ["batch", spec.kv_heads, "past_seq", spec.head_dim]
+    return dims, ["logits", *(present_name(spec) for spec in specs)]
+
+
+def _kv_cache_entry(program: Program, options: BuildOptions) -> dict[str, Any] | None:
+    """config.json's description of decoder engines (None for stateless ones): what bounds the caches and which
+    optimization profile serves which phase (profile index = position in `profiles`)."""
+    specs = [spec for rank in (program.ranks or (program,)) for spec in rank.cache_specs().values()]
+    if not specs:
+        return None
+    max_seq = min(spec.max_seq for spec in specs)
+    return {
+        "max_seq": max_seq,
+        "dtype": str(specs[0].dtype).removeprefix("torch."),
+        "layout": "[batch, kv_heads, past_seq, head_dim]",
+        "profiles": decoder_profiles(options, max_seq),
+    }
+
+
+def _decoder_plan(program: Program) -> RankPlan:
+    """A rank with KV caches, split at its collectives like any rank; each engine that holds attention takes the
+    decoder's past/present inputs and outputs (for its own layers) besides the collective results it reads."""
+    plan = split_at_collectives(program)
+    for step in plan.steps:
+        if "engine" not in step:
+            continue
+        segment = plan.segments[step["engine"]]
+        if segment.program.cache_nodes():
+            dims, outputs = _decoder_io(segment.program)
+            step["inputs"] = [*dims, *_collective_inputs(segment)]
+            step["outputs"] = outputs
+    return plan
+
+
+def _collective_inputs(segment: Segment) -> list[str]:
+    """The inputs of a decoder segment that are collective results (neither decoder state nor input_ids)."""
+    state = {"input_ids", "cache_position", *(node.name for node in segment.program.cache_nodes())}
+    return [name for name in segment.inputs if name not in state]
+
+
+def decoder_profiles(options: BuildOptions, max_seq: int) -> list[dict[str, Any]]:
+    """The decoder engines' two optimization profiles, as sizes of batch/seq/past_seq (total_seq = past_seq + seq):
+    `context` (prefill: up to max_seq tokens, empty past) and `generation` (one token per sequence, a past of up to
+    max_seq - 1 slots)."""
+    if options.max_seq > max_seq:
+        raise MoecError(
+            f"--max-seq {options.max_seq} exceeds the program's KV cache length (kv-cache max_seq {max_seq}): "
+            "past_seq + seq may not pass it; lower --max-seq or raise kv-cache{max_seq=N}"
+        )
+    if options.max_seq < 2:
+        raise MoecError(
+            f"decoder engines need --max-seq >= 2 (a prompt token and a generated one), got {options.max_seq}"
+        )
+    batches = {"min": 1, "opt": options.opt_batch, "max": options.max_batch}
+    context = {"seq": {"min": 1, "opt": options.opt_seq, "max": options.max_seq}, "past_seq": dict.fromkeys(batches, 0)}
+    past_opt = min(options.opt_seq, options.max_seq - 1)
+    generation = {"seq": dict.fromkeys(batches, 1), "past_seq": {"min": 1, "opt": past_opt, "max": options.max_seq - 1}}
+    profiles = []
+    for name, sizes in (("context", context), ("generation", generation)):
+        profile: dict[str, Any] = {"name": name}
+        for key in batches:
+            values = {"batch": batches[key], "seq": sizes["seq"][key], "past_seq": sizes["past_seq"][key]}
+            profile[key] = {**values, "total_seq": values["seq"] + values["past_seq"]}
+        profiles.append(profile)
+    return profiles
 
 
 def _name_input_dims(onnx_path: Path, input_dims: dict[str, list[int | str]]) -> None:
@@ -223,9 +299,20 @@ def build_engines(
                 exported = export_program(
                     segment.program, onnx_dir / f"{stem}.onnx", moe=moe_mode, decompose=tuple(options.decompose)
                 )
+                profiles = None
                 names = symbol_names(segment.program)
-                input_dims = {node.name: dim_exprs(node.meta["val"], names) for node in segment.program.input_nodes()}
-                _name_input_dims(exported.path, input_dims)
+                inputs = segment.program.input_nodes()
+                input_dims = {node.name: dim_exprs(node.meta["val"], names) for node in inputs}
+                if segment.program.cache_nodes():
+                    collective = set(_collective_inputs(segment))
+                    input_dims = {name: dims for name, dims in input_dims.items() if name in collective}
+                    _name_input_dims(exported.path, input_dims)
+                    decoder_dims, _ = _decoder_io(segment.program)  # the export names these dims itself
+                    input_dims = {**decoder_dims, **input_dims}
+                    max_seq = min(spec.max_seq for spec in segment.program.cache_specs().values())
+                    profiles = decoder_profiles(options, max_seq)
+                else:
+                    _name_input_dims(exported.path, input_dims)
                 exports.append(exported)
                 progress(
                     f"{prefix}exported ONNX: {exported.node_count} nodes, {exported.data_bytes / 2**20:.1f} MiB "
@@ -242,6 +329,7 @@ def build_engines(
                     "opt_batch": options.opt_batch,
                     "opt_seq": options.opt_seq,
                     "input_dims": input_dims,
+                    "profiles": profiles,
                     "prefix": prefix,
                     "provenance": _provenance(segment.program),
                 }
@@ -291,6 +379,7 @@ def build_engines(
             "passes": list(passes or []),
             "dtype": dtype or _program_dtype(program),
             "parallelism": _parallelism(program),
+            "kv_cache": _kv_cache_entry(program, options),
             "moe_lowering": moe_mode,
             "plugin": {
                 "name": "MoE",

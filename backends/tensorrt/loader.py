@@ -144,6 +144,12 @@ class TensorRTExecutable:
         import torch
         import torch.distributed as dist
 
+        if self.config.get("kv_cache"):
+            raise EngineRunError(
+                f"{self.directory} holds decoder engines (past/present KV cache inputs, two profiles): this loader "
+                "runs stateless engines only; their ONNX (--keep-onnx) runs in onnxruntime through "
+                "backends.onnx.decoder"
+            )
         ids = input_ids.to(self.device, torch.int64).contiguous()
         batch, seq = ids.shape
         values: dict[str, Any] = {"input_ids": ids}

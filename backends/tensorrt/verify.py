@@ -126,17 +126,51 @@ def swap_plugin_for_onnxruntime(model: onnx.ModelProto) -> onnx.ModelProto:
     return result
 
 
+def onnxruntime_file(onnx_path: str | os.PathLike[str]) -> Path:
+    """`onnx_path` itself, or, when it holds plugin nodes, a sibling `*.onnxruntime.onnx` with them swapped (external
+    data still resolves beside it)."""
+    path = Path(onnx_path)
+    model = onnx.load(str(path), load_external_data=False)
+    if not _plugin_nodes(model):
+        return path
+    target = path.with_name(path.stem + ".onnxruntime.onnx")
+    onnx.save(swap_plugin_for_onnxruntime(model), str(target))
+    return target
+
+
 def onnxruntime_session(onnx_path: str | os.PathLike[str]) -> Any:
     """A CPU onnxruntime session over `onnx_path` (plugin nodes swapped); external data resolves beside it."""
     import onnxruntime
 
-    path = Path(onnx_path)
-    model = onnx.load(str(path), load_external_data=False)
-    target = path
-    if _plugin_nodes(model):
-        target = path.with_name(path.stem + ".onnxruntime.onnx")
-        onnx.save(swap_plugin_for_onnxruntime(model), str(target))
-    return onnxruntime.InferenceSession(str(target), providers=["CPUExecutionProvider"])
+    return onnxruntime.InferenceSession(str(onnxruntime_file(onnx_path)), providers=["CPUExecutionProvider"])
+
+
+def decoder_ranks(directory: str | os.PathLike[str], vocab_size: int) -> Any:
+    """Every rank of a `--keep-onnx` decoder build (config.json's `kv_cache`) as one `backends.onnx.ranks.RankDecoder`
+    over the parsed ONNX files (plugins swapped), following config.json's steps: `greedy_generate` runs it."""
+    from types import SimpleNamespace
+
+    from backends.onnx.ranks import RankDecoder, RankExport
+    from backends.tensorrt.loader import read_config
+
+    directory = Path(directory)
+    config = read_config(directory)
+    if not config.get("kv_cache"):
+        raise MoecError(f"{directory} holds stateless engines, not decoder engines (build with --kv-cache)")
+    exports = []
+    for entry in config["ranks"]:
+        if any(engine["onnx"] is None for engine in entry["engines"]):
+            raise MoecError(f"{directory} was built without --keep-onnx: the parsed ONNX files are gone")
+        files = [SimpleNamespace(path=onnxruntime_file(directory / engine["onnx"])) for engine in entry["engines"]]
+        exports.append(RankExport(entry["rank"], files, entry["steps"], entry["output"]))  # type: ignore[arg-type]
+    return RankDecoder(exports, vocab_size)
+
+
+def onnxruntime_decoder(onnx_path: str | os.PathLike[str]) -> Any:
+    """The parsed ONNX of a decoder engine (past/present) as a `backends.onnx.decoder.OnnxDecoder` (plugins swapped)."""
+    from backends.onnx.decoder import OnnxDecoder
+
+    return OnnxDecoder(onnxruntime_file(onnx_path))
 
 
 def run_onnxruntime(onnx_path: str | os.PathLike[str], input_ids: np.ndarray) -> np.ndarray:

@@ -11,7 +11,9 @@ compiler down with it.
 The adjustments of the parsed network / builder config, each one named step:
 - `strongly_typed`: data-center TensorRT is asked for a strongly typed network, so it keeps the ONNX file's types
   exactly (TensorRT-RTX networks always are);
-- `profile`: one optimization profile over the dynamic `batch` and `seq` dims of `input_ids`;
+- `profile`: one optimization profile over the dynamic `batch` and `seq` dims of `input_ids`; a decoder engine
+  (past/present inputs, `job["profiles"]`) gets two instead, `context` and `generation` (see `build.decoder_profiles`),
+  and the result records what TensorRT's profile objects hold;
 - `targets`: the compute capabilities to build for (TensorRT-RTX only);
 - `register_moe_plugin`: the Python `MoE` creator is registered before parsing when the graph has plugin nodes.
 """
@@ -19,6 +21,7 @@ The adjustments of the parsed network / builder config, each one named step:
 from __future__ import annotations
 
 import json
+import re
 import resource
 import sys
 import time
@@ -49,6 +52,39 @@ def _profile_shapes(network: Any, job: dict[str, Any]) -> dict[str, dict[str, li
             for key, (b, s) in limits.items()
         }
     return shapes
+
+
+def _size(dim: int | str, sizes: dict[str, int]) -> int:
+    """A dim written as an int, or as an expression of the names in `sizes` (`batch`, `seq`, `past_seq`,
+    `total_seq`; a collective result of a sharded decoder is e.g. `batch*seq`)."""
+    if isinstance(dim, int):
+        return dim
+    names = set(re.findall(r"[A-Za-z_]+", dim))
+    if not names <= set(sizes) or not re.fullmatch(r"[A-Za-z_0-9+*/() -]+", dim):
+        raise TensorRTBuildError(f"dim {dim!r} is not an expression of {', '.join(sizes)}")
+    return int(eval(dim, {"__builtins__": {}}, dict(sizes)))
+
+
+def _named_profiles(network: Any, job: dict[str, Any]) -> list[dict[str, dict[str, list[int]]]]:
+    """min/opt/max of every dynamic input per profile of `job["profiles"]` (decoder engines: context, generation)."""
+    shapes: list[dict[str, dict[str, list[int]]]] = []
+    for profile in job["profiles"]:
+        inputs: dict[str, dict[str, list[int]]] = {}
+        for index in range(network.num_inputs):
+            tensor = network.get_input(index)
+            dims = job["input_dims"].get(tensor.name)
+            if dims is None:
+                raise TensorRTBuildError(f"input {tensor.name}: the build did not describe its dims")
+            inputs[tensor.name] = {key: [_size(d, profile[key]) for d in dims] for key in ("min", "opt", "max")}
+        shapes.append(inputs)
+    return shapes
+
+
+def _recorded(profile: Any, names: list[str]) -> dict[str, dict[str, list[int]]]:
+    """What an optimization profile holds, read back from TensorRT (config.json records this, not the request)."""
+    return {
+        name: dict(zip(("min", "opt", "max"), (_dims(dims) for dims in profile.get_shape(name)))) for name in names
+    }
 
 
 class _Progress:
@@ -119,11 +155,21 @@ def build_engine(job: dict[str, Any]) -> dict[str, Any]:
         config.num_compute_capabilities = len(targets)
         for index, target in enumerate(targets):
             config.set_compute_capability(getattr(trt.ComputeCapability, target.upper()), index)
-    profile = builder.create_optimization_profile()
-    shapes = _profile_shapes(network, job)
-    for name, limits in shapes.items():
-        profile.set_shape(name, limits["min"], limits["opt"], limits["max"])
-    config.add_optimization_profile(profile)
+    if job.get("profiles"):
+        recorded = []
+        for shapes in _named_profiles(network, job):
+            profile = builder.create_optimization_profile()
+            for name, limits in shapes.items():
+                profile.set_shape(name, limits["min"], limits["opt"], limits["max"])
+            config.add_optimization_profile(profile)
+            recorded.append(_recorded(profile, list(shapes)))
+    else:
+        profile = builder.create_optimization_profile()
+        shapes = _profile_shapes(network, job)
+        for name, limits in shapes.items():
+            profile.set_shape(name, limits["min"], limits["opt"], limits["max"])
+        config.add_optimization_profile(profile)
+        recorded = [shapes]
     if hasattr(trt, "IProgressMonitor"):
         config.progress_monitor = _Progress(trt, prefix).monitor
 
@@ -138,7 +184,7 @@ def build_engine(job: dict[str, Any]) -> dict[str, Any]:
     return {
         "inputs": [describe(network.get_input(i)) for i in range(network.num_inputs)],
         "outputs": [describe(network.get_output(i)) for i in range(network.num_outputs)],
-        "profiles": [shapes],
+        "profiles": recorded,
         "layers": network.num_layers,
         "bytes": Path(job["engine"]).stat().st_size,
         "parse_seconds": round(parse_seconds, 3),

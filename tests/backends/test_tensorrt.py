@@ -414,3 +414,137 @@ def test_compile_with_the_tensorrt_backend_needs_an_output_dir() -> None:
 
     with pytest.raises(MoecError, match=r"backend='tensorrt' needs backend_options=\{'output_dir': DIR\}"):
         compile("tiny", backend="tensorrt")
+
+
+DECODER_PIPELINE = "canonicalize,fuse-moe,kv-cache{max_seq=32},dce"
+
+
+@lru_cache(maxsize=None)
+def decoder_program(config: TinyConfig, dtype: str) -> Program:
+    return run_pipeline(load(hf_model(config), dtype=dtype), parse_pipeline(DECODER_PIPELINE)).program
+
+
+def _teacher_forced_logits(decoder: object, prompts: list[list[int]], sequences: list[list[int]]) -> list[np.ndarray]:
+    """The decoder's logits at every step when fed `sequences`' generated tokens (left-padded prompts), so that an
+    fp16 near-tie cannot send the two runs down different paths."""
+    longest = max(len(p) for p in prompts)
+    ids = np.array([[0] * (longest - len(p)) + p for p in prompts], dtype=np.int64)
+    mask = np.array([[0] * (longest - len(p)) + [1] * len(p) for p in prompts], dtype=np.int64)
+    positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+    past = decoder.empty_past(len(prompts))
+    steps = len(sequences[0]) - len(prompts[0])
+    generated = np.array([s[len(p):] for p, s in zip(prompts, sequences)], dtype=np.int64)
+    logits_per_step = []
+    for step in range(steps):
+        logits, past = decoder.step(ids, mask, positions, past)
+        logits_per_step.append(logits[:, -1].astype(np.float32))
+        ids = generated[:, step : step + 1]
+        positions = positions[:, -1:] + 1
+        mask = np.concatenate([mask, np.ones((len(prompts), 1), dtype=np.int64)], axis=1)
+    return logits_per_step
+
+
+@pytest.mark.parametrize("moe_plugin", [False, True], ids=["ootb", "plugin"])
+def test_decoder_engines_have_context_and_generation_profiles_and_their_onnx_matches_torch(
+    moe_plugin: bool, tmp_path: Path
+) -> None:
+    from backends.tensorrt.verify import onnxruntime_decoder
+    from tests.backends.test_onnx_decoder import torch_reference
+
+    config = TINY_CONFIGS[0]
+    program = decoder_program(config, "float16")
+    out = tmp_path / "engines"
+    options = BuildOptions(moe_plugin=moe_plugin, targets=TARGETS, max_batch=2, max_seq=16, keep_onnx=True)
+    built = build_engines(program, out, options, progress=lambda line: None).config
+    assert (out / "rank0.engine").stat().st_size > 100_000
+    kv, head = config.kv_heads, config.hidden // config.heads
+    assert built["kv_cache"]["max_seq"] == 32
+    assert [p["name"] for p in built["kv_cache"]["profiles"]] == ["context", "generation"]
+    (entry,) = built["ranks"][0]["engines"]
+    past_names = [f"past_key_values.{layer}.{kind}" for layer in range(config.layers) for kind in ("key", "value")]
+    assert [i["name"] for i in entry["inputs"]] == ["input_ids", "attention_mask", "position_ids", *past_names]
+    present_names = [name.replace("past_key_values", "present") for name in past_names]
+    assert [o["name"] for o in entry["outputs"]] == ["logits", *present_names]
+    assert [o["shape"] for o in entry["outputs"]] == [[-1, -1, config.vocab]] + [[-1, kv, -1, head]] * len(past_names)
+    context, generation = entry["profiles"]  # as TensorRT's profile objects hold them
+    assert context["input_ids"] == {"min": [1, 1], "opt": [1, 16], "max": [2, 16]}
+    empty = [1, kv, 0, head]
+    assert context["past_key_values.0.key"] == {"min": empty, "opt": empty, "max": [2, kv, 0, head]}
+    assert generation["input_ids"] == {"min": [1, 1], "opt": [1, 1], "max": [2, 1]}
+    assert generation["attention_mask"] == {"min": [1, 2], "opt": [1, 16], "max": [2, 16]}
+    assert generation["past_key_values.1.value"] == {
+        "min": [1, kv, 1, head], "opt": [1, kv, 15, head], "max": [2, kv, 15, head]
+    }
+    assert all(set(profile) == {i["name"] for i in entry["inputs"]} for profile in entry["profiles"])
+    # The file TensorRT parsed, in onnxruntime, against torch: prefill + 8 decode steps, batch 2 of two lengths.
+    prompts = [input_ids(config, 1, 6)[0].tolist(), input_ids(config, 1, 3, seed=2)[0].tolist()]
+    sequences, expected = torch_reference(program, prompts, steps=9)
+    actual = _teacher_forced_logits(onnxruntime_decoder(out / "onnx" / "rank0.onnx"), prompts, sequences)
+    for step, (got, want) in enumerate(zip(actual, expected, strict=True)):
+        assert max_rel_err(torch.from_numpy(got), want.float()) <= TOLERANCE["float16"], f"step {step}"
+
+
+def test_decoder_engines_past_max_seq_are_refused_and_leave_nothing(tmp_path: Path) -> None:
+    out = tmp_path / "engines"
+    options = BuildOptions(targets=TARGETS, max_batch=2, max_seq=64)
+    with pytest.raises(MoecError) as error:
+        build_engines(decoder_program(TINY_CONFIGS[0], "float16"), out, options, progress=lambda line: None)
+    assert str(error.value) == (
+        "--max-seq 64 exceeds the program's KV cache length (kv-cache max_seq 32): past_seq + seq may not pass it; "
+        "lower --max-seq or raise kv-cache{max_seq=N}"
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU refusal")
+def test_loader_refuses_decoder_engines_without_gpu(tmp_path: Path) -> None:
+    from backends.tensorrt import load_engines
+
+    out = tmp_path / "engines"
+    options = BuildOptions(targets=TARGETS, max_batch=1, max_seq=8)
+    build_engines(decoder_program(TINY_CONFIGS[1], "float16"), out, options, progress=lambda line: None)
+    with pytest.raises(EngineRunError, match=r"no CUDA GPU is visible here \(torch.cuda.is_available\(\) is False\)$"):
+        load_engines(out)
+
+
+@pytest.mark.parametrize("moe_plugin", [False, True], ids=["ootb", "plugin"])
+def test_sharded_decoder_engines_build_and_their_onnx_generates_the_unsharded_tokens(
+    moe_plugin: bool, tmp_path: Path
+) -> None:
+    from backends.onnx.decoder import greedy_generate
+    from backends.tensorrt.verify import decoder_ranks
+    from tests.backends.test_onnx_decoder import torch_reference
+
+    config = TINY_CONFIGS[0]
+    pipeline = DECODER_PIPELINE.replace("kv-cache", "shard{tp=2,moe_ep=2},kv-cache")
+    sharded = run_pipeline(load(hf_model(config), dtype="float32"), parse_pipeline(pipeline)).program
+    out = tmp_path / "engines"
+    options = BuildOptions(moe_plugin=moe_plugin, targets=TARGETS, max_batch=2, max_seq=16, keep_onnx=True, workers=2)
+    built = build_engines(sharded, out, options, progress=lambda line: None).config
+    assert built["parallelism"] == {"world_size": 2, "tp": 2, "pp": 1, "moe_tp": 1, "moe_ep": 2}
+    for rank in built["ranks"]:
+        attention = [e for e in rank["engines"] if any(i["name"] == "attention_mask" for i in e["inputs"])]
+        assert len(attention) == config.layers  # one engine per layer's attention, each with its own caches
+        assert all(len(e["profiles"]) == 2 for e in attention)
+        assert all(len(e["profiles"]) == 1 for e in rank["engines"] if e not in attention)
+        assert [o["shape"] for o in attention[0]["outputs"]][1:] == [[-1, config.kv_heads // 2, -1, 8]] * 2
+    prompts = [input_ids(config, 1, 6)[0].tolist(), input_ids(config, 1, 3, seed=2)[0].tolist()]
+    expected_sequences, expected_logits = torch_reference(decoder_program(config, "float32"), prompts, steps=8)
+    result = greedy_generate(decoder_ranks(out, config.vocab), prompts, 8)
+    assert result.sequences == expected_sequences
+    for step, (actual, expected) in enumerate(zip(result.logits, expected_logits)):
+        assert max_rel_err(torch.from_numpy(actual), expected) <= TOLERANCE["float32"], f"step {step}"
+
+
+def test_cli_build_kv_cache_builds_decoder_engines(tmp_path: Path) -> None:
+    out = tmp_path / "cli"
+    argv = ["build", "tiny", "--output-dir", str(out), "--dtype", "float16", "--kv-cache", "--max-seq", "16"]
+    if TARGETS:
+        argv += ["--target", ",".join(TARGETS)]
+    assert cli.main(argv) == 0
+    written = json.loads((out / "config.json").read_text())
+    assert written["passes"] == ["canonicalize", "fuse-moe", "kv-cache{max_seq=16}", "dce"]
+    assert written["kv_cache"]["max_seq"] == 16
+    assert [p["name"] for p in written["kv_cache"]["profiles"]] == ["context", "generation"]
+    assert len(written["ranks"][0]["engines"][0]["profiles"]) == 2
+    assert cli.main(["build", "tiny", "--output-dir", str(out), "--kv-cache", "--passes", "canonicalize"]) == 2
