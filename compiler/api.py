@@ -25,9 +25,9 @@ import passes  # noqa: F401,E402 - the driver fills the pass registry (passes re
 
 # Used when `passes` is not given: canonical ops, one `moe` op per layer, attention over KV caches, then clean-up.
 DEFAULT_PIPELINE = "canonicalize,fuse-moe,kv-cache,dce"
-# What `moec build` and `compile(backend="tensorrt")` run when `passes` is not given. Kept apart from
-# DEFAULT_PIPELINE, which gains `kv-cache`: TensorRT engines have no KV cache inputs yet (a later issue), so they are
-# built from the stateless graph whatever the default pipeline becomes.
+# What `moec build` and `compile(backend="tensorrt")` run when `passes` is not given: stateless engines (input_ids ->
+# logits), which the engine loader can run. Decoder engines with past/present caches are built from a pipeline with
+# `kv-cache` (`moec build --kv-cache`); the loader cannot run those yet, so they are not the default.
 ENGINE_PIPELINE = "canonicalize,fuse-moe,dce"
 
 PassSpec = str | Pass | Iterable[str | Pass]
@@ -81,6 +81,7 @@ class CompiledModel:
     build: Any = None  # backend="tensorrt": the BuildSummary (config.json's contents, seconds, sizes)
     # A Hugging Face tokenizer: the checkpoint directory's own, or `compile(..., tokenizer=DIR)`'s; None without one.
     tokenizer: Any = None
+    numerics: Any = None  # the last `check_numerics` result (a `compiler.numerics.NumericsReport`)
     _executable: Any = field(default=None, repr=False)
 
     @property
@@ -166,6 +167,23 @@ class CompiledModel:
             raise MoecError(f"token ids must lie in [0, {vocab}) for this model's vocabulary")
         return score(self, token_ids, seq_len, stride, batch_size, max_tokens, progress)
 
+    def check_numerics(
+        self, input_ids: Sequence[Sequence[int]] | None = None, layers: bool = False
+    ) -> Any:
+        """Runs the trace and every pass's program on the torch backend (sharded ones as forked gloo ranks) over a
+        small sample (default: 2 prompts x 64 tokens of the bundled text) and names the first pass whose own step
+        exceeds its budget; `layers` also names the first diverging decoder layer. Kept as `self.numerics`."""
+        from compiler.numerics import check_numerics
+
+        self.numerics = check_numerics(self.traced, self.history, self.tokenizer, input_ids=input_ids, layers=layers)
+        return self.numerics
+
+    def report(self, path: str | os.PathLike[str]) -> Path:
+        """Writes a self-contained HTML report of the pipeline (with `self.numerics` when checked) to `path`."""
+        from compiler.report import write_report
+
+        return write_report(path, self.traced, self.history, self.numerics)
+
     def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.executable()(input_ids)
 
@@ -234,6 +252,7 @@ def compile(  # noqa: A001 - the public name users expect
     attention: str = "moec",
     backend_options: dict[str, Any] | None = None,
     tokenizer: Any = None,
+    check_numerics: bool = False,
 ) -> CompiledModel:
     """Traces `model`, runs `passes` (default `DEFAULT_PIPELINE`; `ENGINE_PIPELINE` for tensorrt), binds `backend`.
 
@@ -243,6 +262,9 @@ def compile(  # noqa: A001 - the public name users expect
 
     `tokenizer`: a directory holding a Hugging Face tokenizer, or a tokenizer object; by default a checkpoint
     directory's (or the embedded model's) own tokenizer is used when it has one.
+
+    `check_numerics=True` runs `CompiledModel.check_numerics()` (every pass's program on the torch backend) and keeps
+    its result as `compiled.numerics`.
     """
     if backend not in BACKENDS:
         raise MoecError(f"unknown backend {backend!r}; available: {', '.join(BACKENDS)}")
@@ -273,4 +295,6 @@ def compile(  # noqa: A001 - the public name users expect
             result.program, output_dir, build_options(**backend_options), passes=passes_run, dtype=dtype_name
         )
         compiled.engine_dir = str(output_dir)
+    if check_numerics:
+        compiled.check_numerics()
     return compiled

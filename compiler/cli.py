@@ -101,6 +101,10 @@ def _cmd_compile(args: argparse.Namespace) -> int:
             dump_dir.mkdir(parents=True, exist_ok=True)
         except OSError as error:
             raise MoecError(f"cannot create dump directory {dump_dir}: {error.strerror}") from None
+    check = args.check_numerics or args.check_numerics_layers
+    numerics_ids = _numerics_ids(args, check)
+    if args.report is not None and not Path(args.report).resolve().parent.is_dir():
+        raise MoecError(f"cannot write the report {args.report}: its directory does not exist")
     program = load_traced(args)
     if dump_dir is not None:
         (dump_dir / "00-trace.txt").write_text(program.format())
@@ -139,7 +143,34 @@ def _cmd_compile(args: argparse.Namespace) -> int:
         sys.stdout.write(result.program.format(weights=not args.no_weights))
     if dump_dir is not None:
         _status(f"wrote {len(result.history) + 1} graph dumps to {dump_dir}")
-    return 0
+    numerics = None
+    if check:
+        from compiler.api import resolve_tokenizer
+        from compiler.numerics import check_numerics
+
+        tokenizer = resolve_tokenizer(args.source, None, program.config.vocab_size)
+        numerics = check_numerics(
+            program, result.history, tokenizer, numerics_ids, layers=args.check_numerics_layers, progress=_status
+        )
+        sys.stdout.write(numerics.format())
+    if args.report is not None:
+        from compiler.report import write_report
+
+        written = write_report(args.report, program, result.history, numerics)
+        _status(f"wrote the pass report to {written} ({written.stat().st_size:,} bytes)")
+    # A pass over its numerics budget is a finding, not bad input: status 1 (bad input stays 2).
+    return 1 if numerics is not None and numerics.first_diverging is not None else 0
+
+
+def _numerics_ids(args: argparse.Namespace, check: bool) -> list[list[int]] | None:
+    """`--input-ids` of `moec compile` (prompts separated by `;`): the sample of `--check-numerics`."""
+    if args.input_ids is None:
+        return None
+    if not check:
+        raise MoecError("--input-ids on moec compile is the sample of --check-numerics; add --check-numerics")
+    from compiler.run_cli import parse_ids
+
+    return [parse_ids(part) for part in args.input_ids.split(";")]
 
 
 def check_fits_in_memory(program: Any, device: str) -> None:
@@ -251,6 +282,16 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--print-after", metavar="NAME")
     p_compile.add_argument("--dump-dir", metavar="DIR", help="write one numbered text file per pass")
     p_compile.add_argument("--explain", metavar="NAME", help="say per region why pass NAME does or does not rewrite")
+    p_compile.add_argument("--check-numerics", action="store_true",
+                           help="run every pass's program on the torch backend and name the first pass over its "
+                                "numerics budget (exit status 1 when one is)")
+    p_compile.add_argument("--check-numerics-layers", action="store_true",
+                           help="--check-numerics, also naming the first decoder layer whose hidden state diverges")
+    p_compile.add_argument("--input-ids", metavar="IDS",
+                           help="the --check-numerics sample: token ids, prompts separated by ';' (default: 2 "
+                                "prompts x 64 tokens of the bundled text)")
+    p_compile.add_argument("--report", metavar="FILE",
+                           help="write a self-contained HTML report of the pipeline (diffs, op counts, layer picture)")
     from backends.onnx import add_onnx_cli_arguments
 
     add_onnx_cli_arguments(p_compile)

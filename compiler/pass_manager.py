@@ -27,6 +27,24 @@ class PassResult:
 
 
 @dataclass(frozen=True)
+class NumericsBudget:
+    """How far one run of a pass may move the logits from those of the program it was given (`--check-numerics`).
+
+    `max_rel_err` bounds max |after - before| / max |before| over the sample's logits (and, with layers, each decoder
+    layer's hidden state); `max_perplexity_change` bounds the relative change of the sample's perplexity where it is
+    real text (None: not checked). An exact pass only reorders float arithmetic: fp32 rounding (16-bit programs get a
+    wider exact bound, see `compiler/numerics.py`).
+    """
+
+    kind: str = "exact"
+    max_rel_err: float = 1e-5
+    max_perplexity_change: float | None = None
+
+
+EXACT = NumericsBudget()
+
+
+@dataclass(frozen=True)
 class Pass:
     """Base class. Subclasses set `name`, declare options as fields, and implement `run`."""
 
@@ -43,6 +61,10 @@ class Pass:
     def explain(self, program: Program) -> list[str]:
         """Why the pass would or would not rewrite each region (for `--explain`)."""
         return [f"{self.name}: no explanation available"]
+
+    def numerics_budget(self) -> NumericsBudget:
+        """What `--check-numerics` allows one run of this pass: exact unless the pass is lossy by design."""
+        return EXACT
 
     def options(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -182,6 +204,7 @@ class PassRecord:
     changed: bool
     stats: dict[str, Any]
     program: Program
+    numerics: NumericsBudget = EXACT  # the pass's `numerics_budget()`
 
 
 @dataclass(frozen=True)
@@ -221,7 +244,7 @@ def run_pipeline(
             _verify(result.program, after=pass_.spec(), before=earlier)
         record = PassRecord(
             index + 1, pass_.name, pass_.spec(), pass_.options(), seconds, result.changed, dict(result.stats),
-            result.program,
+            result.program, pass_.numerics_budget(),
         )
         history.append(record)
         if on_pass is not None:

@@ -31,7 +31,7 @@ from torch._guards import detect_fake_mode
 from compiler import ops
 from compiler.errors import PassOptionError, PreconditionError
 from compiler.ir import KVCacheSpec, Program
-from compiler.pass_manager import Pass, PassResult, register_pass
+from compiler.pass_manager import EXACT, NumericsBudget, Pass, PassResult, register_pass
 from compiler.rewrite import create_node, layer_of
 from compiler.verifier import propagate_types
 
@@ -158,6 +158,13 @@ class KVCache(Pass):
             raise PassOptionError(f"kv-cache: max_seq={self.max_seq!r} must be a positive integer (0 = the default)")
         if self.dtype != "auto" and self.dtype not in CACHE_DTYPES:
             raise PassOptionError(f"kv-cache: dtype={self.dtype!r} must be one of auto, {', '.join(CACHE_DTYPES)}")
+
+    def numerics_budget(self) -> NumericsBudget:
+        """`--check-numerics`: exact, except that caches narrower than the keys round them (on float32 `tiny`:
+        float16 caches move the logits by 8e-4 of their largest magnitude, bfloat16 ones by 3e-3)."""
+        if self.dtype in ("float16", "bfloat16"):
+            return NumericsBudget("cache rounding", max_rel_err=2e-2, max_perplexity_change=0.01)
+        return EXACT
 
     def cache_length(self, program: Program) -> int:
         """The cache length this pass gives `program`: the option, or the config's limit capped at MAX_SEQ_CAP."""

@@ -3,7 +3,8 @@
     IR core  (compiler/*: ir, weights, ops, pass_manager, verifier, errors, collectives, segments, rewrite)
       ^  frontends/, passes/, backends/     each knows only the core (a backend's subpackages may share code)
       ^  driver (compiler/api.py, compiler/cli.py, the `moec build`/`moec run` modules compiler/build_cli.py and
-         compiler/run_cli.py, and the `compiler` package's facade)
+         compiler/run_cli.py, `--check-numerics`' compiler/numerics.py and compiler/rank_processes.py, and the
+         `compiler` package's facade)
 
 Every import counts: module level, inside functions, under `if TYPE_CHECKING:`, and `importlib.import_module`
 with a literal name. `from compiler import ops` imports the module `compiler.ops`; `from compiler import compile`
@@ -21,7 +22,12 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 # The driver: the only modules that may import everything. `compiler` is the package's `__init__`, whose lazy
 # re-exports (`compiler.compile`, ...) resolve to `compiler.api`.
-DRIVER_MODULES = frozenset({"compiler", "compiler.api", "compiler.cli", "compiler.build_cli", "compiler.run_cli"})
+DRIVER_MODULES = frozenset(
+    {
+        "compiler", "compiler.api", "compiler.cli", "compiler.build_cli", "compiler.run_cli", "compiler.numerics",
+        "compiler.rank_processes",
+    }
+)
 MIDDLE_PACKAGES = ("frontends", "passes", "backends")
 
 
