@@ -126,18 +126,10 @@ class CompiledModel:
 
         return export_onnx(self, path, moe=moe, after=after, decompose=decompose)
 
-    def perplexity(
-        self,
-        texts_or_token_ids: str | Sequence[str] | Sequence[Sequence[int]],
-        seq_len: int = DEFAULT_EVAL_SEQ_LEN,
-        stride: int | None = None,
-        batch_size: int = 8,
-        max_tokens: int | None = None,
-        progress: Callable[[int, int], None] | None = None,
-    ) -> float:
+    def perplexity(self, texts_or_token_ids: str | Sequence[str] | Sequence[Sequence[int]], **options: Any) -> float:
         """Perplexity of texts (tokenized with `self.tokenizer`) or token-id lists, each token scored once in
-        windows of `seq_len` (see `compiler.evaluation`)."""
-        return self.score(texts_or_token_ids, seq_len, stride, batch_size, max_tokens, progress).perplexity
+        windows of `seq_len` (default 256); `options` are `score`'s."""
+        return self.score(texts_or_token_ids, **options).perplexity
 
     def score(
         self,
