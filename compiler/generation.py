@@ -315,6 +315,16 @@ def _prefill(
         logits = session.step(ids[:, start:stop], position)
         if logits is None:
             continue
+        if logits.shape[1] != stop - start:
+            # A program narrowed to its last position (`logits-for{positions=last}`) has each prompt's next-token
+            # logits only when every prompt ends at the batch's last slot.
+            if logits.shape[1] != 1 or bool((lengths != longest).any()):
+                raise GenerationError(
+                    "this program returns logits for the last position only (logits-for{positions=last}); prompts "
+                    "of different lengths need every position: compile with logits-for{positions=all}"
+                )
+            last = logits[:, 0]
+            continue
         index = (last_index - start).clamp(0, stop - start - 1).to(logits.device)
         picked = logits[torch.arange(batch, device=logits.device), index]
         inside = ((last_index >= start) & (last_index < stop)).to(logits.device)[:, None]

@@ -240,10 +240,15 @@ def _instrumented(program: Program, layers: bool) -> tuple[Program, list[int]]:
 class _Outputs:
     logits: torch.Tensor  # [positions, vocab], float64
     states: dict[int, torch.Tensor]  # layer -> [positions, hidden], float64
+    last: torch.Tensor  # [sequences, vocab]: each sequence's last-position logits (all a narrowed program computes)
 
 
 def _flatten(parts: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.cat([torch.as_tensor(part).double().reshape(-1, part.shape[-1]) for part in parts])
+
+
+def _last_positions(parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([torch.as_tensor(part).double()[:, -1] for part in parts])
 
 
 def _run_single(program: Program, batches: list[torch.Tensor], layers: bool) -> _Outputs:
@@ -255,6 +260,7 @@ def _run_single(program: Program, batches: list[torch.Tensor], layers: bool) -> 
     return _Outputs(
         _flatten([r[0] for r in results]),
         {layer: _flatten([r[1 + k] for r in results]) for k, layer in enumerate(indices)},
+        _last_positions([r[0] for r in results]),
     )
 
 
@@ -278,13 +284,14 @@ def _run_sharded(programs: list[Program], batches: list[torch.Tensor], layers: b
     world = len(by_rank)
     outputs = []
     for number, (logits_rank, indices) in enumerate(layouts):
-        logits = _flatten([torch.from_numpy(out[0]) for out in by_rank[logits_rank][number]])
+        parts = [torch.from_numpy(out[0]) for out in by_rank[logits_rank][number]]
+        logits = _flatten(parts)
         states: dict[int, torch.Tensor] = {}
         for rank in range(world):
             for k, layer in enumerate(indices[rank]):
                 if layer not in states:
                     states[layer] = _flatten([torch.from_numpy(out[1 + k]) for out in by_rank[rank][number]])
-        outputs.append(_Outputs(logits, states))
+        outputs.append(_Outputs(logits, states, _last_positions(parts)))
     return outputs
 
 
@@ -300,13 +307,17 @@ def max_rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 def _compare(actual: _Outputs, expected: _Outputs) -> tuple[Comparison, dict[int, float]]:
-    top1 = float((actual.logits.argmax(-1) == expected.logits.argmax(-1)).double().mean())
+    actual_logits, expected_logits = actual.logits, expected.logits
+    if actual_logits.shape != expected_logits.shape:
+        # One side computes only each sequence's last position (logits-for{positions=last}): compare those.
+        actual_logits, expected_logits = actual.last, expected.last
+    top1 = float((actual_logits.argmax(-1) == expected_logits.argmax(-1)).double().mean())
     layers = {
         layer: max_rel_err(state, expected.states[layer])
         for layer, state in actual.states.items()
         if layer in expected.states
     }
-    return Comparison(max_rel_err(actual.logits, expected.logits), top1), layers
+    return Comparison(max_rel_err(actual_logits, expected_logits), top1), layers
 
 
 def _perplexity(outputs: _Outputs, sample: Sample) -> float:
@@ -376,7 +387,8 @@ def check_numerics(
         previous = outputs[max(index - 1, 0)]
         assert previous is not None
         step, layers_step = _compare(result, previous)
-        ppl = _perplexity(result, sample) if sample.is_text else None
+        # A program narrowed to last positions has no per-token likelihoods to score.
+        ppl = _perplexity(result, sample) if sample.is_text and len(result.logits) == len(reference.logits) else None
         if index == 0:
             rows.append(PassNumerics(0, "trace", None, 0.0, 0, ppl, vs_trace, step, layers_vs_trace, {}))
             continue

@@ -1,5 +1,6 @@
 """moec's passes. Importing this package registers every pass by its kebab-case name."""
 
 from passes import canonicalize, cleanup, fold_weights, fuse_moe, kv_cache, quantize, shard
+from passes import fuse_qkv, logits_for
 
-__all__ = ["canonicalize", "cleanup", "fold_weights", "fuse_moe", "kv_cache", "quantize", "shard"]
+__all__ = ["canonicalize", "cleanup", "fold_weights", "fuse_moe", "fuse_qkv", "kv_cache", "logits_for", "quantize", "shard"]
