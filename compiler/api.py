@@ -1,6 +1,6 @@
 """`compile()`: trace a Mixtral, run a pass pipeline, bind a backend.
 
-    compiled = compile("tiny")                  # default pipeline: canonicalize,fuse-moe,kv-cache,dce
+    compiled = compile("tiny")                  # default pipeline: canonicalize,fuse-moe,kv-cache,fuse-qkv,fuse-norm,dce
     logits = compiled(input_ids)                 # runs on the backend
     tokens = compiled.generate(input_ids, 32)    # prefill + cached decode steps (Hugging Face's arguments)
     compiled.graph                               # the final program
@@ -23,8 +23,10 @@ from compiler.pass_manager import Pass, PassRecord, parse_pipeline, run_pipeline
 
 import passes  # noqa: F401,E402 - the driver fills the pass registry (passes register themselves on import)
 
-# Used when `passes` is not given: canonical ops, one `moe` op per layer, attention over KV caches, then clean-up.
-DEFAULT_PIPELINE = "canonicalize,fuse-moe,kv-cache,dce"
+# Used when `passes` is not given: canonical ops, one `moe` op per layer, attention over KV caches, one q/k/v
+# projection and residual add + RMSNorm fused per layer (measured on the H200: decode batch 1 8.80 -> 7.82 ms, see
+# BENCHMARKS.md "Fusion passes"), then clean-up.
+DEFAULT_PIPELINE = "canonicalize,fuse-moe,kv-cache,fuse-qkv,fuse-norm,dce"
 # What `moec build` and `compile(backend="tensorrt")` run when `passes` is not given: stateless engines (input_ids ->
 # logits), which the engine loader can run. Decoder engines with past/present caches are built from a pipeline with
 # `kv-cache` (`moec build --kv-cache`); the loader cannot run those yet, so they are not the default.

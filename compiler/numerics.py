@@ -13,13 +13,15 @@ processes), and the logits of its logits rank (the first rank of the last stage)
 
 Layers are matched structurally, not by node name (passes rename nodes): the hidden state leaving decoder layer i
 is the last residual `aten.add.Tensor` of shape [batch, seq, hidden] the frontend attributed to `layers.i` (its
-module stack, which passes keep on the nodes they rewrite). Each such value becomes an extra output of a copy of the
-program; a pipeline stage holds only its own layers, so each layer is read from the lowest rank that holds it.
+module stack, which passes keep on the nodes they rewrite), or the sum (result 0) of the `moec.add_rms_norm` that
+`fuse-norm` made of it. Each such value becomes an extra output of a copy of the program; a pipeline stage holds only
+its own layers, so each layer is read from the lowest rank that holds it.
 """
 
 from __future__ import annotations
 
 import math
+import operator
 import os
 import re
 from collections.abc import Callable, Sequence
@@ -29,6 +31,7 @@ from typing import Any
 import torch
 import torch.fx
 
+from compiler import ops
 from compiler.errors import MoecError
 from compiler.ir import Program
 from compiler.pass_manager import NumericsBudget, PassRecord
@@ -210,10 +213,12 @@ def residual_stream(program: Program) -> dict[int, torch.fx.Node]:
     hidden = int(program.config.hidden_size)
     found: dict[int, torch.fx.Node] = {}
     for node in program.graph.nodes:
-        if node.op != "call_function" or node.target is not torch.ops.aten.add.Tensor:
+        if node.op != "call_function" or node.target not in (torch.ops.aten.add.Tensor, ops.add_rms_norm):
             continue
         match = re.fullmatch(r"layers\.(\d+)", layer_of(node))
         value = node.meta.get("val")
+        if node.target is ops.add_rms_norm:
+            value = value[0]
         if match is None or not isinstance(value, torch.Tensor) or not value.dtype.is_floating_point:
             continue
         if value.dim() == 3 and value.shape[-1] == hidden:
@@ -228,9 +233,23 @@ def _instrumented(program: Program, layers: bool) -> tuple[Program, list[int]]:
     output = next(node for node in reversed(copy.graph.nodes) if node.op == "output")
     returned = list(output.args[0]) if isinstance(output.args[0], (list, tuple)) else [output.args[0]]
     indices = sorted(states)
-    output.args = ([returned[0], *(states[i] for i in indices)],)
+    output.args = ([returned[0], *(_sum_of(states[i]) for i in indices)],)
     copy.graph_module.recompile()
     return copy, indices
+
+
+def _sum_of(node: torch.fx.Node) -> torch.fx.Node:
+    """The residual stream's value at `node`: itself, or result 0 of a moec.add_rms_norm (read through a getitem,
+    added here where the program reads only the normalized result)."""
+    if node.target is not ops.add_rms_norm:
+        return node
+    for user in node.users:
+        if user.target is operator.getitem and user.args[1] == 0:
+            return user
+    with node.graph.inserting_after(node):
+        total = node.graph.call_function(operator.getitem, (node, 0))
+    total.meta = {"val": node.meta["val"][0], "nn_module_stack": node.meta.get("nn_module_stack", {})}
+    return total
 
 
 # --- running -----------------------------------------------------------------------------------------------------

@@ -15,6 +15,10 @@ Conventions (shared by every pass and backend):
   (S == 1). The caller guarantees cache_position[b] + S <= M; slots past a sequence's last write are never read.
   The cache dtype may differ from q's (k/v are cast on write and read back in q's dtype).
 - `rms_norm(x, weight, eps)`: Hugging Face semantics (normalize in float32, cast back, then multiply by weight).
+- `add_rms_norm(x, residual, weight, eps) -> (sum, normed)`: a residual add and the RMSNorm of its sum (the
+  `fuse-norm` pass emits it). x and residual have one shape and one dtype; sum = x + residual in that dtype, rounded
+  as `aten.add` rounds it; normed = rms_norm(sum, weight, eps) with `rms_norm`'s semantics. Results are read through
+  `getitem` (0: sum, 1: normed).
 - `rope(x[B,H,S,D], cos[B,S,D], sin[B,S,D])`: x*cos + rotate_half(x)*sin.
 - `linear(x, weight[out,in], bias?)`.
 - `moe(x[T,H], router[E,H], w13[E',2I,H], w2[E',H,I], top_k, normalization, activation, expert_offset=0)`:
@@ -59,6 +63,7 @@ _library.define(
     "quantized_moe(Tensor x, Tensor router_weight, Tensor w13_q, Tensor w13_scales, Tensor w2_q, Tensor w2_scales,"
     " int top_k, str normalization, str activation, str precision, int group_size, int expert_offset=0) -> Tensor"
 )
+_library.define("add_rms_norm(Tensor x, Tensor residual, Tensor weight, float eps) -> (Tensor, Tensor)")
 
 MOE_NORMALIZATIONS = ("none", "renormalize")
 MOE_ACTIVATIONS = ("swiglu",)
@@ -231,4 +236,21 @@ quantized_linear = torch.ops.moec.quantized_linear.default
 quantized_moe = torch.ops.moec.quantized_moe.default
 QUANTIZED_OPS = (quantized_linear, quantized_moe)
 
-CANONICAL_OPS = (attention, cached_attention, rms_norm, rope, linear, moe, quantized_linear, quantized_moe)
+
+@torch.library.register_fake("moec::add_rms_norm")
+def _add_rms_norm_fake(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
+    torch._check(
+        x.shape == residual.shape,
+        lambda: f"add_rms_norm: x {tuple(x.shape)} and residual {tuple(residual.shape)} differ (no broadcasting)",
+    )
+    torch._check(
+        x.dtype == residual.dtype, lambda: f"add_rms_norm: x is {x.dtype} but residual is {residual.dtype}"
+    )
+    return x.new_empty(x.shape), _rms_norm_fake(x, weight, eps)
+
+
+add_rms_norm = torch.ops.moec.add_rms_norm.default
+
+CANONICAL_OPS = (
+    attention, cached_attention, rms_norm, rope, linear, moe, quantized_linear, quantized_moe, add_rms_norm
+)

@@ -3,10 +3,10 @@
 `eval`.
 
     moec eval tiny --use-weight-only --weight-only-precision int4 --group-size 128
-    pipeline: canonicalize,fuse-moe,quantize-weights{precision=int4,group_size=128},kv-cache,dce
+    pipeline: canonicalize,fuse-moe,kv-cache,fuse-qkv,quantize-weights{precision=int4,group_size=128},fuse-norm,dce
 
-`quantize-weights` is placed right after the pipeline's `fuse-moe`, or after its `shard` when it shards (each rank
-quantizes its own slices), so before `kv-cache` and `dce`. The chosen pipeline is printed to stderr.
+`quantize-weights` is placed right after the last of the pipeline's `fuse-moe`, `shard` (each rank quantizes its own
+slices) and `fuse-qkv` (the fused projection is quantized as one). The chosen pipeline is printed to stderr.
 """
 
 from __future__ import annotations
@@ -42,7 +42,9 @@ def pipeline_with_quantization(spec: str, args: argparse.Namespace) -> str:
     passes = parse_pipeline(spec)
     if any(p.name == QUANTIZE_PASS for p in passes):
         raise MoecError(f"the pipeline already quantizes ({QUANTIZE_PASS}); drop --use-weight-only or the pass")
-    anchors = [index for index, p in enumerate(passes) if p.name in ("fuse-moe", "shard")]
+    # After the last of these: quantizing a fused q/k/v projection keeps it one launch (fuse-qkv matches float
+    # linears only), and a sharded pipeline quantizes each rank's own slices.
+    anchors = [index for index, p in enumerate(passes) if p.name in ("fuse-moe", "shard", "fuse-qkv")]
     if not anchors:
         raise MoecError(f"--use-weight-only needs fuse-moe in the pipeline ({spec})")
     options = [f"precision={args.weight_only_precision or 'int8'}"]

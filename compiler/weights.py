@@ -65,8 +65,9 @@ class WeightExpr:
         return numel * torch.empty((), dtype=self.dtype).element_size()
 
     def materialize(self, device: torch.device | str = "cpu") -> torch.Tensor:
-        """Reads and computes this weight (only the bytes it covers)."""
-        return _evaluate(self).to(device)
+        """Reads and computes this weight (only the bytes it covers) on `device`: each stored tensor is moved there as
+        it is read, so rewrites (quantization, concatenation) run on the device, not on the host's cores."""
+        return _evaluate(self, torch.device(device)).to(device)
 
     def leaves(self) -> list[WeightLeaf]:
         """The stored tensors this expression reads, in order."""
@@ -398,9 +399,9 @@ def reshape_weight(expr: WeightExpr, shape: Sequence[int]) -> WeightExpr:
 # --- evaluation ------------------------------------------------------------------------------------------------
 
 
-def _evaluate(expr: WeightExpr) -> torch.Tensor:
+def _evaluate(expr: WeightExpr, device: torch.device) -> torch.Tensor:
     if isinstance(expr, WeightLeaf):
-        return expr.read()
+        return expr.read().to(device)
     assert isinstance(expr, Rewrite)
     attrs = dict(expr.attrs)
     # A slice or select of a stored tensor reads only those bytes (safetensors get_slice over mmap).
@@ -409,8 +410,8 @@ def _evaluate(expr: WeightExpr) -> torch.Tensor:
         dim = attrs["dim"]
         if expr.kind == "slice":
             index = (slice(None),) * dim + (slice(attrs["start"], attrs["stop"]),)
-            return leaf.read(index)
+            return leaf.read(index).to(device)
         index = (slice(None),) * dim + (slice(attrs["index"], attrs["index"] + 1),)
-        return leaf.read(index).squeeze(dim)
-    values = [_evaluate(part) for part in expr.inputs]
+        return leaf.read(index).squeeze(dim).to(device)
+    values = [_evaluate(part, device) for part in expr.inputs]
     return _REWRITES[expr.kind].apply(values, attrs)

@@ -1,6 +1,9 @@
 """moec's passes. Importing this package registers every pass by its kebab-case name."""
 
 from passes import canonicalize, cleanup, fold_weights, fuse_moe, kv_cache, quantize, shard
-from passes import fuse_qkv, logits_for
+from passes import fuse_norm, fuse_qkv, logits_for
 
-__all__ = ["canonicalize", "cleanup", "fold_weights", "fuse_moe", "fuse_qkv", "kv_cache", "logits_for", "quantize", "shard"]
+__all__ = [
+    "canonicalize", "cleanup", "fold_weights", "fuse_moe", "fuse_norm", "fuse_qkv", "kv_cache", "logits_for", "quantize",
+    "shard",
+]

@@ -32,6 +32,7 @@ from compiler.errors import PassOptionError
 from compiler.ir import Program
 from compiler.pass_manager import Pass, PassResult, register_pass
 from compiler.rewrite import MatchFailure, create_node, infer_value
+from passes.fuse_norm import is_norm_output
 
 aten = torch.ops.aten
 RULE = "logits-for"
@@ -45,7 +46,8 @@ class AlreadyNarrowed(MatchFailure):
 
 
 def find_lm_head(program: Program) -> torch.fx.Node:
-    """The moec.linear computing the program's logits from the final rms_norm; MatchFailure says why not."""
+    """The moec.linear computing the program's logits from the final norm (a moec.rms_norm, or the normalized result
+    of a `fuse-norm` moec.add_rms_norm); MatchFailure says why not."""
     output = next(node for node in program.graph.nodes if node.op == "output")
     results = output.args[0]
     node = results[0] if isinstance(results, (tuple, list)) else results
@@ -58,7 +60,7 @@ def find_lm_head(program: Program) -> torch.fx.Node:
     hidden = node.args[0]
     if isinstance(hidden, torch.fx.Node) and hidden.meta.get("moec_rule") == RULE:
         raise AlreadyNarrowed("the lm_head already reads only the last position")
-    if not (isinstance(hidden, torch.fx.Node) and hidden.target == ops.rms_norm):
+    if not is_norm_output(hidden):
         raise MatchFailure("the lm_head does not read the final moec.rms_norm (needs canonicalize first)")
     value = hidden.meta.get("val")
     if not isinstance(value, torch.Tensor) or value.dim() != 3:

@@ -57,7 +57,7 @@ class Shard(Pass):
     after:  one program per rank (rank = pp_rank * tp + tp_rank) with all_reduce / all_gather inside a tp group
             and send / recv between pipeline stages; weights are lazy slices.
     moe_tp * moe_ep must equal tp (0 = derived: both 0 means moe_tp=tp, i.e. experts split by intermediate size).
-    Needs canonicalize and fuse-moe first, and must run before kv-cache.
+    Needs canonicalize and fuse-moe first, and must run before kv-cache and fuse-norm.
     """
 
     name: ClassVar[str] = "shard"
@@ -102,6 +102,11 @@ class Shard(Pass):
             )
         if counts.get("moec.quantized_linear") or counts.get("moec.quantized_moe"):
             raise PreconditionError("shard must run before quantize-weights: each rank quantizes its own weight slices")
+        if counts.get("moec.add_rms_norm"):
+            raise PreconditionError(
+                "shard must run before fuse-norm: pipeline stages are cut between a residual add and the next "
+                "layer's input norm, which moec.add_rms_norm fuses (run fuse-norm after shard: each rank fuses its own)"
+            )
         if counts.get("aten.linear") or not counts.get("moec.linear"):
             raise PreconditionError("needs canonicalize first: the graph has no canonical moec.linear ops")
         if not counts.get("moec.moe") or counts.get("aten.topk"):

@@ -6,13 +6,14 @@ of them).
 - `moec.rms_norm` → `RMSNormalization` (opset 23, `stash_type=1`: float32 statistics). For non-float32 inputs
   Hugging Face rounds before the weight multiply, so those become `Cast`, `RMSNormalization` with unit scale,
   `Cast`, `Mul`.
+- `moec.add_rms_norm` → `Add`, then the same as `moec.rms_norm`: two values (sum, normed), read by `getitem`.
 - `moec.rope` → `RotaryEmbedding` (opset 23, non-interleaved, `position_ids = Range(seq)`) when the cos/sin operands
   are provably `[f, f]` duplicates along the last dim (traced back to `cat([f, f])`, which is what Hugging Face's
   default rotary embedding builds); otherwise the decomposed `x*cos + rotate_half(x)*sin`.
 - `moec.linear` (and `aten.linear`) → `MatMul(x, Transpose(W))` (+ `Add` bias); the transpose of an initializer is
   constant-folded by onnxruntime and TensorRT.
-`ExportOptions.decompose` lists canonical ops to emit as elementary ops instead (`attention`, `rms_norm`,
-`rope`), for consumers whose parser predates opset 23.
+`ExportOptions.decompose` lists canonical ops to emit as elementary ops instead (`attention`, `rms_norm` (which
+covers `add_rms_norm`'s norm), `rope`), for consumers whose parser predates opset 23.
 """
 
 from __future__ import annotations
@@ -103,31 +104,51 @@ def repeat_heads(ctx: ConversionContext, tensor: gs.Tensor, groups: int) -> gs.T
     return ctx.op("Reshape", [expanded, ctx.op("Concat", [batch, heads, rest], {"axis": 0})])
 
 
-@converter("moec.rms_norm", when=lambda ctx, node: "rms_norm" not in ctx.options.decompose)
-def _rms_norm(ctx: ConversionContext, node: torch.fx.Node) -> gs.Tensor:
-    x_node, weight_node, eps = node.args
-    x_dtype, weight_dtype, out = dtype_of(x_node), dtype_of(weight_node), out_dtype(node)
+def emit_rms_norm(
+    ctx: ConversionContext, x: gs.Tensor, x_dtype: torch.dtype, weight_node: Any, eps: float, out: torch.dtype
+) -> gs.Tensor:
+    """`rms_norm(x, weight, eps)` of an ONNX value `x` holding `x_dtype`: opset 23's `RMSNormalization`, or elementary
+    ops when `rms_norm` is in `ExportOptions.decompose`."""
+    if "rms_norm" in ctx.options.decompose:
+        return _rms_norm_elementary(ctx, x, x_dtype, weight_node, eps, out)
     attrs = {"axis": -1, "epsilon": float(eps), "stash_type": 1}
-    x, weight = ctx.tensor(x_node), ctx.tensor(weight_node)
-    if x_dtype == torch.float32 and weight_dtype == torch.float32:
-        return ctx.op("RMSNormalization", [x, weight], attrs)
-    hidden = value_of(x_node).shape[-1]
+    if x_dtype == torch.float32 and dtype_of(weight_node) == torch.float32:
+        return ctx.op("RMSNormalization", [x, ctx.tensor(weight_node)], attrs)
+    hidden = value_of(weight_node).shape[0]
     unit = ctx.const([1.0] * hidden, torch.float32)
-    normalized = ctx.op("RMSNormalization", [ctx.cast(x, torch.float32), unit], attrs)
+    normalized = ctx.op("RMSNormalization", [_as_float32(ctx, x, x_dtype), unit], attrs)
     return ctx.op("Mul", [ctx.cast_to(weight_node, out), ctx.cast(ctx.cast(normalized, x_dtype), out)])
 
 
-@converter("moec.rms_norm", when=lambda ctx, node: "rms_norm" in ctx.options.decompose)
-def _rms_norm_decomposed(ctx: ConversionContext, node: torch.fx.Node) -> gs.Tensor:
-    x_node, weight_node, eps = node.args
-    x_dtype, out = dtype_of(x_node), out_dtype(node)
-    x32 = ctx.cast_to(x_node, torch.float32)
+def _rms_norm_elementary(
+    ctx: ConversionContext, x: gs.Tensor, x_dtype: torch.dtype, weight_node: Any, eps: float, out: torch.dtype
+) -> gs.Tensor:
+    x32 = _as_float32(ctx, x, x_dtype)
     mean = ctx.op("ReduceMean", [ctx.op("Mul", [x32, x32]), ctx.ints([-1])], {"keepdims": 1})
     inverse = ctx.op("Reciprocal", [ctx.op("Sqrt", [ctx.op("Add", [mean, ctx.scalar(float(eps), torch.float32)])])])
-    normalized = ctx.cast(ctx.op("Mul", [x32, inverse]), x_dtype) if x_dtype != torch.float32 else ctx.op(
-        "Mul", [x32, inverse]
-    )
+    normalized = ctx.op("Mul", [x32, inverse])
+    if x_dtype != torch.float32:
+        normalized = ctx.cast(normalized, x_dtype)
     return ctx.op("Mul", [ctx.cast_to(weight_node, out), normalized if x_dtype == out else ctx.cast(normalized, out)])
+
+
+def _as_float32(ctx: ConversionContext, x: gs.Tensor, x_dtype: torch.dtype) -> gs.Tensor:
+    return x if x_dtype == torch.float32 else ctx.cast(x, torch.float32)
+
+
+@converter("moec.rms_norm")
+def _rms_norm(ctx: ConversionContext, node: torch.fx.Node) -> gs.Tensor:
+    x_node, weight_node, eps = node.args
+    return emit_rms_norm(ctx, ctx.tensor(x_node), dtype_of(x_node), weight_node, eps, out_dtype(node))
+
+
+@converter("moec.add_rms_norm")
+def _add_rms_norm(ctx: ConversionContext, node: torch.fx.Node) -> tuple[gs.Tensor, gs.Tensor]:
+    """`Add`, then the same normalization as `moec.rms_norm`: (sum, normed), unpacked by `getitem`."""
+    x_node, residual_node, weight_node, eps = node.args
+    total = ctx.op("Add", [ctx.tensor(x_node), ctx.tensor(residual_node)])
+    normed = emit_rms_norm(ctx, total, dtype_of(x_node), weight_node, eps, value_of(node)[1].dtype)
+    return total, normed
 
 
 _PASS_THROUGH = {"aten.cos", "aten.sin", "aten.mul.Tensor", "aten._to_copy", "aten.alias", "aten.unsqueeze"}

@@ -90,6 +90,11 @@ def cached_attention(
 
 @torch.library.impl("moec::rms_norm", "CompositeExplicitAutograd")
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    if x.is_cuda:  # one Triton launch instead of ~7 elementwise kernels; `unsupported_reason` says what stays here
+        from backends.torch import triton_norm
+
+        if triton_norm.unsupported_reason(x, None, weight) is None:
+            return triton_norm.rms_norm(x, weight, eps)
     x32 = x.to(torch.float32)
     normalized = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
     return weight * normalized.to(x.dtype)
@@ -97,6 +102,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 @torch.library.impl("moec::rope", "CompositeExplicitAutograd")
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    if x.is_cuda:  # one Triton launch instead of ~6 elementwise kernels; the reason rule says what stays here
+        from backends.torch import triton_norm
+
+        if triton_norm.rope_unsupported_reason(x, cos, sin) is None:
+            return triton_norm.rope(x, cos, sin)
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -119,6 +129,18 @@ def route(x: torch.Tensor, router_weight: torch.Tensor, top_k: int, normalizatio
         probs = torch.softmax(logits, dim=-1)
         weights, experts = torch.topk(probs, top_k, dim=-1)
     return experts, weights
+
+
+def route_on_device(
+    x: torch.Tensor, router_weight: torch.Tensor, top_k: int, normalization: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`route`, on CUDA in one Triton launch (instead of a GEMV, a cast, a softmax, a top-k and a division)."""
+    if x.is_cuda:
+        from backends.torch import triton_moe
+
+        if triton_moe.route_unsupported_reason(x, router_weight) is None:
+            return triton_moe.route(x, router_weight, top_k, normalization)
+    return route(x, router_weight, top_k, normalization)
 
 
 # Said (once per reason) when a CUDA `moe` cannot run on the fused kernel: the reference syncs with the host.
@@ -173,7 +195,7 @@ def moe(
 ) -> torch.Tensor:
     shape = x.shape
     flat = x.reshape(-1, shape[-1])
-    experts, weights = route(flat, router_weight, top_k, normalization)
+    experts, weights = route_on_device(flat, router_weight, top_k, normalization)
     # Under expert parallelism this rank holds experts [expert_offset, expert_offset + E') of the routed E: the fused
     # kernel takes the global ids and the offset, the reference local ids; both skip the slots routed elsewhere.
     if flat.is_cuda:  # CUDA runs the Triton kernel; `unsupported_reason` is the one rule for what stays here
@@ -190,6 +212,11 @@ def moe(
 # The ground truth of `moec.quantized_linear` / `moec.quantized_moe`: dequantize (compiler/quantization.py) and
 # compute exactly as `linear` / `moe` do on the dequantized weights. Weights stay quantized in memory; each call
 # dequantizes what it uses (a linear's weight, the experts that receive tokens) and drops it: simple, not fast.
+# On CUDA the Triton kernels (triton_quant.py, triton_moe.py) read the codes and dequantize tile by tile in registers.
+
+# Said (once per reason) when a CUDA quantized op cannot run on its Triton kernel: the reference dequantizes whole
+# weights per call (and the moe one syncs with the host).
+QUANTIZED_REFERENCE_ON_CUDA = "a quantized moec op runs its dequantizing reference kernel on CUDA (slow)"
 
 
 @torch.library.impl("moec::quantized_linear", "CompositeExplicitAutograd")
@@ -201,6 +228,13 @@ def quantized_linear(
     precision: str,
     group_size: int,
 ) -> torch.Tensor:
+    if x.is_cuda:  # CUDA runs the Triton kernel on the codes; `unsupported_reason` is the one rule for what stays here
+        from backends.torch import triton_quant
+
+        reason = triton_quant.unsupported_reason(x, qweight, scales, precision)
+        if reason is None:
+            return triton_quant.quantized_matmul(x, qweight, scales, precision, group_size, bias)
+        warnings.warn(f"{QUANTIZED_REFERENCE_ON_CUDA}: {reason}", RuntimeWarning, stacklevel=2)
     return F.linear(x, dequantize(qweight, scales, precision, group_size), bias)
 
 
@@ -234,8 +268,36 @@ def quantized_moe(
 ) -> torch.Tensor:
     shape = x.shape
     flat = x.reshape(-1, shape[-1])
-    experts, weights = route(flat, router_weight, top_k, normalization)
+    experts, weights = route_on_device(flat, router_weight, top_k, normalization)
+    if flat.is_cuda:  # the fused kernel reads the codes and dequantizes each weight tile in registers
+        from backends.torch import triton_moe
+
+        reason = triton_moe.unsupported_reason(flat, w13_q, w2_q, precision, (w13_scales, w2_scales))
+        if reason is None:
+            return triton_moe.fused_moe(
+                flat, experts, weights, w13_q, w2_q, expert_offset=expert_offset, precision=precision,
+                w13_scales=w13_scales, w2_scales=w2_scales, group_size=group_size,
+            ).reshape(shape)
+        warnings.warn(f"{QUANTIZED_REFERENCE_ON_CUDA}: {reason}", RuntimeWarning, stacklevel=2)
     w13 = DequantizedExperts(w13_q, w13_scales, precision, group_size)
     w2 = DequantizedExperts(w2_q, w2_scales, precision, group_size)
     # Expert parallelism as in `moe`: ids outside this rank's block [expert_offset, expert_offset + E') are skipped.
     return moe_experts_reference(flat, experts - expert_offset, weights, w13, w2).reshape(shape)  # type: ignore[arg-type]
+
+
+# --- residual add + RMSNorm (`fuse-norm`) ---------------------------------------------------------------------
+# The ground truth of `moec.add_rms_norm`: literally `aten.add`, then the `moec.rms_norm` kernel above (through its
+# op: `torch.library.impl` leaves no Python function behind), so a fused program is bit-identical to the unfused one.
+
+
+@torch.library.impl("moec::add_rms_norm", "CompositeExplicitAutograd")
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if x.is_cuda:  # CUDA runs the Triton kernel (one read of the residual stream); `unsupported_reason` decides
+        from backends.torch import triton_norm
+
+        if triton_norm.unsupported_reason(x, residual, weight) is None:
+            return triton_norm.add_rms_norm(x, residual, weight, eps)
+    total = torch.ops.aten.add.Tensor(x, residual)
+    return total, compiler.ops.rms_norm(total, weight, eps)

@@ -53,18 +53,26 @@ def next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def get_config(num_tokens: int, hidden: int, inter: int) -> MoeConfig:
-    """Table entry for ``num_tokens``, with tiles clamped to small problems (tests, tiny models)."""
+def get_config(num_tokens: int, hidden: int, inter: int, group_size: int = 0, quantized: bool = False) -> MoeConfig:
+    """Table entry for ``num_tokens``, with tiles clamped to small problems (tests, tiny models).
+
+    Group-quantized weights get K tiles no wider than a group (both powers of two), so every tile lies inside one
+    group and its scales multiply the tile's partial sums."""
     cfg = TUNING_TABLE[-1][1]
     for max_t, entry in TUNING_TABLE:
         if num_tokens <= max_t:
             cfg = entry
             break
     # tl.dot needs every tile dimension >= 16; tiles larger than the problem only waste work.
+    if quantized and num_tokens <= 64:
+        # Weight-streaming regimes read 1 (int8) or 0.5 (int4) bytes per element: twice the table's K per tile keeps
+        # as many bytes in flight per stage as the bf16 tiles it was tuned with.
+        cfg = replace(cfg, gu_block_k=cfg.gu_block_k * 2, dn_block_k=cfg.dn_block_k * 2)
+    group_cap = group_size if group_size else 1 << 30
     return replace(
         cfg,
         gu_block_n=min(cfg.gu_block_n, max(16, next_pow2(inter))),
-        gu_block_k=min(cfg.gu_block_k, max(16, next_pow2(hidden))),
+        gu_block_k=min(cfg.gu_block_k, max(16, next_pow2(hidden)), group_cap),
         dn_block_n=min(cfg.dn_block_n, max(16, next_pow2(hidden))),
-        dn_block_k=min(cfg.dn_block_k, max(16, next_pow2(inter))),
+        dn_block_k=min(cfg.dn_block_k, max(16, next_pow2(inter)), group_cap),
     )

@@ -6,15 +6,8 @@ this module holds only the `@triton.jit` bodies, so the launch logic reads on it
 
 from __future__ import annotations
 
-try:  # Triton is optional: CPU-only installs may not have it.
-    import triton
-    import triton.language as tl
-
-    _HAVE_TRITON = True
-except ImportError:  # pragma: no cover - exercised only without triton
-    triton = None  # type: ignore[assignment]
-    tl = None  # type: ignore[assignment]
-    _HAVE_TRITON = False
+from backends.torch.triton_support import HAVE_TRITON as _HAVE_TRITON
+from backends.torch.triton_support import tl, triton
 
 if _HAVE_TRITON:
 

@@ -51,23 +51,16 @@ Block sizes come from a small explicit table keyed on T (``TUNING_TABLE`` in
 variant per regime.
 """
 
-import os
 
 import torch
 
 from backends.torch.moe_tuning import MoeConfig, get_config, next_pow2
+from backends.torch.triton_quant import QUANT_CODES, STORAGE
 
-try:  # Triton is optional: CPU-only installs may not have it.
-    import triton
-    import triton.language as tl
+from backends.torch.triton_support import HAVE_TRITON as _HAVE_TRITON
+from backends.torch.triton_support import device_reason, interpreting, tl, triton
 
-    _HAVE_TRITON = True
-except ImportError:  # pragma: no cover - exercised only without triton
-    triton = None  # type: ignore[assignment]
-    tl = None  # type: ignore[assignment]
-    _HAVE_TRITON = False
-
-__all__ = ["SUPPORTED_DTYPES", "fused_moe", "is_available", "unsupported_reason"]
+__all__ = ["SUPPORTED_DTYPES", "fused_moe", "is_available", "route", "route_unsupported_reason", "unsupported_reason"]
 
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16)
 
@@ -76,27 +69,47 @@ def is_available() -> bool:
     """True when the kernels can run: Triton importable and CUDA present (or the interpreter on)."""
     if not _HAVE_TRITON:
         return False
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    if interpreting():
         return True
     return torch.cuda.is_available()
 
 
-def unsupported_reason(hidden_states: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> str | None:
-    """Why these operands cannot run on the fused kernel (None when they can): the dispatch's one rule."""
-    if not _HAVE_TRITON:
-        return "triton is not installed"
-    if not (hidden_states.is_cuda or os.environ.get("TRITON_INTERPRET", "0") == "1"):
-        return f"operands are on {hidden_states.device}, not CUDA (and TRITON_INTERPRET is off)"
+def unsupported_reason(
+    hidden_states: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    precision: str | None = None,
+    scales: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> str | None:
+    """Why these operands cannot run on the fused kernel (None when they can): the dispatch's one rule.
+
+    `precision` None: float expert weights; "int8"/"int4": codes in compiler/quantization.py's layout with `scales`
+    (w13's, w2's) in the activation dtype."""
+    reason = device_reason(hidden_states, _HAVE_TRITON)
+    if reason is not None:
+        return reason
     if hidden_states.dtype not in SUPPORTED_DTYPES:
         return f"activation dtype {hidden_states.dtype} is not among {SUPPORTED_DTYPES}"
-    if w13.dtype != hidden_states.dtype or w2.dtype != hidden_states.dtype:
-        return f"expert weights w13 {w13.dtype} / w2 {w2.dtype} differ from the activations' {hidden_states.dtype}"
+    if precision is None:
+        if w13.dtype != hidden_states.dtype or w2.dtype != hidden_states.dtype:
+            return f"expert weights w13 {w13.dtype} / w2 {w2.dtype} differ from the activations' {hidden_states.dtype}"
+        return None
+    if precision not in STORAGE:
+        return f"no fused kernel for {precision} expert weights"
+    if w13.dtype != STORAGE[precision] or w2.dtype != STORAGE[precision]:
+        return f"{precision} expert weights stored as w13 {w13.dtype} / w2 {w2.dtype}, not {STORAGE[precision]}"
+    if scales is None or any(scale.dtype != hidden_states.dtype for scale in scales):
+        return f"{precision} expert scales must be in the activations' dtype {hidden_states.dtype}"
+    if precision == "int4" and scales[0].shape[-1] * 16 > w13.shape[-1]:
+        return "int4 groups of 16 are narrower than the kernel's 32-wide K tiles (two 16-deep dots of nibbles)"
     return None
 
 
 if _HAVE_TRITON:
     # Kernel parameters are typed the Triton way (tl.constexpr); the JIT reads these annotations at
     # run time, so the kernels carry no other annotations.
+
+    from backends.torch.triton_quant import codes_dot
 
     @triton.jit
     def _local_ids(topk_ids_ptr, offs, num_slots, expert_offset, E: tl.constexpr, E_P: tl.constexpr):
@@ -174,7 +187,8 @@ if _HAVE_TRITON:
     @triton.jit
     def _gate_up_kernel(
         x_ptr,  # [T, H]
-        w_ptr,  # [E, 2I, H]
+        w_ptr,  # [E, 2I, H] float, int8 codes, or [E, 2I, H/2] packed int4 codes
+        s_ptr,  # [E, 2I, G] scales of quantized weights (unused for float weights)
         inter_ptr,  # [S, I] out: silu(gate) * up
         sorted_slots_ptr,
         block_expert_ptr,
@@ -187,6 +201,9 @@ if _HAVE_TRITON:
         stride_we,
         stride_wn,
         stride_wk,
+        stride_se,
+        stride_sn,
+        num_groups,
         stride_im,
         TOPK: tl.constexpr,
         BLOCK_M: tl.constexpr,
@@ -195,6 +212,9 @@ if _HAVE_TRITON:
         GROUP_M: tl.constexpr,
         EVEN_K: tl.constexpr,
         DOT_F32: tl.constexpr,  # interpreter only: see _dot_in_f32
+        QUANT: tl.constexpr = 0,  # 0 float weights, 1 int8, 2 int4 (triton_quant.QUANT_CODES)
+        GROUP_SIZE: tl.constexpr = 1,  # K elements per scale, a multiple of BLOCK_K (unused with PER_ROW)
+        PER_ROW: tl.constexpr = False,  # one scale per weight row
     ):
         pid = tl.program_id(0)
         num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -214,23 +234,40 @@ if _HAVE_TRITON:
         offs_c = tl.arange(0, 2 * BLOCK_N)
         w_row = (pid_n * BLOCK_N + offs_c // 2) % N + (offs_c % 2) * N
         offs_k = tl.arange(0, BLOCK_K)
+        PACK: tl.constexpr = 2 if QUANT == 2 else 1  # int4: two K elements per byte
+        offs_kw = tl.arange(0, BLOCK_K // PACK)
         a_ptrs = x_ptr + token[:, None] * stride_xm + offs_k[None, :] * stride_xk
-        w_ptrs = w_ptr + expert.to(tl.int64) * stride_we + w_row[None, :] * stride_wn + offs_k[:, None] * stride_wk
+        x_rows = x_ptr + token[:, None] * stride_xm
+        w_ptrs = w_ptr + expert.to(tl.int64) * stride_we + w_row[None, :] * stride_wn + offs_kw[:, None] * stride_wk
+        # Quantized weights: one scale per (row, group); every K tile lies inside one group (BLOCK_K <= group),
+        # so the scales multiply the tile's [BM, 2BN] partial sums (per-row scales: the accumulator, once).
+        s_rows = s_ptr + expert.to(tl.int64) * stride_se + w_row[None, :] * stride_sn
         acc = tl.zeros([BLOCK_M, 2 * BLOCK_N], dtype=tl.float32)
         for kk in range(0, tl.cdiv(K, BLOCK_K)):
-            if EVEN_K:
-                a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
-                b = tl.load(w_ptrs)
+            if QUANT == 0:
+                if EVEN_K:
+                    a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
+                    b = tl.load(w_ptrs)
+                else:
+                    k_left = K - kk * BLOCK_K
+                    a = tl.load(a_ptrs, mask=row_ok[:, None] & (offs_k[None, :] < k_left), other=0.0)
+                    b = tl.load(w_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+                if DOT_F32:
+                    a = a.to(tl.float32)
+                    b = b.to(tl.float32)
+                acc = tl.dot(a, b, acc)
             else:
-                k_left = K - kk * BLOCK_K
-                a = tl.load(a_ptrs, mask=row_ok[:, None] & (offs_k[None, :] < k_left), other=0.0)
-                b = tl.load(w_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
-            if DOT_F32:
-                a = a.to(tl.float32)
-                b = b.to(tl.float32)
-            acc = tl.dot(a, b, acc)
+                part = codes_dot(x_rows + kk * BLOCK_K * stride_xk, row_ok[:, None], K - kk * BLOCK_K, stride_xk,
+                                 w_ptrs, QUANT, BLOCK_K, not EVEN_K, DOT_F32)
+                if PER_ROW:
+                    acc += part
+                else:
+                    acc += part * tl.load(s_rows + kk * BLOCK_K // GROUP_SIZE).to(tl.float32)
             a_ptrs += BLOCK_K * stride_xk
-            w_ptrs += BLOCK_K * stride_wk
+            w_ptrs += BLOCK_K // PACK * stride_wk
+        if QUANT != 0:
+            if PER_ROW:
+                acc = acc * tl.load(s_rows).to(tl.float32)
         # SwiGLU epilogue in fp32: de-interleave (gate, up) pairs, silu(g) = g * sigmoid(g).
         gate, up = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N, 2)))
         act = gate / (1.0 + tl.exp(-gate)) * up
@@ -241,7 +278,8 @@ if _HAVE_TRITON:
     @triton.jit
     def _down_kernel(
         a_ptr,  # [S, I] intermediate
-        w_ptr,  # [E, H, I]
+        w_ptr,  # [E, H, I] float, int8 codes, or [E, H, I/2] packed int4 codes
+        s_ptr,  # [E, H, G] scales of quantized weights (unused for float weights)
         partial_ptr,  # [SPLIT_K, S, H] out
         sorted_slots_ptr,
         block_expert_ptr,
@@ -255,6 +293,9 @@ if _HAVE_TRITON:
         stride_we,
         stride_wn,
         stride_wk,
+        stride_se,
+        stride_sn,
+        num_groups,
         stride_ps,  # partial: stride between splits
         stride_pm,
         BLOCK_M: tl.constexpr,
@@ -263,6 +304,9 @@ if _HAVE_TRITON:
         GROUP_M: tl.constexpr,
         EVEN_K: tl.constexpr,  # K % BLOCK_K == 0 and every split is full
         DOT_F32: tl.constexpr,
+        QUANT: tl.constexpr = 0,
+        GROUP_SIZE: tl.constexpr = 1,
+        PER_ROW: tl.constexpr = False,
     ):
         pid = tl.program_id(0)
         pid_k = tl.program_id(1)
@@ -279,25 +323,40 @@ if _HAVE_TRITON:
         offs_n_ld = offs_n % N
         k0 = pid_k * k_per_split
         offs_k = k0 + tl.arange(0, BLOCK_K)
+        PACK: tl.constexpr = 2 if QUANT == 2 else 1  # int4: two K elements per byte
+        offs_kw = k0 // PACK + tl.arange(0, BLOCK_K // PACK)
         a_ptrs = a_ptr + row[:, None] * stride_am + offs_k[None, :]
-        w_ptrs = w_ptr + expert.to(tl.int64) * stride_we + offs_n_ld[None, :] * stride_wn + offs_k[:, None] * stride_wk
+        a_rows = a_ptr + row[:, None] * stride_am + k0
+        w_ptrs = w_ptr + expert.to(tl.int64) * stride_we + offs_n_ld[None, :] * stride_wn + offs_kw[:, None] * stride_wk
+        s_rows = s_ptr + expert.to(tl.int64) * stride_se + offs_n_ld[None, :] * stride_sn  # as in _gate_up_kernel
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         k_end = tl.minimum(k0 + k_per_split, K)
         for kk in range(0, tl.cdiv(k_end - k0, BLOCK_K)):
-            if EVEN_K:
-                a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
-                b = tl.load(w_ptrs)
+            k_left = k_end - k0 - kk * BLOCK_K
+            if QUANT == 0:
+                if EVEN_K:
+                    a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
+                    b = tl.load(w_ptrs)
+                else:
+                    kmask = tl.arange(0, BLOCK_K) < k_left
+                    a = tl.load(a_ptrs, mask=row_ok[:, None] & kmask[None, :], other=0.0)
+                    b = tl.load(w_ptrs, mask=kmask[:, None], other=0.0)
+                if DOT_F32:
+                    a = a.to(tl.float32)
+                    b = b.to(tl.float32)
+                acc = tl.dot(a, b, acc)
             else:
-                k_left = k_end - k0 - kk * BLOCK_K
-                kmask = tl.arange(0, BLOCK_K) < k_left
-                a = tl.load(a_ptrs, mask=row_ok[:, None] & kmask[None, :], other=0.0)
-                b = tl.load(w_ptrs, mask=kmask[:, None], other=0.0)
-            if DOT_F32:
-                a = a.to(tl.float32)
-                b = b.to(tl.float32)
-            acc = tl.dot(a, b, acc)
+                part = codes_dot(a_rows + kk * BLOCK_K, row_ok[:, None], k_left, 1, w_ptrs, QUANT, BLOCK_K,
+                                 not EVEN_K, DOT_F32)
+                if PER_ROW:
+                    acc += part
+                else:
+                    acc += part * tl.load(s_rows + (k0 + kk * BLOCK_K) // GROUP_SIZE).to(tl.float32)
             a_ptrs += BLOCK_K
-            w_ptrs += BLOCK_K * stride_wk
+            w_ptrs += BLOCK_K // PACK * stride_wk
+        if QUANT != 0:
+            if PER_ROW:
+                acc = acc * tl.load(s_rows).to(tl.float32)
         # Routing weight in the epilogue (linear, so applying it per K slice is exact).
         rw = tl.load(topk_weights_ptr + row, mask=row_ok, other=0.0).to(tl.float32)
         acc = acc * rw[:, None]
@@ -334,11 +393,104 @@ if _HAVE_TRITON:
         tl.store(out_ptr + t * stride_om + offs, acc.to(out_ptr.dtype.element_ty), mask=offs < H)
 
 
+if _HAVE_TRITON:
+
+    @triton.jit
+    def _route_kernel(
+        x_ptr,  # [T, H]
+        router_ptr,  # [E, H]
+        ids_ptr,  # [T, TOPK] int64 out
+        weights_ptr,  # [T, TOPK] float32 out
+        H,
+        stride_xm,
+        stride_re,
+        E: tl.constexpr,
+        E_P: tl.constexpr,
+        TOPK: tl.constexpr,
+        RENORMALIZE: tl.constexpr,
+        BLOCK_H: tl.constexpr,
+    ):
+        t = tl.program_id(0).to(tl.int64)
+        experts = tl.arange(0, E_P)
+        cols = tl.arange(0, BLOCK_H)
+        acc = tl.zeros([E_P, BLOCK_H], dtype=tl.float32)
+        for start in range(0, H, BLOCK_H):
+            c = start + cols
+            x = tl.load(x_ptr + t * stride_xm + c, mask=c < H, other=0.0).to(tl.float32)
+            w = tl.load(router_ptr + experts[:, None] * stride_re + c[None, :],
+                        mask=(experts[:, None] < E) & (c[None, :] < H), other=0.0).to(tl.float32)
+            acc += w * x[None, :]
+        # The router linear's output is rounded to the activation dtype (as `F.linear` rounds it), then read in fp32.
+        logits = tl.sum(acc, axis=1).to(x_ptr.dtype.element_ty).to(tl.float32)
+        logits = tl.where(experts < E, logits, float("-inf"))
+        probs = tl.exp(logits - tl.max(logits, axis=0))
+        probs = probs / tl.sum(probs, axis=0)
+        # Top-k by repeated argmax (ties to the lowest expert id); picked experts drop to -1.
+        remaining = probs
+        total = 0.0
+        for j in tl.static_range(TOPK):
+            best = tl.max(remaining, axis=0)
+            idx = tl.min(tl.where(remaining == best, experts, E_P), axis=0)
+            tl.store(ids_ptr + t * TOPK + j, idx.to(tl.int64))
+            tl.store(weights_ptr + t * TOPK + j, best)
+            total += best
+            remaining = tl.where(experts == idx, -1.0, remaining)
+        if RENORMALIZE:
+            for j in tl.static_range(TOPK):
+                w_j = tl.load(weights_ptr + t * TOPK + j)
+                tl.store(weights_ptr + t * TOPK + j, w_j / total)
+
+
+def route_unsupported_reason(x: torch.Tensor, router_weight: torch.Tensor) -> str | None:
+    """Why the router cannot run on the Triton routing kernel (None when it can)."""
+    reason = device_reason(x, _HAVE_TRITON)
+    if reason is not None:
+        return reason
+    if x.dtype not in SUPPORTED_DTYPES or router_weight.dtype != x.dtype:
+        return f"activation {x.dtype} / router {router_weight.dtype} are not one of {SUPPORTED_DTYPES}"
+    if x.dim() != 2 or router_weight.dim() != 2 or router_weight.shape[1] != x.shape[1] or router_weight.shape[0] > 256:
+        return f"x {list(x.shape)} / router {list(router_weight.shape)} are not [T, H] and [E <= 256, H]"
+    return None
+
+
+def route(
+    x: torch.Tensor, router_weight: torch.Tensor, top_k: int, normalization: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mixtral's router in one launch: (expert ids [T, k] int64, weights [T, k] float32), the semantics of the
+    reference `backends.torch.kernels.route` (router logits rounded to the activation dtype, softmax in float32,
+    top-k, renormalized over the k when `normalization` is "renormalize"). One program per token; no host sync."""
+    if not _HAVE_TRITON:
+        raise RuntimeError("route needs triton")
+    reason = route_unsupported_reason(x, router_weight)
+    if reason is not None:
+        raise TypeError(reason)
+    if normalization not in ("none", "renormalize"):
+        raise ValueError(f"unknown normalization {normalization!r}")
+    tokens, hidden = x.shape
+    num_experts = router_weight.shape[0]
+    if not 1 <= top_k <= num_experts:
+        raise ValueError(f"top_k={top_k} must be in [1, {num_experts}]")
+    x = x if x.stride(1) == 1 else x.contiguous()
+    router_weight = router_weight.contiguous()
+    ids = torch.empty((tokens, top_k), dtype=torch.int64, device=x.device)
+    weights = torch.empty((tokens, top_k), dtype=torch.float32, device=x.device)
+    if tokens:
+        e_p = max(2, next_pow2(num_experts))
+        _route_kernel[(tokens,)](
+            x, router_weight, ids, weights, hidden, x.stride(0), router_weight.stride(0),
+            E=num_experts, E_P=e_p, TOPK=top_k, RENORMALIZE=normalization == "renormalize",
+            # The whole [E, H] router in as few loads as fit in registers: a decode step's one program is latency-bound,
+            # so each round trip to memory counts (8 x 512 tiles took ~10 us for H = 4096, measured).
+            BLOCK_H=max(16, min(next_pow2(hidden), 16384 // e_p)), num_warps=8,
+        )
+    return ids, weights
+
+
 def _dot_in_f32(dtype: torch.dtype) -> bool:
     # Triton's CPU interpreter (seen with 3.9.0) multiplies the raw bit patterns of bf16 dot
     # operands; upcasting to fp32 first gives the exact products the tensor cores give.  Compiled
     # kernels never take this path.
-    return dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return dtype == torch.bfloat16 and interpreting()
 
 
 def _check_inputs(
@@ -347,6 +499,9 @@ def _check_inputs(
     topk_weights: torch.Tensor,
     w13: torch.Tensor,
     w2: torch.Tensor,
+    precision: str | None,
+    scales: tuple[torch.Tensor, torch.Tensor] | None,
+    group_size: int,
 ) -> None:
     if hidden_states.dim() != 2 or topk_ids.dim() != 2 or topk_weights.shape != topk_ids.shape:
         raise ValueError("expected hidden_states [T,H], topk_ids and topk_weights [T,k]")
@@ -355,13 +510,29 @@ def _check_inputs(
         raise ValueError("topk_ids must have one row per token")
     if w13.dim() != 3 or w2.dim() != 3:
         raise ValueError("expected w13 [E,2I,H] and w2 [E,H,I]")
+    if precision is None:
+        if w13.dtype != hidden_states.dtype or w2.dtype != hidden_states.dtype:
+            raise TypeError("w13 and w2 must have the dtype of hidden_states")
+    else:
+        if precision not in STORAGE:
+            raise ValueError(f"unknown precision {precision!r}; the kernels read {', '.join(STORAGE)}")
+        if w13.dtype != STORAGE[precision] or w2.dtype != STORAGE[precision]:
+            raise TypeError(f"{precision} codes must be {STORAGE[precision]}, got w13 {w13.dtype} / w2 {w2.dtype}")
+        if scales is None or any(s is None or s.dtype != hidden_states.dtype for s in scales):
+            raise TypeError("w13_scales and w2_scales must be given, in the dtype of hidden_states")
+    packing = 2 if precision == "int4" else 1  # int4 codes: two K elements per byte
     e, two_i, h13 = w13.shape
-    if h13 != h or two_i % 2 != 0 or w2.shape != (e, h, two_i // 2):
+    if h13 * packing != h or two_i % 2 != 0 or w2.shape != (e, h, two_i // 2 // packing):
         raise ValueError(f"shape mismatch: x {tuple(hidden_states.shape)}, w13 {tuple(w13.shape)}, w2 {tuple(w2.shape)}")
     if hidden_states.dtype not in (torch.bfloat16, torch.float16):
         raise TypeError(f"hidden_states must be bf16 or fp16, got {hidden_states.dtype}")
-    if w13.dtype != hidden_states.dtype or w2.dtype != hidden_states.dtype:
-        raise TypeError("w13 and w2 must have the dtype of hidden_states")
+    if precision is not None:
+        inter = two_i // 2
+        for name, scale, rows, cols in (("w13", scales[0], two_i, h), ("w2", scales[1], h, inter)):
+            groups = 1 if group_size == 0 else cols // group_size
+            if group_size and cols % group_size or tuple(scale.shape) != (e, rows, groups):
+                raise ValueError(f"{name} scales {tuple(scale.shape)} are not [{e}, {rows}, {groups}] "
+                                 f"(group_size={group_size})")
     if topk_ids.dtype not in (torch.int32, torch.int64):
         raise TypeError("topk_ids must be int32 or int64")
     if topk_weights.dtype not in (torch.float32, hidden_states.dtype):
@@ -378,6 +549,10 @@ def fused_moe(
     expert_offset: int = 0,
     config: MoeConfig | None = None,
     out: torch.Tensor | None = None,
+    precision: str | None = None,
+    w13_scales: torch.Tensor | None = None,
+    w2_scales: torch.Tensor | None = None,
+    group_size: int = 0,
 ) -> torch.Tensor:
     """Mixtral expert computation; returns [T, H] in the dtype of ``hidden_states``.
 
@@ -387,18 +562,27 @@ def fused_moe(
     count).  Slots routed to other experts contribute zero, at no cost (expert parallelism).
     ``config`` overrides the table entry (used by the benchmark's sweep); ``out`` [T, H] (contiguous,
     dtype of ``hidden_states``) receives the result instead of a fresh tensor.
+    Weight-only quantized experts: `precision` "int8"/"int4" with `w13`/`w2` the codes
+    (compiler/quantization.py's layout: int4 packs K in pairs, [E', 2I, H/2] and [E', H, I/2]) and their scales
+    `w13_scales` [E', 2I, G1] / `w2_scales` [E', H, G2] (G = K / group_size, 1 when group_size is 0); every weight
+    tile is read as codes and dequantized in registers, exactly as the CPU reference dequantizes.
     Allocations depend on shapes only and there is no host synchronisation, so the call can be
     captured in a CUDA graph.
     """
     if not _HAVE_TRITON:
         raise RuntimeError("fused_moe needs triton")
-    _check_inputs(hidden_states, topk_ids, topk_weights, w13, w2)
+    scales = None if precision is None else (w13_scales, w2_scales)
+    _check_inputs(hidden_states, topk_ids, topk_weights, w13, w2, precision, scales, group_size)
     if expert_offset < 0:
         raise ValueError(f"expert_offset must be >= 0, got {expert_offset}")
     t, h = hidden_states.shape
     topk = topk_ids.shape[1]
     num_experts, two_i, _ = w13.shape
     inter = two_i // 2
+    quant = QUANT_CODES[precision]
+    # Float weights pass w13/w2 again as (unread) scale pointers.
+    s13 = w13_scales if precision is not None else w13
+    s2 = w2_scales if precision is not None else w2
     dev = hidden_states.device
     if out is None:
         out = torch.empty((t, h), dtype=hidden_states.dtype, device=dev)
@@ -406,7 +590,7 @@ def fused_moe(
         raise ValueError("out must be [T, H] with unit column stride and the dtype of hidden_states")
     if t == 0:
         return out
-    cfg = config if config is not None else get_config(t, h, inter)
+    cfg = config if config is not None else get_config(t, h, inter, group_size, quantized=precision is not None)
     bm = cfg.block_m
     x = hidden_states if hidden_states.stride(1) == 1 else hidden_states.contiguous()
     ids = topk_ids.reshape(-1)
@@ -442,6 +626,7 @@ def fused_moe(
     _gate_up_kernel[grid_gu](
         x,
         w13,
+        s13,
         inter_act,
         sorted_slots,
         block_expert,
@@ -454,6 +639,9 @@ def fused_moe(
         w13.stride(0),
         w13.stride(1),
         w13.stride(2),
+        s13.stride(0),
+        s13.stride(1),
+        1 if group_size == 0 else h // group_size,
         inter_act.stride(0),
         TOPK=topk,
         BLOCK_M=bm,
@@ -462,6 +650,9 @@ def fused_moe(
         GROUP_M=cfg.gu_group_m,
         EVEN_K=h % cfg.gu_block_k == 0,
         DOT_F32=_dot_in_f32(hidden_states.dtype),
+        QUANT=quant,
+        GROUP_SIZE=group_size or h,
+        PER_ROW=group_size == 0,
         num_warps=cfg.gu_warps,
         num_stages=cfg.gu_stages,
     )
@@ -478,6 +669,7 @@ def fused_moe(
     _down_kernel[grid_dn](
         inter_act,
         w2,
+        s2,
         partial,
         sorted_slots,
         block_expert,
@@ -491,6 +683,9 @@ def fused_moe(
         w2.stride(0),
         w2.stride(1),
         w2.stride(2),
+        s2.stride(0),
+        s2.stride(1),
+        1 if group_size == 0 else inter // group_size,
         partial.stride(0),
         partial.stride(1),
         BLOCK_M=bm,
@@ -499,6 +694,9 @@ def fused_moe(
         GROUP_M=cfg.dn_group_m,
         EVEN_K=inter % k_per_split == 0 and k_per_split % bk == 0,
         DOT_F32=_dot_in_f32(hidden_states.dtype),
+        QUANT=quant,
+        GROUP_SIZE=group_size or inter,
+        PER_ROW=group_size == 0,
         num_warps=cfg.dn_warps,
         num_stages=cfg.dn_stages,
     )

@@ -470,3 +470,22 @@ def test_moe_op_float32_on_cuda_says_why_it_runs_the_reference() -> None:
     experts, weights = kernels.route(x, router, 2, "renormalize")
     expected = _reference(x, experts, weights, w13, w2, expert_offset=2)
     assert torch.allclose(out, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("normalization", ["renormalize", "none"])
+@pytest.mark.parametrize("dtype", [torch.float16] + ([torch.bfloat16] if ON_GPU else []))
+def test_route_kernel_matches_reference_router(normalization: str, dtype: torch.dtype) -> None:
+    """The one-launch router: the reference's experts and weights (logits rounded to the activation dtype first).
+    Float16 in the interpreter, whose float32 -> bfloat16 cast truncates."""
+    import backends.torch.kernels as kernels
+
+    gen = torch.Generator(device=DEVICE).manual_seed(17)
+    x = torch.randn(37, 96, generator=gen, device=DEVICE).to(dtype)
+    router = torch.randn(6, 96, generator=gen, device=DEVICE).to(dtype)
+    ids, weights = tm.route(x, router, 2, normalization)
+    ref_ids, ref_weights = kernels.route(x, router, 2, normalization)
+    assert ids.dtype == torch.int64 and weights.dtype == torch.float32
+    assert torch.equal(ids, ref_ids)
+    torch.testing.assert_close(weights, ref_weights, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="top_k=7"):
+        tm.route(x, router, 7, normalization)

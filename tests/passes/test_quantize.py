@@ -317,6 +317,10 @@ def test_recipe_flags_place_the_pass(capsys: pytest.CaptureFixture[str]) -> None
     chosen = pipeline_with_quantization(default, flags)
     assert chosen == "canonicalize,fuse-moe,quantize-weights{precision=int4,group_size=128},kv-cache,dce"
     assert capsys.readouterr().err == f"pipeline: {chosen}\n"
+    # After fuse-qkv when the pipeline fuses (the default one does): the fused projection is quantized as one.
+    fused = pipeline_with_quantization("canonicalize,fuse-moe,kv-cache,fuse-qkv,fuse-norm,dce", flags)
+    assert fused == "canonicalize,fuse-moe,kv-cache,fuse-qkv,quantize-weights{precision=int4,group_size=128},fuse-norm,dce"
+    capsys.readouterr()
     sharded = pipeline_with_quantization("canonicalize,fuse-moe,shard{tp=2},dce", _flags("--use-weight-only"))
     assert sharded == "canonicalize,fuse-moe,shard{tp=2},quantize-weights{precision=int8},dce"
     for argv, spec, message in [
@@ -336,8 +340,10 @@ def test_compile_cli_prints_the_chosen_pipeline_and_quantized_graph(capsys: pyte
             "--group-size", "32"]
     assert cli.main(argv) == 0
     captured = capsys.readouterr()
-    assert "pipeline: canonicalize,fuse-moe,quantize-weights{precision=int4,group_size=32},kv-cache,dce" in captured.err
-    assert "#   moec.quantized_moe: 2" in captured.out and "#   moec.quantized_linear: 8" in captured.out
+    assert ("pipeline: canonicalize,fuse-moe,kv-cache,fuse-qkv,quantize-weights{precision=int4,group_size=32},"
+            "fuse-norm,dce") in captured.err
+    # Per layer: the fused q/k/v projection and o_proj (tiny-random: 2 layers; lm_head stays float).
+    assert "#   moec.quantized_moe: 2" in captured.out and "#   moec.quantized_linear: 4" in captured.out
     assert cli.main(["passes"]) == 0
     listed = capsys.readouterr().out
     assert "\nquantize-weights  (precision: int8|int4 = int8, group_size: int = 0, exclude: str = , " in listed

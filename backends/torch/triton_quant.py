@@ -1,0 +1,306 @@
+"""Weight-only INT8/INT4 linears in Triton, and the dequantizing tile load the fused MoE kernels share.
+
+``quantized_matmul(x [M, K], qweight, scales, precision, group_size)`` computes ``x @ dequantize(qweight, scales).T``
+with the weight kept in its compact form (compiler/quantization.py's layout: int8 ``[N, K]``; int4 ``[N, K/2]`` two
+offset-binary codes per byte, low nibble first; scales ``[N, groups]`` in the activation dtype). Each K tile of the
+weight is read as codes (1 or 0.5 byte per element instead of 2), dequantized in registers to exactly the values the
+CPU reference multiplies (``float32(code) * float32(scale)`` rounded to the activation dtype) and fed to the tensor
+cores; the float weight never exists in memory.
+
+Decode (M <= 16) is a stream over the weight bytes: narrow column tiles so that even a 1024-row projection spreads
+over enough programs, deep pipelines to keep bytes in flight. Prefill is a tiled GEMM (the dequantization is a few
+register ops per weight element, amortized over BLOCK_M rows). Launch parameters come from a small table keyed on M.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from backends.torch.triton_support import HAVE_TRITON as _HAVE_TRITON
+from backends.torch.triton_support import device_reason, interpreting, tl, triton
+
+__all__ = ["QUANT_CODES", "linear", "quantized_matmul", "unsupported_reason"]
+
+# The kernels' QUANT constexpr: 0 float weights, 1 int8, 2 int4 (packed along K).
+QUANT_CODES = {None: 0, "int8": 1, "int4": 2}
+ACTIVATION_DTYPES = (torch.bfloat16, torch.float16)
+STORAGE = {"int8": torch.int8, "int4": torch.uint8}
+
+
+def unsupported_reason(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, precision: str) -> str | None:
+    """Why these operands cannot run on the Triton kernels (None when they can): the dispatch's one rule."""
+    reason = device_reason(x, _HAVE_TRITON)
+    if reason is not None:
+        return reason
+    if x.dtype not in ACTIVATION_DTYPES:
+        return f"activation dtype {x.dtype} is not among {ACTIVATION_DTYPES}"
+    if precision not in STORAGE or qweight.dtype != STORAGE[precision]:
+        return f"{precision} weights stored as {qweight.dtype} are not a layout the kernels read"
+    if scales.dtype != x.dtype:
+        return f"scales are {scales.dtype}, the activations {x.dtype}"
+    if precision == "int4" and scales.dim() == 2 and scales.shape[-1] * 16 > qweight.shape[-1]:
+        return "int4 groups of 16 are narrower than the kernel's 32-wide K tiles (two 16-deep dots of nibbles)"
+    return None
+
+
+if _HAVE_TRITON:
+
+    @triton.jit
+    def codes_dot(
+        x_rows,  # [BM, 1] pointers at the tile's first k of each activation row
+        row_ok,  # [BM, 1]
+        k_left,  # K elements left from the tile's first k (a ragged last tile when < BLOCK_K)
+        stride_xk,
+        w_ptrs,  # [BK, BN] int8 codes, or [BK/2, BN] bytes of int4 code pairs (k = 2j low nibble, 2j+1 high)
+        QUANT: tl.constexpr,  # 1 int8, 2 int4
+        BLOCK_K: tl.constexpr,
+        MASKED: tl.constexpr,  # the tile may be ragged
+        DOT_F32: tl.constexpr,
+    ):
+        """sum over the tile's k of x[m, k] * code[k, n], in float32 [BM, BN]: the integer codes, unscaled, on the
+        tensor cores (|code| <= 127 is exact in bf16/fp16), so the caller applies the scales to BM x BN partial sums
+        instead of BK x BN weights. int4 never interleaves nibbles in registers: the low nibbles (even k) multiply
+        the even activation columns and the high nibbles the odd ones, two dots of BK/2. Only float16/bfloat16
+        activations (the float32 interpreter path upcasts after the bit trick)."""
+        act = x_rows.dtype.element_ty
+        if QUANT == 1:
+            kk = tl.arange(0, BLOCK_K)
+            if MASKED:
+                a = tl.load(x_rows + kk[None, :] * stride_xk, mask=row_ok & (kk[None, :] < k_left), other=0.0)
+                codes = tl.load(w_ptrs, mask=kk[:, None] < k_left, other=0)
+            else:
+                a = tl.load(x_rows + kk[None, :] * stride_xk, mask=row_ok, other=0.0)
+                codes = tl.load(w_ptrs)
+            b = codes.to(act)
+            if DOT_F32:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            part = tl.dot(a, b)
+        else:
+            # Activations loaded contiguously and split into even / odd k in registers (a small [BM, BK] tile).
+            kk = tl.arange(0, BLOCK_K)
+            if MASKED:
+                a = tl.load(x_rows + kk[None, :] * stride_xk, mask=row_ok & (kk[None, :] < k_left), other=0.0)
+                j = tl.arange(0, BLOCK_K // 2)
+                packed = tl.load(w_ptrs, mask=2 * j[:, None] < k_left, other=0x88)
+            else:
+                a = tl.load(x_rows + kk[None, :] * stride_xk, mask=row_ok, other=0.0)
+                packed = tl.load(w_ptrs)
+            a_even, a_odd = tl.split(tl.reshape(a, (a.shape[0], BLOCK_K // 2, 2)))
+            # Nibble v (code + 8, in [0, 15]) to a float with no arithmetic: the bits of BASE + v, where BASE is the
+            # power of two whose unit in the last place is 1 (bf16 128 = 0x4300, fp16 1024 = 0x6400). The MMA then
+            # computes sum a * (BASE + v) and one [BM] row sum removes (BASE + 8) * sum a: sum a * code, in float32.
+            nibbles = packed.to(tl.uint16)
+            if act == tl.bfloat16:
+                BITS: tl.constexpr = 0x4300
+                BASE: tl.constexpr = 136.0
+            else:
+                BITS: tl.constexpr = 0x6400
+                BASE: tl.constexpr = 1032.0
+            low = ((nibbles & 0xF) | BITS).to(act, bitcast=True)
+            high = ((nibbles >> 4) | BITS).to(act, bitcast=True)
+            if DOT_F32:
+                a_even, a_odd = a_even.to(tl.float32), a_odd.to(tl.float32)
+                low, high = low.to(tl.float32), high.to(tl.float32)
+            row_sum = tl.sum(a.to(tl.float32), axis=1)
+            part = tl.dot(a_odd, high, tl.dot(a_even, low)) - BASE * row_sum[:, None]
+        return part
+
+    @triton.jit
+    def _quantized_matmul_kernel(
+        x_ptr,  # [M, K]
+        w_ptr,  # [N, K] float or int8, or [N, K/2] uint8
+        s_ptr,  # [N, G]
+        bias_ptr,  # [N] or a dummy
+        out_ptr,  # [M, N]
+        M,
+        N,
+        K,
+        stride_xm,
+        stride_wn,
+        stride_sn,
+        stride_om,
+        num_groups,
+        GROUP_SIZE: tl.constexpr,  # a multiple of BLOCK_K: every K tile lies inside one group (unused: PER_ROW)
+        QUANT: tl.constexpr,  # 0 float weights, 1 int8, 2 int4
+        HAS_BIAS: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        EVEN_K: tl.constexpr,
+        DOT_F32: tl.constexpr,
+        PER_ROW: tl.constexpr = False,  # one scale per output channel: applied once, in the epilogue
+    ):
+        pid_n = tl.program_id(0)
+        pid_m = tl.program_id(1)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_n_ld = offs_n % N  # wrap instead of masking: loads stay unmasked; wrapped columns are not stored
+        row_ok = offs_m < M
+        offs_k = tl.arange(0, BLOCK_K)
+        PACK: tl.constexpr = 2 if QUANT == 2 else 1
+        offs_kw = tl.arange(0, BLOCK_K // PACK)
+        x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+        w_ptrs = w_ptr + offs_n_ld.to(tl.int64)[None, :] * stride_wn + offs_kw[:, None]
+        s_cols = s_ptr + offs_n_ld.to(tl.int64)[None, :] * stride_sn
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for kk in range(0, tl.cdiv(K, BLOCK_K)):
+            k0 = kk * BLOCK_K
+            if QUANT == 0:
+                if EVEN_K:
+                    a = tl.load(x_rows + k0 + offs_k[None, :], mask=row_ok[:, None], other=0.0)
+                    b = tl.load(w_ptrs)
+                else:
+                    a = tl.load(x_rows + k0 + offs_k[None, :], mask=row_ok[:, None] & (offs_k[None, :] < K - k0),
+                                other=0.0)
+                    b = tl.load(w_ptrs, mask=offs_k[:, None] < K - k0, other=0.0)
+                if DOT_F32:
+                    a = a.to(tl.float32)
+                    b = b.to(tl.float32)
+                acc = tl.dot(a, b, acc)
+            else:
+                part = codes_dot(x_rows + k0, row_ok[:, None], K - k0, 1, w_ptrs, QUANT, BLOCK_K, not EVEN_K, DOT_F32)
+                if PER_ROW:
+                    acc += part
+                else:
+                    acc += part * tl.load(s_cols + k0 // GROUP_SIZE).to(tl.float32)
+            w_ptrs += BLOCK_K // PACK
+        if QUANT != 0:
+            if PER_ROW:
+                acc = acc * tl.load(s_cols).to(tl.float32)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n_ld).to(tl.float32)[None, :]
+        out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_n[None, :] < N))
+
+
+@dataclass(frozen=True)
+class LinearConfig:
+    block_m: int
+    block_n: int
+    block_k: int
+    warps: int
+    stages: int
+
+
+# (max M, config). Decode rows stream the weight: 32-column tiles put even a [1024, 4096] projection on 32 programs
+# per 1024 columns and the [32000, 4096] lm_head on 1000; 256-wide K tiles with 4 stages keep ~32 KB in flight per SM.
+# Prefill rows are tensor-core tiles.
+LINEAR_TABLE: list[tuple[int, LinearConfig]] = [
+    (16, LinearConfig(16, 32, 256, 4, 4)),
+    (32, LinearConfig(32, 32, 256, 4, 4)),
+    (64, LinearConfig(64, 32, 128, 4, 4)),
+    (256, LinearConfig(64, 128, 64, 4, 4)),
+    (1 << 62, LinearConfig(128, 128, 64, 8, 3)),
+]
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def linear_config(m: int, n: int, k: int, group_size: int, precision: str | None = None) -> LinearConfig:
+    cfg = next(entry for max_m, entry in LINEAR_TABLE if m <= max_m)
+    block_k = min(cfg.block_k, max(32, _next_pow2(k)))
+    if precision == "int4" and m > 16:  # the nibble planes and both activation halves live in registers
+        block_k = min(block_k, 128)
+    if group_size:  # every K tile lies inside one group: one scale per column and tile
+        block_k = min(block_k, group_size)
+    return LinearConfig(cfg.block_m, min(cfg.block_n, max(16, _next_pow2(n))), block_k, cfg.warps, cfg.stages)
+
+
+def quantized_matmul(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    precision: str,
+    group_size: int,
+    bias: torch.Tensor | None = None,
+    config: LinearConfig | None = None,
+) -> torch.Tensor:
+    """``x [..., K] @ dequantize(qweight, scales).T (+ bias)`` -> [..., N] in x's dtype; the weight stays compact.
+
+    No host synchronisation and shape-only allocations: capturable in a CUDA graph."""
+    if not _HAVE_TRITON:
+        raise RuntimeError("quantized_matmul needs triton")
+    reason = unsupported_reason(x, qweight, scales, precision)
+    if reason is not None:
+        raise TypeError(reason)
+    lead, k = x.shape[:-1], x.shape[-1]
+    n = qweight.shape[0]
+    packing = 2 if precision == "int4" else 1
+    if qweight.dim() != 2 or qweight.shape[1] * packing != k:
+        raise ValueError(f"{precision} weight {list(qweight.shape)} does not fit inputs of {k} features")
+    groups = 1 if group_size == 0 else k // group_size
+    if tuple(scales.shape) != (n, groups):
+        raise ValueError(f"scales {list(scales.shape)} are not [{n}, {groups}]")
+    x2 = x.reshape(-1, k)
+    if x2.stride(1) != 1:
+        x2 = x2.contiguous()
+    w = qweight if qweight.stride(1) == 1 else qweight.contiguous()
+    s = scales if scales.stride(1) == 1 else scales.contiguous()
+    m = x2.shape[0]
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m == 0:
+        return out.reshape(*lead, n)
+    cfg = config if config is not None else linear_config(m, n, k, group_size, precision)
+    grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(m, cfg.block_m))
+    _quantized_matmul_kernel[grid](
+        x2,
+        w,
+        s,
+        bias if bias is not None else s,
+        out,
+        m,
+        n,
+        k,
+        x2.stride(0),
+        w.stride(0),
+        s.stride(0),
+        out.stride(0),
+        groups,
+        GROUP_SIZE=group_size or k,
+        PER_ROW=group_size == 0,
+        QUANT=QUANT_CODES[precision],
+        HAS_BIAS=bias is not None,
+        BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.block_k,
+        EVEN_K=k % cfg.block_k == 0,
+        DOT_F32=x.dtype == torch.bfloat16 and interpreting(),
+        num_warps=cfg.warps,
+        num_stages=cfg.stages,
+    )
+    return out.reshape(*lead, n)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           config: LinearConfig | None = None) -> torch.Tensor:
+    """``x [..., K] @ weight [N, K].T (+ bias)`` with float weights on the same kernel (QUANT 0): the decode-shaped
+    GEMV the quantized paths are compared with, and a candidate for small-M float linears."""
+    if not _HAVE_TRITON:
+        raise RuntimeError("linear needs triton")
+    if x.dtype not in ACTIVATION_DTYPES or weight.dtype != x.dtype or weight.dim() != 2 or weight.shape[1] != x.shape[-1]:
+        raise TypeError(f"x {x.dtype}{list(x.shape)} and weight {weight.dtype}{list(weight.shape)} do not fit")
+    lead, k = x.shape[:-1], x.shape[-1]
+    n = weight.shape[0]
+    x2 = x.reshape(-1, k)
+    if x2.stride(1) != 1:
+        x2 = x2.contiguous()
+    w = weight if weight.stride(1) == 1 else weight.contiguous()
+    m = x2.shape[0]
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m == 0:
+        return out.reshape(*lead, n)
+    cfg = config if config is not None else linear_config(m, n, k, 0)
+    grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(m, cfg.block_m))
+    _quantized_matmul_kernel[grid](
+        x2, w, w, bias if bias is not None else w, out, m, n, k,
+        x2.stride(0), w.stride(0), 0, out.stride(0), 1,
+        GROUP_SIZE=k, QUANT=0, HAS_BIAS=bias is not None,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=k % cfg.block_k == 0,
+        DOT_F32=x.dtype == torch.bfloat16 and interpreting(), num_warps=cfg.warps, num_stages=cfg.stages,
+    )
+    return out.reshape(*lead, n)
