@@ -171,6 +171,8 @@ def main() -> None:
     ap.add_argument("--hf-steps", type=int, default=5, help="timed decode steps per point (Hugging Face)")
     ap.add_argument("--hf-max-batch", type=int, default=64)
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--passes", default="",
+                    help="passes added to the default pipeline before dce, e.g. ',fuse-qkv,fuse-norm' (leading comma)")
     ap.add_argument("--markdown", default=None)
     ap.add_argument("--profile", action="store_true",
                     help="only print the per-kernel device time of one eager decode step (batch 1, context 1024) "
@@ -198,8 +200,8 @@ def main() -> None:
     cfg = model.config
     log(f"HF model built in {time.perf_counter() - started:.1f}s; attention {cfg._attn_implementation}")
     started = time.perf_counter()
-    compiled = compile(model, passes=f"canonicalize,fuse-moe,kv-cache{{max_seq={max_seq}}},dce", device=str(device),
-                       cuda_graphs=on_gpu)
+    passes = f"canonicalize,fuse-moe,kv-cache{{max_seq={max_seq}}}{args.passes},dce"
+    compiled = compile(model, passes=passes, device=str(device), cuda_graphs=on_gpu)
     executable = compiled.executable()
     compile_s = time.perf_counter() - started
     hf_ptrs = {p.data_ptr() for p in model.parameters()}
@@ -288,7 +290,8 @@ def main() -> None:
     import transformers
 
     info = (f"Card: {card}; torch {torch.__version__}; transformers {transformers.__version__}; "
-            f"date {datetime.date.today().isoformat()}; {args.layers} layers of Mixtral-8x7B shapes ({args.model}), "
+            f"date {datetime.date.today().isoformat()}; pipeline `{passes}`; {args.layers} layers of Mixtral-8x7B "
+            f"shapes ({args.model}), "
             "bf16 "
             f"random init, moec compile {compile_s:.1f}s\n"
             f"Measured copy bandwidth {copy_bw / 1e12:.3f} TB/s, bf16 8192^3 GEMM {gemm_rate / 1e12:.0f} TFLOP/s; "

@@ -1,0 +1,201 @@
+"""Where a decode step of the full Mixtral-8x7B goes, per op category, for several pipelines (fusions, quantization).
+
+Run on an H200 from the repository root::
+
+    PYTHONPATH=. python3 bench/decode_profile.py [--pipelines default,fused,int8,int4-g128] [--markdown FILE]
+
+The model is the `mixtral-8x7b` preset (random weights) with its stored tensors drawn directly on the GPU (a CUDA
+generator per tensor, seeded by name; the CPU preset draws the same way on the host, which would take minutes for
+93 GB), so quantizing pipelines materialize only their codes and scales: the float source of one stored tensor
+exists on the GPU only while its codes are computed. Pipelines (each compiled and bound in turn, then freed):
+
+* `default`: moec's default pipeline, `canonicalize,fuse-moe,kv-cache{max_seq},dce`.
+* `fused`: the default plus `fuse-qkv,fuse-norm` (q/k/v as one projection; residual add + RMSNorm as one op).
+* `int8`, `int4`, `int4-g128`: `fused` plus `quantize-weights{precision,group_size}` (lm_head stays bf16).
+
+For each: GPU memory of the bound weights; one eager decode step (batch 1, context 1024) under the torch profiler,
+kernel time per category and kernels per layer; CUDA-graph decode steps at batch 1, 8, 32 (context 1024) against
+the bytes floor (weights read + K/V read, over the copy bandwidth measured in this run); an eager 2048-token
+prefill against the FLOP floor (bf16 GEMM rate measured in this run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import datetime
+import statistics
+import zlib
+
+import torch
+
+PIPELINES = {
+    "default": "",
+    "fused": ",fuse-qkv,fuse-norm",
+    "int8": ",fuse-qkv,fuse-norm,quantize-weights{precision=int8}",
+    "int4": ",fuse-qkv,fuse-norm,quantize-weights{precision=int4}",
+    "int4-g128": ",fuse-qkv,fuse-norm,quantize-weights{precision=int4,group_size=128}",
+}
+CATEGORIES = [  # first match wins: attention's `_decode_combine_kernel` before the MoE's `_combine_kernel`
+    ("attention", ("_decode_kernel", "_decode_combine_kernel", "_write_kernel", "_prefill_kernel")),
+    ("moe experts", ("_gate_up_kernel", "_down_kernel", "_align_kernel", "_combine_kernel")),
+    ("router", ("_route_kernel",)),
+    ("linears", ("gemv", "gemm", "cutlass", "xmma", "nvjet", "_quantized_matmul_kernel", "cublas")),
+    ("norms", ("_rms_norm_kernel",)),
+    ("rope", ("_rope_kernel",)),
+]
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def draw_presets_on_gpu() -> None:
+    """RandomTensor leaves draw on the GPU (bench only: the numbers differ from the CPU preset's, the shapes don't)."""
+    from compiler.weights import RandomTensor
+
+    def read(self, index=None):
+        if self.init == "ones":
+            data = torch.ones(self.shape, dtype=self.dtype, device="cuda")
+        else:
+            generator = torch.Generator(device="cuda").manual_seed(self.seed ^ zlib.crc32(self.name.encode()))
+            data = (torch.randn(self.shape, generator=generator, device="cuda") * self.std).to(self.dtype)
+        return data if index is None else data[index]
+
+    RandomTensor.read = read
+
+
+def step_bytes(cfg, batch: int, ctx: int, pipeline: str) -> tuple[float, float]:
+    """(weight bytes, K/V bytes) a decode step must read at the pipeline's precision: quantized projections and
+    experts count their codes and scales (bench/generate.py's floors() at bf16), the router and lm_head stay bf16."""
+    from bench.generate import floors
+
+    h, i, e, k = cfg.hidden_size, cfg.intermediate_size, cfg.num_local_experts, cfg.num_experts_per_tok
+    _, kv = floors(cfg, batch, ctx, 1.0)
+    d = h // cfg.num_attention_heads
+    per_element = {"int8": 1 + 2 / h, "int4": 0.5 + 2 / h, "int4-g128": 0.5 + 2 / 128}.get(pipeline, 2.0)
+    attention = (2 * h * cfg.num_attention_heads * d + 2 * h * cfg.num_key_value_heads * d) * per_element
+    distinct = e * (1 - (1 - k / e) ** batch)
+    per_layer = attention + e * h * 2 + distinct * 3 * h * i * per_element
+    return cfg.num_hidden_layers * per_layer + cfg.vocab_size * h * 2, kv
+
+
+def category(name: str) -> str:
+    for label, needles in CATEGORIES:
+        if any(needle in name for needle in needles):
+            return label
+    return "other (elementwise, copies, embedding)"
+
+
+def profile_step(executable, caches, ids, position, layers: int) -> list[str]:
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(2):
+        executable.step(ids, position, caches)
+    torch.cuda.synchronize()
+    repeats = 3
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(repeats):
+            executable.step(ids, position, caches)
+        torch.cuda.synchronize()
+    totals: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0.0])
+    names: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    for event in prof.key_averages():
+        if event.device_type.name != "CUDA" or event.device_time_total <= 0:
+            continue
+        label = category(event.key)
+        totals[label][0] += event.device_time_total / repeats
+        totals[label][1] += event.count / repeats
+        names[label][event.key[:60]] += event.count // repeats
+    lines = ["| category | device ms / step | kernels / step | kernels / layer | top kernels |", "|" + "---|" * 5]
+    for label, (us, count) in sorted(totals.items(), key=lambda item: -item[1][0]):
+        top = ", ".join(f"{n} x{c}" for n, c in names[label].most_common(3))
+        lines.append(f"| {label} | {us / 1e3:.3f} | {count:.0f} | {count / layers:.1f} | {top} |")
+    total_us = sum(v[0] for v in totals.values())
+    total_count = sum(v[1] for v in totals.values())
+    lines.append(f"| total | {total_us / 1e3:.3f} | {total_count:.0f} | {total_count / layers:.1f} | |")
+    return lines
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--pipelines", default="default,fused,int8,int4-g128")
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--batches", default="1,8,32")
+    ap.add_argument("--context", type=int, default=1024)
+    ap.add_argument("--prefill", type=int, default=2048)
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--markdown", default=None)
+    args = ap.parse_args()
+
+    from bench.generate import Timer, prefill_flops
+    from bench.moe_kernel import measure_copy_bw, measure_gemm_rate
+    from compiler.api import compile
+    from frontends.hf.source import preset_config
+
+    draw_presets_on_gpu()
+    copy_bw, gemm_rate = measure_copy_bw(), measure_gemm_rate()
+    config = preset_config("mixtral-8x7b")
+    config.num_hidden_layers = args.layers
+    max_seq = max(args.context, args.prefill) + 16
+    timer = Timer(torch.device("cuda"))
+    batches = [int(b) for b in args.batches.split(",")]
+    report = [f"Card: {torch.cuda.get_device_name()}; torch {torch.__version__}; date "
+              f"{datetime.date.today().isoformat()}; {args.layers} layers of Mixtral-8x7B (random, drawn on the GPU); "
+              f"copy {copy_bw / 1e12:.3f} TB/s, bf16 GEMM {gemm_rate / 1e12:.0f} TFLOP/s (measured in this run)", ""]
+    summary = ["| pipeline | weights GB (GPU) | " + " | ".join(f"decode b{b} ms (x floor)" for b in batches)
+               + f" | prefill {args.prefill} ms (x FLOP floor) |", "|" + "---|" * (3 + len(batches))]
+    for name in args.pipelines.split(","):
+        passes = f"canonicalize,fuse-moe,kv-cache{{max_seq={max_seq}}}{PIPELINES[name]},dce"
+        torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated()
+        compiled = compile(config, passes=passes, device="cuda", cuda_graphs=True)
+        executable = compiled.executable()
+        torch.cuda.synchronize()
+        weights_gb = (torch.cuda.memory_allocated() - base) / 1e9
+        log(f"== {name}: {passes}; weights {weights_gb:.2f} GB on the GPU "
+            f"({executable.materialized_bytes / 1e9:.2f} GB materialized)")
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        caches = executable.allocate_caches(1)
+        for cache in caches:
+            cache.normal_(generator=gen)
+        ids = torch.randint(0, config.vocab_size, (1, 1), device="cuda", generator=gen)
+        position = torch.full((1,), args.context, dtype=torch.int64, device="cuda")
+        report += [f"### {name}: `{passes}`", "", f"Eager decode step, batch 1, context {args.context}:", ""]
+        report += profile_step(executable, caches, ids, position, args.layers) + [""]
+        log("\n".join(report[-12:]))
+        del caches
+        cells = []
+        for batch in batches:
+            caches = executable.allocate_caches(batch)
+            for cache in caches:
+                cache.normal_(generator=gen)
+            ids = torch.randint(0, config.vocab_size, (batch, 1), device="cuda", generator=gen)
+            position = torch.full((batch,), args.context, dtype=torch.int64, device="cuda")
+            seconds = timer(lambda: executable.decode_graph_step(ids, position, caches), repeats=args.steps)
+            weights, kv = step_bytes(config, batch, args.context, name)
+            floor = (weights + kv) / copy_bw
+            cells.append(f"{seconds * 1e3:.3f} ({seconds / floor:.2f})")
+            log(f"{name} decode batch {batch}: {seconds * 1e3:.3f} ms/step, floor {floor * 1e3:.3f} ms")
+            executable._decode_graphs.pop(caches[0].shape[0], None)
+            del caches
+            torch.cuda.empty_cache()
+        caches = executable.allocate_caches(1)
+        ids = torch.randint(0, config.vocab_size, (1, args.prefill), device="cuda", generator=gen)
+        zero = torch.zeros(1, dtype=torch.int64, device="cuda")
+        prefill = timer(lambda: executable.step(ids, zero, caches), repeats=5, warmup=1)
+        flop_floor = prefill_flops(config, args.prefill) / gemm_rate
+        log(f"{name} prefill {args.prefill}: {prefill * 1e3:.2f} ms, FLOP floor {flop_floor * 1e3:.2f} ms")
+        summary.append(f"| {name} | {weights_gb:.2f} | " + " | ".join(cells)
+                       + f" | {prefill * 1e3:.2f} ({prefill / flop_floor:.2f}) |")
+        del caches, executable, compiled
+        torch.cuda.empty_cache()
+        text = "\n".join(report[:2] + summary + [""] + report[2:])
+        if args.markdown:  # after every pipeline: a run cut short keeps what it measured
+            with open(args.markdown, "w") as handle:
+                handle.write(text + "\n")
+    log("\n" + text)
+
+
+if __name__ == "__main__":
+    main()
