@@ -52,6 +52,15 @@ PREFILL = [
     C(128, 128, 32, 8, 8, 5, 256, 64, 1, 8, 8, 3),
     C(128, 128, 64, 8, 8, 3, 128, 64, 1, 8, 8, 4),
 ]
+# Second round (issue #15's middle regime, T = 256-2048): deeper K tiles, more stages, wider group walks. None beat
+# the table on the H200 (BENCHMARKS.md); the BLOCK_K = 128 ones run out of shared memory.
+MIDDLE = [
+    C(128, 128, 128, 8, 8, 3, 256, 128, 1, 8, 8, 3),
+    C(128, 128, 64, 8, 8, 5, 256, 64, 1, 8, 8, 5),
+    C(128, 64, 128, 8, 4, 4, 256, 64, 1, 8, 8, 4),
+    C(64, 128, 64, 8, 4, 5, 256, 64, 1, 8, 8, 4),
+    C(128, 128, 64, 32, 8, 4, 256, 64, 1, 32, 8, 4),
+]
 CANDIDATES: list[tuple[int, list[MoeConfig]]] = [
     (1, [
         C(16, 64, 64, 8, 4, 6, 64, 64, 4, 8, 4, 6),
@@ -80,8 +89,8 @@ CANDIDATES: list[tuple[int, list[MoeConfig]]] = [
         C(64, 64, 64, 64, 4, 4, 64, 64, 1, 64, 4, 4),
         C(64, 128, 64, 16, 4, 4, 128, 64, 1, 16, 4, 4),
     ]),
-    (1024, PREFILL + [C(64, 128, 64, 8, 4, 4, 128, 64, 1, 8, 4, 4)]),
-    (1 << 62, PREFILL),
+    (1024, PREFILL + MIDDLE + [C(64, 128, 64, 8, 4, 4, 128, 64, 1, 8, 4, 4)]),
+    (1 << 62, PREFILL + MIDDLE),
 ]
 
 
