@@ -7,14 +7,14 @@
 Opset 23 (the first with `Attention`, `RMSNormalization` and `RotaryEmbedding`); `com.microsoft` opset 1 is
 imported only for `moe="ort"`, `trt.plugins` only for `moe="plugin"`. See `export.py` (files, streaming),
 `converters.py` (the converter registry), `aten_ops.py` and `canonical_ops.py` (op mapping), `moe.py` (the three
-MoE modes) and `ranks.py` (every rank of a sharded program, split at its collectives, exported and simulated
-together on onnxruntime).
+MoE modes), `quantized.py` (the weight-only quantized ops, weights kept compact) and `ranks.py` (every rank of a
+sharded program, split at its collectives, exported and simulated together on onnxruntime).
 
 CLI glue (`moec compile SOURCE --passes ... --export-onnx-after NAME|all --onnx-dir DIR [--moe-export MODE]`):
 `add_onnx_cli_arguments(parser)` adds the flags, `handle_onnx_cli(args, traced, history)` writes the files (with
-`all`, programs that cannot be exported, those with quantized ops, are named on stderr and skipped). A program with
-KV caches exports as a past/present decoder (`cached.py`), which `decoder.py` generates from in onnxruntime and
-describes for onnxruntime-genai.
+`all`, programs the MoE mode cannot take, e.g. quantized experts with `plugin`, are named on stderr and skipped). A
+program with KV caches exports as a past/present decoder (`cached.py`), which `decoder.py` generates from in
+onnxruntime and describes for onnxruntime-genai.
 """
 
 from __future__ import annotations
@@ -126,7 +126,7 @@ def handle_onnx_cli(args: argparse.Namespace, traced: Program, history: Sequence
         # "all" means every program that can be exported; the rest are named, not silently dropped.
         exportable = []
         for index, spec, program in selected:
-            reason = unexportable_reason(program)
+            reason = unexportable_reason(program, args.moe_export)
             if reason is None:
                 exportable.append((index, spec, program))
             else:

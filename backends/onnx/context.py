@@ -99,7 +99,7 @@ class ConversionContext:
     # The weight placeholders' expressions, so converters can rewrite a weight lazily instead of at run time.
     weights: dict[torch.fx.Node, WeightExpr] = field(default_factory=dict)
     initializers: dict[str, Initializer] = field(default_factory=dict)
-    _initializer_by_expr: dict[int, gs.Constant] = field(default_factory=dict)
+    _initializer_by_expr: dict[tuple[int, int, tuple[int, ...]], gs.Constant] = field(default_factory=dict)
     _counter: int = 0
     current: torch.fx.Node | None = None
     decoder: DecoderIO | None = None  # set for a program with KV caches
@@ -202,19 +202,26 @@ class ConversionContext:
 
     # --- weights -----------------------------------------------------------------------------------------------
 
-    def initializer(self, name: str, expr: WeightExpr) -> gs.Constant:
-        """A weight stored in the external data file; the same expression object is stored once (tied weights)."""
-        existing = self._initializer_by_expr.get(id(expr))
+    def initializer(
+        self, name: str, expr: WeightExpr, data_type: int | None = None, dims: Sequence[int] | None = None
+    ) -> gs.Constant:
+        """A weight stored in the external data file; the same expression object is stored once per ONNX type (tied
+        weights). `data_type`/`dims` declare `expr`'s bytes as another ONNX type without rewriting them: uint8
+        `[out, in/2]` int4 codes as INT4 `[out, in]`, scales `[out, 1]` as `[out]`."""
+        data_type = onnx_dtype(expr.dtype) if data_type is None else data_type
+        dims = tuple(expr.shape if dims is None else dims)
+        key = (id(expr), data_type, dims)
+        existing = self._initializer_by_expr.get(key)
         if existing is not None:
             return existing
         proto = onnx.TensorProto()
         proto.name = name
-        proto.data_type = onnx_dtype(expr.dtype)
-        proto.dims.extend(expr.shape)
+        proto.data_type = data_type
+        proto.dims.extend(dims)
         proto.data_location = onnx.TensorProto.EXTERNAL
         constant = gs.Constant(name, gs.ir.tensor.LazyValues(proto))
         self.initializers[name] = Initializer(name, expr, proto)
-        self._initializer_by_expr[id(expr)] = constant
+        self._initializer_by_expr[key] = constant
         return constant
 
 

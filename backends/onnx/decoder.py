@@ -26,7 +26,7 @@ import numpy as np
 import onnx
 
 from backends.onnx.cached import ATTENTION_MASK, POSITION_IDS
-from backends.onnx.export import MAX_SEQ_METADATA
+from backends.onnx.export import MAX_SEQ_METADATA, session_options
 from compiler.errors import MoecError
 from compiler.ir import Program
 
@@ -87,7 +87,9 @@ class OnnxDecoder:
             self.caches.append(_Cache(graph_input.name, dims[1], dims[3], _NUMPY[tensor_type.elem_type]))
         (logits,) = [output for output in model.graph.output if output.name == "logits"]
         self.vocab_size = int(logits.type.tensor_type.shape.dim[-1].dim_value)
-        self.session = onnxruntime.InferenceSession(str(self.path), providers=list(providers)) if run else None
+        self.session = (
+            onnxruntime.InferenceSession(str(self.path), session_options(), providers=list(providers)) if run else None
+        )
 
     @classmethod
     def describe(cls, path: str | os.PathLike[str]) -> OnnxDecoder:

@@ -32,11 +32,12 @@ import backends.onnx.aten_ops  # noqa: F401 - registers the ATen converters
 import backends.onnx.canonical_ops  # noqa: F401 - registers the converters of moec's canonical ops
 from backends.onnx.cached import declare_decoder_io, present_outputs
 import backends.onnx.moe  # noqa: F401 - registers the moec.moe converters
+import backends.onnx.quantized  # noqa: F401 - registers the converters of the weight-only quantized ops
 from backends.onnx.context import ConversionContext, ExportOptions, OnnxExportError, onnx_dtype
 from backends.onnx.converters import find_converter
-from backends.onnx.moe import MOE_MODES
+from backends.onnx.moe import MOE_MODES, moe_refusal
 from compiler import ops
-from compiler.ir import Program
+from compiler.ir import Program, op_name
 from compiler.weights import Rewrite, WeightExpr
 
 OPSET = 23
@@ -45,6 +46,9 @@ DECOMPOSABLE = ("attention", "rms_norm", "rope")
 _ALIGNMENT = 4096
 _CUSTOM_DOMAINS = {"com.microsoft": 1, "trt.plugins": 1}
 MAX_SEQ_METADATA = "moec.max_seq"
+# By default onnxruntime's optimizer fuses DequantizeLinear(int8, per-axis) + MatMul into MatMulNBits with int8
+# activations (accuracy level 4): a weight-only int8 export would compute ~5e-3 away from backends/torch.
+ONNXRUNTIME_CONFIG = {"session.qdq_matmulnbits_accuracy_level": "0"}
 
 
 @dataclass(frozen=True)
@@ -66,6 +70,17 @@ class OnnxExport:
             f"{self.path} ({self.node_count} nodes, opset {self.opset}, moe={self.moe}) + {self.data_path.name} "
             f"({self.initializer_count} initializers, {self.data_bytes:,} bytes) in {self.seconds:.2f}s"
         )
+
+
+def session_options() -> Any:
+    """onnxruntime `SessionOptions` for moec's own sessions over its exports, so they compute what the program
+    computes (`ONNXRUNTIME_CONFIG`)."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    for key, value in ONNXRUNTIME_CONFIG.items():
+        options.add_session_config_entry(key, value)
+    return options
 
 
 def _prepare_paths(path: str | os.PathLike[str]) -> tuple[Path, Path]:
@@ -196,11 +211,18 @@ def write_external_data(ctx: ConversionContext, data_path: Path, used: set[str])
     return offset
 
 
-def unexportable_reason(program: Program) -> str | None:
-    """Why `program` cannot be exported as a whole (None when it can): quantized ops are a later issue."""
-    programs = (program, *program.ranks)
-    if any(node.target in ops.QUANTIZED_OPS for each in programs for node in each.graph.nodes):
-        return "ONNX export of quantized ops is not supported yet (export before quantize-weights)"
+def unexportable_reason(program: Program, moe: str = "ootb") -> str | None:
+    """Why `program` (every rank of it) cannot be exported in MoE mode `moe` (None when it can): an op with no ONNX
+    form yet (FP8), or the first MoE node the mode cannot take (`moe.moe_refusal`), found before anything is
+    written."""
+    for each in (program, *program.ranks):
+        for node in each.graph.nodes:
+            if node.target in ops.QUANTIZED_OPS and node.target not in (ops.quantized_linear, ops.quantized_moe):
+                return f"ONNX export of {op_name(node)} is not supported yet (an FP8 op: export before quantize-fp8)"
+            if node.target in (ops.moe, ops.quantized_moe):
+                reason = moe_refusal(node, moe)
+                if reason is not None:
+                    return reason
     return None
 
 
@@ -217,7 +239,7 @@ def export_program(
     unknown = set(decompose) - set(DECOMPOSABLE)
     if unknown:
         raise OnnxExportError(f"cannot decompose {', '.join(sorted(unknown))}; decomposable: {', '.join(DECOMPOSABLE)}")
-    reason = unexportable_reason(program)
+    reason = unexportable_reason(program, moe)
     if reason is not None:
         raise OnnxExportError(reason)
     model_path, data_path = _prepare_paths(path)

@@ -21,11 +21,16 @@ after, by mode:
   `activation_alpha=1, activation_beta=0` with no `swiglu_limit` make its SwiGLU exactly silu(gate)·up. The
   interleave is a lazy weight rewrite (`interleave_gate_up`) applied while the data file is streamed. Its experts
   are always all E of the router, so an expert-parallel `moe` is refused in this mode (use `ootb` or `plugin`).
+
+`moec.quantized_moe` (`quantized.py`) reuses these pieces: `ootb` over `DequantizeLinear`ed experts, `ort` as
+`com.microsoft::QMoE`; `moe_refusal` is the one rule for what a mode cannot take (an expert block in `ort`,
+quantized experts in `plugin`, block-wise int8 experts in `ort`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import onnx_graphsurgeon as gs
@@ -33,7 +38,9 @@ import torch
 import torch.fx
 
 from backends.onnx.context import ConversionContext, OnnxExportError, dtype_of, value_of
-from backends.onnx.converters import converter
+from backends.onnx.converters import converter, node_arg
+from compiler import ops
+from compiler.ir import op_name
 from compiler.weights import Rewrite, RewriteRule, Shape, WeightExpr, register_rewrite, stack_weights
 
 MOE_MODES = ("ootb", "plugin", "ort")
@@ -73,19 +80,75 @@ def interleave_gate_up(expr: WeightExpr) -> WeightExpr:
 # --- shared pieces ---------------------------------------------------------------------------------------------
 
 
-def _operands(ctx: ConversionContext, node: torch.fx.Node) -> tuple[Any, ...]:
-    x, router, w13, w2, top_k, normalization, activation = node.args[:7]
-    return x, router, w13, w2, int(top_k), str(normalization), str(activation)
+@dataclass(frozen=True)
+class MoeSite:
+    """What every MoE lowering reads of a `moec.moe` or `moec.quantized_moe` node."""
+
+    x: torch.fx.Node
+    router: torch.fx.Node
+    top_k: int
+    normalization: str
+    activation: str
+    experts: int  # E: the experts routed over (the router's rows)
+    local_experts: int  # E': the experts held here (w13's)
+    offset: int  # o: the first held expert's id
+    intermediate: int  # I: w13 has 2I rows (gate, then up)
 
 
-def _expert_block(node: torch.fx.Node) -> tuple[int, int, int]:
-    """(E = experts routed over, E' = experts held here, o = the first held expert's id)."""
-    offset = node.args[7] if len(node.args) > 7 else node.kwargs.get("expert_offset", 0)
-    router, w13 = node.args[1], node.args[2]
-    return int(value_of(router).shape[0]), int(value_of(w13).shape[0]), int(offset)
+def moe_site(node: torch.fx.Node) -> MoeSite:
+    if node.target == ops.quantized_moe:
+        top_k, normalization, activation = node.args[6:9]
+        offset = node_arg(node, 11, "expert_offset", 0)
+    else:
+        top_k, normalization, activation = node.args[4:7]
+        offset = node_arg(node, 7, "expert_offset", 0)
+    x, router, w13 = node.args[:3]
+    experts_held, rows = value_of(w13).shape[:2]
+    return MoeSite(
+        x, router, int(top_k), str(normalization), str(activation), int(value_of(router).shape[0]),
+        int(experts_held), int(offset), int(rows) // 2,
+    )
 
 
-def _flatten_tokens(ctx: ConversionContext, x: torch.fx.Node) -> tuple[gs.Tensor, gs.Tensor | None]:
+def moe_refusal(node: torch.fx.Node, mode: str) -> str | None:
+    """Why MoE mode `mode` cannot take the `moe` / `quantized_moe` node `node` (None when it can). The one rule:
+    the converters raise it, and `export.unexportable_reason` checks it before anything is written."""
+    site = moe_site(node)
+    where = f"{node.name} ({op_name(node)})"
+    quantized = node.target == ops.quantized_moe
+    if mode == "ort" and site.local_experts != site.experts:
+        return (
+            f"{where} is expert-parallel (experts [{site.offset}, {site.offset + site.local_experts}) of "
+            f"{site.experts}): onnxruntime's com.microsoft::{'QMoE' if quantized else 'MoE'} runs all of the "
+            "router's experts and cannot take an expert block; export it with "
+            + ("moe='ootb'" if quantized else "moe='ootb' or moe='plugin'")
+        )
+    if not quantized:
+        return None
+    precision, group_size = node.args[9], int(node.args[10])
+    if mode == "plugin":
+        return (
+            f"{where}: moe='plugin' does not take quantized experts yet (trt.plugins::MoE reads float w13/w2); "
+            "use ootb"
+        )
+    if mode == "ort" and precision == "int8" and group_size:
+        # Measured on onnxruntime 1.32: ~1e-2 relative error against the dequantized weights, where 4-bit blocks
+        # and 8-bit per-channel experts compute them to ~1e-7.
+        return (
+            f"{where}: moe='ort': onnxruntime's QMoE has no float kernel for block-wise 8-bit experts (it quantizes "
+            f"the activations to int8), so int8 group_size={group_size} would not compute weight-only int8; "
+            "quantize int8 with group_size=0 or int4, or export with moe='ootb'"
+        )
+    return None
+
+
+def refuse(node: torch.fx.Node, mode: str) -> None:
+    reason = moe_refusal(node, mode)
+    if reason is not None:
+        raise OnnxExportError(reason)
+
+
+def flatten_tokens(ctx: ConversionContext, x: torch.fx.Node) -> tuple[gs.Tensor, gs.Tensor | None]:
     """x as [T, H], and the shape to restore afterwards (None when x is already 2-d)."""
     tensor = ctx.tensor(x)
     if value_of(x).dim() == 2:
@@ -108,15 +171,19 @@ def _router_logits(ctx: ConversionContext, tokens: gs.Tensor, x: torch.fx.Node, 
 
 @converter("moec.moe", when=lambda ctx, node: ctx.options.moe == "ootb")
 def moe_ootb(ctx: ConversionContext, node: torch.fx.Node) -> gs.Tensor:
-    x, router, w13, w2, top_k, normalization, _ = _operands(ctx, node)
-    dtype = dtype_of(x)
-    _, local_experts, offset = _expert_block(node)
-    intermediate = value_of(w2).shape[-1]
-    tokens, restore = _flatten_tokens(ctx, x)
+    return emit_moe_ootb(ctx, moe_site(node), ctx.tensor(node.args[2]), ctx.tensor(node.args[3]))
 
-    probs = ctx.op("Softmax", [_router_logits(ctx, tokens, x, router)], {"axis": -1})
-    weights, chosen = ctx.op("TopK", [probs, ctx.ints([top_k])], {"axis": -1, "largest": 1, "sorted": 1}, outputs=2)
-    if normalization == "renormalize":
+
+def emit_moe_ootb(ctx: ConversionContext, site: MoeSite, w13: gs.Tensor, w2: gs.Tensor) -> gs.Tensor:
+    """The `ootb` form over float w13 [E',2I,H] and w2 [E',H,I] ONNX values (initializers, or dequantized ones)."""
+    dtype = dtype_of(site.x)
+    local_experts, offset, intermediate = site.local_experts, site.offset, site.intermediate
+    tokens, restore = flatten_tokens(ctx, site.x)
+
+    probs = ctx.op("Softmax", [_router_logits(ctx, tokens, site.x, site.router)], {"axis": -1})
+    top_k = ctx.ints([site.top_k])
+    weights, chosen = ctx.op("TopK", [probs, top_k], {"axis": -1, "largest": 1, "sorted": 1}, outputs=2)
+    if site.normalization == "renormalize":
         weights = ctx.op("Div", [weights, ctx.op("ReduceSum", [weights, ctx.ints([-1])], {"keepdims": 1})])
     # Dense routing R[T, E'] over the local experts: R[t, e] = weight of expert o + e in token t's top-k, else 0.
     local_ids = ctx.op("Range", [ctx.const(offset), ctx.const(offset + local_experts), ctx.const(1)])
@@ -125,11 +192,11 @@ def moe_ootb(ctx: ConversionContext, node: torch.fx.Node) -> gs.Tensor:
     routing = ctx.op("ReduceSum", [weighted, ctx.ints([1])], {"keepdims": 0})
 
     # All local experts on all tokens: [1,T,H] · [E',H,2I] → [E',T,2I].
-    w13_t = ctx.op("Transpose", [ctx.tensor(w13)], {"perm": [0, 2, 1]})
+    w13_t = ctx.op("Transpose", [w13], {"perm": [0, 2, 1]})
     gate_up = ctx.op("MatMul", [ctx.op("Unsqueeze", [tokens, ctx.ints([0])]), w13_t])
     gate, up = ctx.op("Split", [gate_up, ctx.ints([intermediate, intermediate])], {"axis": -1}, outputs=2)
     activated = ctx.op("Mul", [ctx.op("Mul", [gate, ctx.op("Sigmoid", [gate])]), up])
-    down = ctx.op("MatMul", [activated, ctx.op("Transpose", [ctx.tensor(w2)], {"perm": [0, 2, 1]})])  # [E',T,H]
+    down = ctx.op("MatMul", [activated, ctx.op("Transpose", [w2], {"perm": [0, 2, 1]})])  # [E',T,H]
     per_expert = ctx.op("Unsqueeze", [ctx.op("Transpose", [routing], {"perm": [1, 0]}), ctx.ints([-1])])  # [E',T,1]
     down32 = down if dtype == torch.float32 else ctx.cast(down, torch.float32)
     combined = ctx.op("ReduceSum", [ctx.op("Mul", [down32, per_expert]), ctx.ints([0])], {"keepdims": 0})
@@ -142,19 +209,18 @@ def moe_ootb(ctx: ConversionContext, node: torch.fx.Node) -> gs.Tensor:
 
 @converter("moec.moe", when=lambda ctx, node: ctx.options.moe == "plugin")
 def moe_plugin(ctx: ConversionContext, node: torch.fx.Node) -> gs.Tensor:
-    x, router, w13, w2, top_k, normalization, activation = _operands(ctx, node)
-    experts, local_experts, offset = _expert_block(node)
+    site = moe_site(node)
     attrs = {
         "plugin_version": PLUGIN_VERSION,
         "plugin_namespace": PLUGIN_NAMESPACE,
-        "top_k": top_k,
-        "normalization": normalization,
-        "activation": activation,
-        "num_experts": experts,
-        "num_local_experts": local_experts,
-        "expert_offset": offset,
+        "top_k": site.top_k,
+        "normalization": site.normalization,
+        "activation": site.activation,
+        "num_experts": site.experts,
+        "num_local_experts": site.local_experts,
+        "expert_offset": site.offset,
     }
-    inputs = [ctx.tensor(x), ctx.tensor(router), ctx.tensor(w13), ctx.tensor(w2)]
+    inputs = [ctx.tensor(arg) for arg in node.args[:4]]
     return ctx.op("MoE", inputs, attrs, domain=PLUGIN_DOMAIN)
 
 
@@ -172,29 +238,31 @@ def _interleaved_w13(ctx: ConversionContext, w13: torch.fx.Node) -> gs.Tensor:
     return ctx.op("Reshape", [pairs, ctx.ints([experts, rows, hidden])])
 
 
-@converter("moec.moe", when=lambda ctx, node: ctx.options.moe == "ort")
-def moe_ort(ctx: ConversionContext, node: torch.fx.Node) -> gs.Tensor:
-    x, router, w13, w2, top_k, normalization, _ = _operands(ctx, node)
-    experts, local_experts, offset = _expert_block(node)
-    if local_experts != experts:
-        raise OnnxExportError(
-            f"{node.name} (moec.moe) is expert-parallel (experts [{offset}, {offset + local_experts}) of "
-            f"{experts}): onnxruntime's com.microsoft::MoE runs all of the router's experts and cannot take an "
-            "expert block; export it with moe='ootb' or moe='plugin'"
-        )
-    dtype = dtype_of(x)
-    tokens, restore = _flatten_tokens(ctx, x)
-    logits = _router_logits(ctx, tokens, x, router)
-    # com.microsoft::MoE types router_probs like the input.
-    router_input = logits if dtype == torch.float32 else ctx.cast(logits, dtype)
-    attrs = {
-        "k": top_k,
+def ort_router_input(ctx: ConversionContext, site: MoeSite, tokens: gs.Tensor) -> gs.Tensor:
+    """The router LOGITS com.microsoft's MoE/QMoE take as `router_probs`, typed like the input."""
+    logits = _router_logits(ctx, tokens, site.x, site.router)
+    dtype = dtype_of(site.x)
+    return logits if dtype == torch.float32 else ctx.cast(logits, dtype)
+
+
+def ort_moe_attrs(site: MoeSite) -> dict[str, Any]:
+    """The attributes com.microsoft's MoE and QMoE share: top-k, renormalization and silu(gate)·up (no limit)."""
+    return {
+        "k": site.top_k,
         "activation_type": "swiglu",
         "swiglu_fusion": 1,
         "activation_alpha": 1.0,
         "activation_beta": 0.0,
-        "normalize_routing_weights": int(normalization == "renormalize"),
+        "normalize_routing_weights": int(site.normalization == "renormalize"),
     }
-    inputs = [tokens, router_input, _interleaved_w13(ctx, w13), None, ctx.tensor(w2)]
-    out = ctx.op("MoE", inputs, attrs, domain="com.microsoft")
+
+
+@converter("moec.moe", when=lambda ctx, node: ctx.options.moe == "ort")
+def moe_ort(ctx: ConversionContext, node: torch.fx.Node) -> gs.Tensor:
+    refuse(node, "ort")
+    site = moe_site(node)
+    tokens, restore = flatten_tokens(ctx, site.x)
+    w13, w2 = _interleaved_w13(ctx, node.args[2]), ctx.tensor(node.args[3])
+    inputs = [tokens, ort_router_input(ctx, site, tokens), w13, None, w2]
+    out = ctx.op("MoE", inputs, ort_moe_attrs(site), domain="com.microsoft")
     return out if restore is None else ctx.op("Reshape", [out, restore])

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from backends.onnx.context import OnnxExportError
-from backends.onnx.export import OnnxExport, export_program, unexportable_reason
+from backends.onnx.export import OnnxExport, export_program, session_options, unexportable_reason
 from compiler.segments import split_at_collectives
 from compiler.ir import Program
 
@@ -42,7 +42,7 @@ class RankExport:
             import onnxruntime
 
             self._sessions = [
-                onnxruntime.InferenceSession(str(segment.path), providers=["CPUExecutionProvider"])
+                onnxruntime.InferenceSession(str(segment.path), session_options(), providers=["CPUExecutionProvider"])
                 for segment in self.segments
             ]
         session = self._sessions[index]
@@ -56,7 +56,7 @@ def export_ranks(
     program: Program, directory: str | os.PathLike[str], moe: str = "ootb", decompose: tuple[str, ...] = ()
 ) -> list[RankExport]:
     """Writes every rank's segments into `directory`; a Program without ranks is exported as rank 0."""
-    reason = unexportable_reason(program)
+    reason = unexportable_reason(program, moe)
     if reason is not None:
         raise OnnxExportError(reason)
     directory = Path(directory)

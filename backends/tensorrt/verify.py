@@ -142,7 +142,10 @@ def onnxruntime_session(onnx_path: str | os.PathLike[str]) -> Any:
     """A CPU onnxruntime session over `onnx_path` (plugin nodes swapped); external data resolves beside it."""
     import onnxruntime
 
-    return onnxruntime.InferenceSession(str(onnxruntime_file(onnx_path)), providers=["CPUExecutionProvider"])
+    from backends.onnx.export import session_options
+
+    path = str(onnxruntime_file(onnx_path))
+    return onnxruntime.InferenceSession(path, session_options(), providers=["CPUExecutionProvider"])
 
 
 def decoder_ranks(directory: str | os.PathLike[str], vocab_size: int) -> Any:

@@ -213,7 +213,7 @@ def test_cli_prints_the_caches_after_the_pass() -> None:
         f"  %kv_cache_1_value: f32[batch,{kv_heads},{max_seq},{head_dim}] = "
         f"kv cache (layer 1 value, max_seq {max_seq})\n" in text
     )
-    assert "\n 3. kv-cache " in text and "\n 4. dce " in text  # the default pipeline runs it after fuse-moe
+    assert "\n 3. kv-cache " in text and "\n 6. dce " in text  # the default pipeline runs it after fuse-moe
 
 
 def test_the_verifier_checks_how_caches_are_wired() -> None:

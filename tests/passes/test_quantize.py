@@ -294,13 +294,6 @@ def test_bad_input_in_python_and_order() -> None:
         run_pipeline(unfused, parse_pipeline("quantize-weights"))
 
 
-def test_onnx_export_of_a_quantized_program_is_a_clear_error(tmp_path) -> None:
-    from backends.onnx import export_onnx
-
-    with pytest.raises(MoecError, match="ONNX export of quantized ops is not supported yet"):
-        export_onnx(quantized("int8", 0), tmp_path / "model.onnx")
-
-
 # --- recipe flags -------------------------------------------------------------------------------------------------
 
 

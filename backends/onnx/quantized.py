@@ -1,0 +1,223 @@
+"""The weight-only quantized ops `moec.quantized_linear` and `moec.quantized_moe` in ONNX, their weights compact.
+
+before: quantized_linear(x, w_q, w_scales, bias?, precision, group_size)
+        quantized_moe(x, router, w13_q, w13_scales, w2_q, w2_scales, top_k, normalization, activation, precision,
+                      group_size, expert_offset=o)
+        (`compiler/quantization.py`'s layout: int8 i8[..., out, in]; int4 u8[..., out, in/2], codes offset binary
+        q + 8, low nibble first; scales [..., out, groups] in the activation dtype, groups = 1 per channel)
+after, by MoE mode (`export_onnx(..., moe=MODE)`):
+- linears, `ootb` and `plugin` (standard ONNX, what TensorRT parses): `DequantizeLinear` then
+  `MatMul(x, Transpose(W))`. int8 codes are the INT8 initializer as stored; int4 codes an INT4 initializer
+  [out, in] whose bytes are w_q XOR 0x88 (each nibble q + 8 becomes two's complement q; ONNX packs INT4 low nibble
+  first too). group_size 0: per-axis (axis 0, scales [out]); group_size g: blocked (axis 1, `block_size` g, scales
+  [out, in/g], opset 21+).
+- linears, `ort`: `com.microsoft::MatMulNBits` (bits 4 or 8, block_size = group_size, or K per channel), B =
+  w_q's bytes declared [N, K/block, block·bits/8]: int4 as stored (its default zero point is 8), int8 XOR 0x80
+  (code + 128 as uint8; default zero point 128); scales [N, K/block] as stored. Per channel with K not a power of
+  two >= 16 (MatMulNBits' block sizes) keeps the `DequantizeLinear` form.
+- experts, `ootb`: `moe.py`'s `ootb` form over w13/w2 `DequantizeLinear`ed to [E',2I,H]/[E',H,I] (blocked along
+  axis 2 with block_size = group_size, or `in` per channel: per-axis scales are 1-d only).
+- experts, `ort`: `com.microsoft::QMoE` (expert_weight_bits 4 or 8, `block_size` = group_size when > 0) with
+  `moe.py`'s routing attributes: fc1 = w13's codes and scales with gate/up rows interleaved (`swiglu_fusion=1`),
+  fc2 = w2's; code bytes as for MatMulNBits; scales [E, N] per channel, [E, N, K/block] blocked.
+- experts, `plugin`; block-wise int8 experts or an expert block in `ort`: refused (`moe.moe_refusal` says why).
+
+The repacks (XOR, interleave) are lazy weight rewrites applied while the data file is streamed, one expert at a
+time; a reshape or the INT4 view is only the initializer's declared type. Nothing is dequantized at export.
+
+onnxruntime 1.32 (CPU) computes every form above in float32 to ~1e-7 of `backends/torch`, but by default its
+optimizer fuses `DequantizeLinear` (int8, per-axis) + `MatMul` into `MatMulNBits` with `accuracy_level` 4 (int8
+activations, ~5e-3): `export.session_options` turns that off for moec's own sessions. TensorRT-RTX 1.7 parses
+and builds the `ootb` form (INT8/INT4, per-axis and blocked, 2-d and 3-d `DequantizeLinear`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import onnx
+import onnx_graphsurgeon as gs
+import torch
+import torch.fx
+
+from backends.onnx.canonical_ops import emit_linear
+from backends.onnx.context import ConversionContext, OnnxExportError, value_of
+from backends.onnx.converters import converter, node_arg
+from backends.onnx.moe import (
+    emit_moe_ootb, flatten_tokens, interleave_gate_up, moe_site, ort_moe_attrs, ort_router_input, refuse
+)
+from compiler.ir import op_name
+from compiler.quantization import MIN_GROUP_SIZE
+from compiler.weights import Rewrite, RewriteRule, Shape, WeightExpr, concat_weights, register_rewrite, stack_weights
+
+INT4_TO_SIGNED = 0x88  # per nibble: offset binary q + 8 -> two's complement q
+INT8_TO_OFFSET = 0x80  # int8 q -> uint8 q + 128
+MICROSOFT = "com.microsoft"
+
+
+# --- the xor_bytes weight rewrite ------------------------------------------------------------------------------
+
+
+def _infer_xor(inputs: Sequence[WeightExpr], attrs: dict[str, Any]) -> tuple[Shape, torch.dtype]:
+    (source,) = inputs
+    if source.dtype not in (torch.int8, torch.uint8):
+        raise ValueError(f"xor_bytes takes int8 or uint8 codes, not {source.type_str}")
+    return source.shape, torch.uint8
+
+
+register_rewrite("xor_bytes", RewriteRule(_infer_xor, lambda xs, a: xs[0].view(torch.uint8) ^ a["mask"]))
+
+
+def xor_bytes(expr: WeightExpr, mask: int) -> WeightExpr:
+    """`expr`'s bytes XOR `mask`, as uint8; a stack or concatenation stays one (so it streams part by part)."""
+    if isinstance(expr, Rewrite) and expr.kind in ("stack", "concat"):
+        join = stack_weights if expr.kind == "stack" else concat_weights
+        return join([xor_bytes(part, mask) for part in expr.inputs], dict(expr.attrs)["dim"])
+    return Rewrite("xor_bytes", (expr,), (("mask", mask),))
+
+
+# --- operands --------------------------------------------------------------------------------------------------
+
+
+def _weight(ctx: ConversionContext, operand: torch.fx.Node, node: torch.fx.Node) -> WeightExpr:
+    expr = ctx.weights.get(operand)
+    if expr is None:
+        raise OnnxExportError(
+            f"{node.name} ({op_name(node)}): its operand %{operand.name} is computed at run time; quantized "
+            "weights export only as program weights"
+        )
+    return expr
+
+
+def _logical_shape(codes: WeightExpr, precision: str) -> tuple[int, ...]:
+    """The float shape [..., out, in] that codes stand for."""
+    return (*codes.shape[:-1], codes.shape[-1] * (2 if precision == "int4" else 1))
+
+
+def _bits(precision: str) -> int:
+    return 4 if precision == "int4" else 8
+
+
+def _unsigned_codes(codes: WeightExpr, precision: str) -> WeightExpr:
+    """The codes as com.microsoft's MatMulNBits/QMoE read them with their default zero points (8, 128)."""
+    return codes if precision == "int4" else xor_bytes(codes, INT8_TO_OFFSET)
+
+
+def dequantize_linear(
+    ctx: ConversionContext,
+    node: torch.fx.Node,
+    qweight: torch.fx.Node,
+    scales: torch.fx.Node,
+    precision: str,
+    group_size: int,
+) -> gs.Tensor:
+    """`DequantizeLinear` of a compact weight [..., out, in] to the scales' dtype: per-axis for a 2-d weight
+    quantized per channel, blocked along `in` otherwise."""
+    codes_expr, scales_expr = _weight(ctx, qweight, node), _weight(ctx, scales, node)
+    shape = _logical_shape(codes_expr, precision)
+    if precision == "int4":
+        signed = xor_bytes(codes_expr, INT4_TO_SIGNED)
+        codes = ctx.initializer(f"{qweight.name}.int4", signed, onnx.TensorProto.INT4, shape)
+    else:
+        codes = ctx.tensor(qweight)
+    if group_size == 0 and len(shape) == 2:
+        scale = ctx.initializer(f"{scales.name}.per_axis", scales_expr, dims=shape[:1])
+        attrs = {"axis": 0}
+    else:
+        scale = ctx.tensor(scales)
+        attrs = {"axis": len(shape) - 1, "block_size": group_size or shape[-1]}
+    return ctx.op("DequantizeLinear", [codes, scale], attrs)
+
+
+# --- quantized_linear ------------------------------------------------------------------------------------------
+
+
+def _linear_operands(node: torch.fx.Node) -> tuple[Any, ...]:
+    x, qweight, scales = node.args[:3]
+    bias = node_arg(node, 3, "bias", None)
+    return x, qweight, scales, bias, str(node_arg(node, 4, "precision")), int(node_arg(node, 5, "group_size"))
+
+
+def matmul_nbits_block(node: torch.fx.Node) -> int | None:
+    """MatMulNBits' block size for a `quantized_linear` (None when it has none: a per-channel K that is not a power
+    of two >= 16)."""
+    _, qweight, _, _, precision, group_size = _linear_operands(node)
+    in_features = value_of(qweight).shape[-1] * (2 if precision == "int4" else 1)
+    block = group_size or int(in_features)
+    return block if block >= MIN_GROUP_SIZE and not block & (block - 1) else None
+
+
+def _uses_matmul_nbits(ctx: ConversionContext, node: torch.fx.Node) -> bool:
+    return ctx.options.moe == "ort" and matmul_nbits_block(node) is not None
+
+
+@converter("moec.quantized_linear", when=_uses_matmul_nbits)
+def _quantized_linear_nbits(ctx: ConversionContext, node: torch.fx.Node) -> gs.Tensor:
+    x, qweight, scales, bias, precision, _ = _linear_operands(node)
+    codes = _weight(ctx, qweight, node)
+    _weight(ctx, scales, node)
+    out_features, in_features = _logical_shape(codes, precision)
+    block = matmul_nbits_block(node)
+    assert block is not None
+    bits = _bits(precision)
+    blobs = (out_features, in_features // block, block * bits // 8)
+    packed = ctx.initializer(f"{qweight.name}.blocks", _unsigned_codes(codes, precision), onnx.TensorProto.UINT8, blobs)
+    attrs = {"K": in_features, "N": out_features, "bits": bits, "block_size": block}
+    result = ctx.op("MatMulNBits", [ctx.tensor(x), packed, ctx.tensor(scales)], attrs, domain=MICROSOFT)
+    return result if bias is None else ctx.op("Add", [result, ctx.tensor(bias)])
+
+
+@converter("moec.quantized_linear", when=lambda ctx, node: not _uses_matmul_nbits(ctx, node))
+def _quantized_linear_dequantized(ctx: ConversionContext, node: torch.fx.Node) -> gs.Tensor:
+    x, qweight, scales, bias, precision, group_size = _linear_operands(node)
+    weight = dequantize_linear(ctx, node, qweight, scales, precision, group_size)
+    return emit_linear(ctx, ctx.tensor(x), weight, ctx.tensor(bias) if bias is not None else None)
+
+
+# --- quantized_moe ---------------------------------------------------------------------------------------------
+
+
+def _moe_operands(node: torch.fx.Node) -> tuple[Any, ...]:
+    w13_q, w13_scales, w2_q, w2_scales = node.args[2:6]
+    return w13_q, w13_scales, w2_q, w2_scales, str(node.args[9]), int(node.args[10])
+
+
+@converter("moec.quantized_moe", when=lambda ctx, node: ctx.options.moe == "ootb")
+def _quantized_moe_ootb(ctx: ConversionContext, node: torch.fx.Node) -> gs.Tensor:
+    w13_q, w13_scales, w2_q, w2_scales, precision, group_size = _moe_operands(node)
+    w13 = dequantize_linear(ctx, node, w13_q, w13_scales, precision, group_size)
+    w2 = dequantize_linear(ctx, node, w2_q, w2_scales, precision, group_size)
+    return emit_moe_ootb(ctx, moe_site(node), w13, w2)
+
+
+@converter("moec.quantized_moe", when=lambda ctx, node: ctx.options.moe == "plugin")
+def _quantized_moe_plugin(ctx: ConversionContext, node: torch.fx.Node) -> gs.Tensor:
+    """Refused: `trt.plugins::MoE` reads float experts (`moe.moe_refusal`)."""
+    refuse(node, "plugin")
+    raise AssertionError("moe_refusal refuses every quantized_moe in plugin mode")
+
+
+@converter("moec.quantized_moe", when=lambda ctx, node: ctx.options.moe == "ort")
+def _quantized_moe_ort(ctx: ConversionContext, node: torch.fx.Node) -> gs.Tensor:
+    refuse(node, "ort")
+    site = moe_site(node)
+    w13_q, w13_scales, w2_q, w2_scales, precision, group_size = _moe_operands(node)
+    codes13, scales13 = _weight(ctx, w13_q, node), _weight(ctx, w13_scales, node)
+    codes2, scales2 = _weight(ctx, w2_q, node), _weight(ctx, w2_scales, node)
+    fc1 = ctx.initializer(f"{w13_q.name}.qmoe", _unsigned_codes(interleave_gate_up(codes13), precision))
+    fc2 = ctx.initializer(f"{w2_q.name}.qmoe", _unsigned_codes(codes2, precision))
+    fc1_scales_expr = interleave_gate_up(scales13)
+    if group_size:
+        fc1_scales = ctx.initializer(f"{w13_scales.name}.qmoe", fc1_scales_expr)
+        fc2_scales = ctx.tensor(w2_scales)
+    else:  # one scale per output channel: [E, N, 1] declared [E, N]
+        fc1_scales = ctx.initializer(f"{w13_scales.name}.qmoe", fc1_scales_expr, dims=fc1_scales_expr.shape[:2])
+        fc2_scales = ctx.initializer(f"{w2_scales.name}.qmoe", scales2, dims=scales2.shape[:2])
+    attrs = {**ort_moe_attrs(site), "expert_weight_bits": _bits(precision)}
+    if group_size:
+        attrs["block_size"] = group_size
+    tokens, restore = flatten_tokens(ctx, site.x)
+    inputs = [tokens, ort_router_input(ctx, site, tokens), fc1, fc1_scales, None, fc2, fc2_scales]
+    out = ctx.op("QMoE", inputs, attrs, domain=MICROSOFT)
+    return out if restore is None else ctx.op("Reshape", [out, restore])
