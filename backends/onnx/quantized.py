@@ -9,8 +9,8 @@ after, by MoE mode (`export_onnx(..., moe=MODE)`):
 - linears, `ootb` and `plugin` (standard ONNX, what TensorRT parses): `DequantizeLinear` then
   `MatMul(x, Transpose(W))`. int8 codes are the INT8 initializer as stored; int4 codes an INT4 initializer
   [out, in] whose bytes are w_q XOR 0x88 (each nibble q + 8 becomes two's complement q; ONNX packs INT4 low nibble
-  first too). group_size 0: per-axis (axis 0, scales [out]); group_size g: blocked (axis 1, `block_size` g, scales
-  [out, in/g], opset 21+).
+  first too), blocked along `in` (axis 1, `block_size` g, scales [out, in/g], opset 21+; per channel: one block of
+  all `in`, scales [out, 1]; not per-axis, see below).
 - linears, `ort`: `com.microsoft::MatMulNBits` (bits 4 or 8, block_size = group_size, or K per channel), B =
   w_q's bytes declared [N, K/block, block·bits/8]: int4 as stored (its default zero point is 8), int8 XOR 0x80
   (code + 128 as uint8; default zero point 128); scales [N, K/block] as stored. Per channel with K not a power of
@@ -25,10 +25,11 @@ after, by MoE mode (`export_onnx(..., moe=MODE)`):
 The repacks (XOR, interleave) are lazy weight rewrites applied while the data file is streamed, one expert at a
 time; a reshape or the INT4 view is only the initializer's declared type. Nothing is dequantized at export.
 
-onnxruntime 1.32 (CPU) computes every form above in float32 to ~1e-7 of `backends/torch`, but by default its
-optimizer fuses `DequantizeLinear` (int8, per-axis) + `MatMul` into `MatMulNBits` with `accuracy_level` 4 (int8
-activations, ~5e-3): `export.session_options` turns that off for moec's own sessions. TensorRT-RTX 1.7 parses
-and builds the `ootb` form (INT8/INT4, per-axis and blocked, 2-d and 3-d `DequantizeLinear`).
+onnxruntime 1.32 (CPU) computes every form above in float32 to ~1e-7 of `backends/torch`. Its optimizer would fuse
+a per-axis int8 `DequantizeLinear` + `MatMul` into `MatMulNBits` with `accuracy_level` 4 (int8 activations, ~5e-3),
+which is why per-channel weights are exported as one block per row instead (and `export.session_options` also
+turns the rewrite off for moec's own sessions). TensorRT-RTX 1.7 parses and builds the `ootb` form (INT8/INT4,
+blocked, 2-d and 3-d `DequantizeLinear`).
 """
 
 from __future__ import annotations
@@ -114,19 +115,19 @@ def dequantize_linear(
 ) -> gs.Tensor:
     """`DequantizeLinear` of a compact weight [..., out, in] to the scales' dtype: per-axis for a 2-d weight
     quantized per channel, blocked along `in` otherwise."""
-    codes_expr, scales_expr = _weight(ctx, qweight, node), _weight(ctx, scales, node)
+    codes_expr = _weight(ctx, qweight, node)
     shape = _logical_shape(codes_expr, precision)
     if precision == "int4":
         signed = xor_bytes(codes_expr, INT4_TO_SIGNED)
         codes = ctx.initializer(f"{qweight.name}.int4", signed, onnx.TensorProto.INT4, shape)
     else:
         codes = ctx.tensor(qweight)
-    if group_size == 0 and len(shape) == 2:
-        scale = ctx.initializer(f"{scales.name}.per_axis", scales_expr, dims=shape[:1])
-        attrs = {"axis": 0}
-    else:
-        scale = ctx.tensor(scales)
-        attrs = {"axis": len(shape) - 1, "block_size": group_size or shape[-1]}
+    # Always blocked along `in` (one block of all of `in` per channel), never per-axis: onnxruntime's optimizer
+    # rewrites per-axis int8 DequantizeLinear + MatMul into MatMulNBits with int8 activations (~5e-3 off), which
+    # moec's own sessions could switch off but onnxruntime-genai and other users' sessions cannot; blocked DQ is
+    # computed as written everywhere (and TensorRT-RTX 1.7 builds it).
+    scale = ctx.tensor(scales)
+    attrs = {"axis": len(shape) - 1, "block_size": group_size or shape[-1]}
     return ctx.op("DequantizeLinear", [codes, scale], attrs)
 
 

@@ -206,3 +206,16 @@ def test_tensorrt_builds_the_ootb_form_and_refuses_the_plugin_one(tmp_path: Path
     with pytest.raises(OnnxExportError, match=r"moe='plugin' does not take quantized experts yet"):
         build_engines(program, tmp_path / "plugin", BuildOptions(moe_plugin=True, targets=targets, max_seq=16))
     assert not (tmp_path / "plugin").exists()
+
+
+def test_int8_per_channel_ootb_is_exact_in_a_default_onnxruntime_session(tmp_path: Path) -> None:
+    """Per-channel weights export as one block per row, not per-axis: a plain session (as onnxruntime-genai opens
+    it, without moec's options) computes them as written instead of fusing them into int8-activation MatMulNBits."""
+    import onnxruntime
+
+    program = quantized(SMALL, "int8", 0)
+    exported = export_onnx(program, tmp_path / "model.onnx", moe="ootb")
+    session = onnxruntime.InferenceSession(str(exported.path), providers=["CPUExecutionProvider"])
+    ids = input_ids(SMALL, 2, 7)
+    (logits,) = session.run(None, {"input_ids": ids.numpy()})
+    assert max_rel_err(torch.from_numpy(logits), TorchExecutable(program)(ids)) <= TOLERANCE
