@@ -24,12 +24,14 @@ def _cmd_build(args: argparse.Namespace) -> int:
     from backends.tensorrt import build_engines, build_options
     from compiler.api import ENGINE_PIPELINE, load
     from compiler.pass_manager import parse_pipeline, run_pipeline
+    from compiler.recipe import pipeline_with_quantization
 
     options = build_options(args.moe_plugin, args.target, args.max_batch, args.max_seq, args.workers, args.keep_onnx)
     if args.kv_cache and args.passes is not None:
         raise MoecError("give --kv-cache or --passes (with kv-cache in it), not both")
     default = decoder_pipeline(args.max_seq) if args.kv_cache else ENGINE_PIPELINE
-    pipeline = parse_pipeline(args.passes if args.passes is not None else default)
+    # The recipe's quantization flags (--use-weight-only ...) expand into passes here too (printed to stderr).
+    pipeline = parse_pipeline(pipeline_with_quantization(args.passes if args.passes is not None else default, args))
     print(f"moec build: tracing {args.source} ...", flush=True)
     program = load(args.source, dtype=args.dtype, seed=args.seed)
     result = run_pipeline(program, pipeline)
@@ -44,6 +46,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
 
 
 def add_build_cli(subparsers: Any) -> argparse.ArgumentParser:
+    from compiler.recipe import add_quantization_arguments
     """Adds `moec build SOURCE --output-dir DIR ...` to the `moec` subparsers (called by compiler/cli.py)."""
     from compiler.api import ENGINE_PIPELINE
 
@@ -67,5 +70,6 @@ def add_build_cli(subparsers: Any) -> argparse.ArgumentParser:
                         help="decoder engines (past/present KV cache inputs, context and generation profiles): "
                         "pipeline " + decoder_pipeline(512).replace("512", "--max-seq"))
     parser.add_argument("--seed", type=int, default=0, help="seed of dummy weights (presets)")
+    add_quantization_arguments(parser)
     parser.set_defaults(func=_cmd_build)
     return parser

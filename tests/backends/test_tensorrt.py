@@ -548,3 +548,23 @@ def test_cli_build_kv_cache_builds_decoder_engines(tmp_path: Path) -> None:
     assert [p["name"] for p in written["kv_cache"]["profiles"]] == ["context", "generation"]
     assert len(written["ranks"][0]["engines"][0]["profiles"]) == 2
     assert cli.main(["build", "tiny", "--output-dir", str(out), "--kv-cache", "--passes", "canonicalize"]) == 2
+
+
+def test_cli_build_with_the_recipe_quantization_flags(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """TensorRT-LLM's `--use_weight_only --weight_only_precision int4 --group_size 32` on `moec build`: the pipeline
+    gains quantize-weights (printed), the engine builds from the out-of-the-box form; the plugin refuses."""
+    out = tmp_path / "int4"
+    argv = ["build", "tiny", "--output-dir", str(out), "--dtype", "float16", "--max-seq", "32",
+            "--use_weight_only", "--weight_only_precision", "int4", "--group_size", "32"]
+    if TARGETS:
+        argv += ["--target", ",".join(TARGETS)]
+    assert cli.main(argv) == 0
+    captured = capsys.readouterr()
+    assert "pipeline: canonicalize,fuse-moe,quantize-weights{precision=int4,group_size=32},dce" in captured.err
+    written = json.loads((out / "config.json").read_text())
+    assert written["passes"] == ["canonicalize", "fuse-moe", "quantize-weights{precision=int4,group_size=32}", "dce"]
+    assert (out / "rank0.engine").stat().st_size > 0
+    refused = ["build", "tiny", "--output-dir", str(tmp_path / "plugin"), "--moe-plugin", "enable", "--use-weight-only"]
+    assert cli.main(refused) == 2
+    assert "does not take quantized experts" in capsys.readouterr().err
+    assert not (tmp_path / "plugin").exists() or list((tmp_path / "plugin").iterdir()) == []
