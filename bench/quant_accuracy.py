@@ -1,6 +1,7 @@
-"""Accuracy and size of weight-only quantization (`quantize-weights`) on the embedded `tiny`: perplexity on its
-whole held-out text, top-1 agreement with the unquantized model, and the weight bytes the torch backend
-materializes, per precision and group size.
+"""Accuracy and size of quantization on the embedded `tiny`: perplexity on its whole held-out text, top-1 agreement
+with the unquantized model, and the weight bytes the torch backend materializes, for weight-only `quantize-weights`
+per precision and group size, and for FP8 (`calibrate` on the builtin calibration text, then `quantize-fp8`, with
+and without the FP8 KV cache).
 
     PYTHONPATH=. python bench/quant_accuracy.py [--seq-len 256] [--agreement-windows 32]
 
@@ -15,16 +16,26 @@ import platform
 import torch
 
 BASE = "canonicalize,fuse-moe,kv-cache,dce"
+
+
+def after(anchor: str, inserted: str) -> str:
+    return BASE.replace(f"{anchor},", f"{anchor},{inserted},")
+
+
 SCHEMES = [
-    ("float32", None),
-    ("int8 per channel", "quantize-weights{precision=int8}"),
-    ("int8 group 128", "quantize-weights{precision=int8,group_size=128}"),
-    ("int4 per channel", "quantize-weights{precision=int4}"),
-    ("int4 group 128", "quantize-weights{precision=int4,group_size=128}"),
-    ("int4 group 64", "quantize-weights{precision=int4,group_size=64}"),
-    ("int4 group 32", "quantize-weights{precision=int4,group_size=32}"),
+    ("float32", BASE),
+    ("int8 per channel", after("fuse-moe", "quantize-weights{precision=int8}")),
+    ("int8 group 128", after("fuse-moe", "quantize-weights{precision=int8,group_size=128}")),
+    ("int4 per channel", after("fuse-moe", "quantize-weights{precision=int4}")),
+    ("int4 group 128", after("fuse-moe", "quantize-weights{precision=int4,group_size=128}")),
+    ("int4 group 64", after("fuse-moe", "quantize-weights{precision=int4,group_size=64}")),
+    ("int4 group 32", after("fuse-moe", "quantize-weights{precision=int4,group_size=32}")),
+    ("fp8", after("kv-cache", "calibrate,quantize-fp8")),
+    ("fp8 + fp8 KV cache", after("kv-cache", "calibrate,quantize-fp8{kv_cache=true}")),
 ]
-TARGETS = {"int8 per channel": 0.01, "int4 group 128": 0.08}  # issue #13: perplexity within 1% / 8% of float
+QUANTIZERS = ("quantize-weights", "quantize-fp8")
+# issue #13: perplexity within 1% (int8) / 8% (int4 group 128) / 2% (fp8) of float
+TARGETS = {"int8 per channel": 0.01, "int4 group 128": 0.08, "fp8": 0.02, "fp8 + fp8 KV cache": 0.02}
 
 
 def main() -> None:
@@ -41,13 +52,16 @@ def main() -> None:
     tokenizer = resolve_tokenizer("tiny", None, traced.config.vocab_size)
     ids = tokenizer(text, verbose=False)["input_ids"]
     windows = torch.tensor(ids[: args.agreement_windows * args.seq_len]).view(-1, args.seq_len)
-    rows, reference_top1, base_ppl = [], None, None
-    for label, quantize in SCHEMES:
-        passes = BASE if quantize is None else BASE.replace("fuse-moe,", f"fuse-moe,{quantize},")
+    rows, reference_top1, base_ppl, notes = [], None, None, []
+    for label, passes in SCHEMES:
         result = run_pipeline(traced, parse_pipeline(passes))
         compiled = CompiledModel(result.program, traced, result.history, tokenizer=tokenizer)
         materialized = compiled.executable().materialized_bytes
-        stats = next((r.stats for r in result.history if r.name == "quantize-weights"), None)
+        stats = next((r.stats for r in result.history if r.name in QUANTIZERS), None)
+        calibration = next((r.stats for r in result.history if r.name == "calibrate"), None)
+        if calibration is not None:
+            notes.append(f"{label}: calibrate ran {calibration['sequences']} sequences of the builtin calibration "
+                         f"text ({calibration['tokens']} tokens; {calibration.get('note', 'as asked')})")
         scored = compiled.score(text, seq_len=args.seq_len)
         top1 = compiled(windows).argmax(-1)
         if reference_top1 is None:
@@ -72,6 +86,8 @@ def main() -> None:
         print(f"| {label} | {scored.perplexity:.4f} | {change:+.2%} | {verdict} | {agreement:.2%} | {materialized:,} | "
               f"{ratio} |")
     print("\npipelines: " + "; ".join(f"{label}: `{passes}`" for label, passes, *_ in rows))
+    for note in notes:
+        print(note)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from compiler.ir import Program
 from compiler.pass_manager import Pass, PassRecord, parse_pipeline, run_pipeline
 
 import passes  # noqa: F401,E402 - the driver fills the pass registry (passes register themselves on import)
+from compiler import calibration  # noqa: E402
 
 # Used when `passes` is not given: canonical ops, one `moe` op per layer, attention over KV caches, one q/k/v
 # projection and residual add + RMSNorm fused per layer (measured on the H200: decode batch 1 8.80 -> 7.82 ms, see
@@ -37,17 +38,41 @@ DEFAULT_EVAL_SEQ_LEN = 256  # perplexity windows; the embedded `tiny` was traine
 BACKENDS = ("torch", "tensorrt")
 
 
-def load(source: Any, dtype: torch.dtype | str | None = None, seed: int = 0, attention: str = "moec") -> Program:
+def _measure_activation_ranges(program: Program, sequences: torch.Tensor, progress: Callable[[int], None]) -> Any:
+    from backends.torch.calibration import measure_activation_ranges
+
+    return measure_activation_ranges(program, sequences, progress)
+
+
+def _builtin_calibration_text() -> Path:
+    from frontends.hf.source import EMBEDDED_MODELS_DIR
+
+    return EMBEDDED_MODELS_DIR / "tiny" / "calibration.txt"
+
+
+# `calibrate` runs programs on the torch backend and reads the embedded model's calibration text: only the driver may
+# reach both, so it hands them down.
+calibration.install(calibration.CalibrationSupport(_measure_activation_ranges, _builtin_calibration_text))
+
+
+def load(
+    source: Any, dtype: torch.dtype | str | None = None, seed: int = 0, attention: str = "moec", tokenizer: Any = None
+) -> Program:
     """Traces a MixtralForCausalLM, a MixtralConfig, a checkpoint directory or a preset name into a Program.
 
     `attention="eager"` traces Hugging Face's own eager attention (with its mask) instead of emitting
-    `moec.attention` directly; `canonicalize` recognizes it."""
+    `moec.attention` directly; `canonicalize` recognizes it. The program's `tokenize` (what passes that read text,
+    like `calibrate`, use) is `resolve_tokenizer(source, tokenizer, ...)`'s tokenizer, or None without one."""
     from frontends.hf.source import resolve
     from frontends.hf.trace import trace
 
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
-    return trace(resolve(source, seed=seed), dtype=dtype, attention=attention)
+    program = trace(resolve(source, seed=seed), dtype=dtype, attention=attention)
+    resolved = resolve_tokenizer(source, tokenizer, program.config.vocab_size)
+    if resolved is not None:
+        program.tokenize = lambda text: list(resolved(text, verbose=False)["input_ids"])
+    return program
 
 
 def resolve_tokenizer(model: Any, tokenizer: Any, vocab_size: int) -> Any:
@@ -267,7 +292,7 @@ def compile(  # noqa: A001 - the public name users expect
         raise MoecError("backend='tensorrt' needs backend_options={'output_dir': DIR} for the engines")
     default_pipeline = ENGINE_PIPELINE if backend == "tensorrt" else DEFAULT_PIPELINE
     pipeline = parse_pipeline(default_pipeline if passes is None else passes)
-    traced = load(model, dtype=dtype, seed=seed, attention=attention)
+    traced = load(model, dtype=dtype, seed=seed, attention=attention, tokenizer=tokenizer)
     result = run_pipeline(traced, pipeline, verify=verify, on_pass=on_pass)
     compiled = CompiledModel(
         result.program,

@@ -35,7 +35,8 @@ def load_traced(args: argparse.Namespace) -> Any:
 
     _status(f"tracing {args.source} ...")
     started = time.perf_counter()
-    program = load(args.source, dtype=args.dtype, seed=args.seed, attention=args.attention)
+    program = load(args.source, dtype=args.dtype, seed=args.seed, attention=args.attention,
+                   tokenizer=getattr(args, "tokenizer_dir", None))
     _status(f"traced in {time.perf_counter() - started:.1f}s")
     return program
 

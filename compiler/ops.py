@@ -13,7 +13,10 @@ Conventions (shared by every pass and backend):
   operands in moec's IR), then query i attends cache slots j with j <= cache_position[b] + i (and, with a window,
   j > cache_position[b] + i - window). One op serves prefill (S > 1, cache_position 0 or a chunk's start) and decode
   (S == 1). The caller guarantees cache_position[b] + S <= M; slots past a sequence's last write are never read.
-  The cache dtype may differ from q's (k/v are cast on write and read back in q's dtype).
+  The cache dtype may differ from q's (k/v are cast on write and read back in q's dtype). Optional trailing
+  `k_scale=1.0, v_scale=1.0` (`quantize-fp8{kv_cache=true}` sets them, with float8_e4m3fn caches): the cache holds
+  k / k_scale and v / v_scale (computed in float32; saturated to ±448 in an fp8 cache) and reads back
+  cache * scale in q's dtype.
 - `rms_norm(x, weight, eps)`: Hugging Face semantics (normalize in float32, cast back, then multiply by weight).
 - `add_rms_norm(x, residual, weight, eps) -> (sum, normed)`: a residual add and the RMSNorm of its sum (the
   `fuse-norm` pass emits it). x and residual have one shape and one dtype; sum = x + residual in that dtype, rounded
@@ -33,12 +36,23 @@ Conventions (shared by every pass and backend):
 - `quantized_moe(x, router, w13_q, w13_scales, w2_q, w2_scales, top_k, normalization, activation, precision,
   group_size, expert_offset=0)`: `moe` with w13 = dequantize(w13_q [E',2I,H or H/2], w13_scales [E',2I,H/gs]) and
   w2 = dequantize(w2_q, w2_scales [E',H,I/gs]), both quantized along their input dim; the router stays float.
+- `fp8_linear(x, weight, weight_scale, input_scale, bias?)` (the `quantize-fp8` pass emits it): what an FP8 GEMM
+  with per-tensor scales computes. weight f8e4m3[out,in], weight_scale f32[] (one per tensor), input_scale a static
+  float; x' = fp8(clamp(float32(x) / input_scale, ±448)) * input_scale, y = x' @ (float32(weight) * weight_scale)^T
+  in float32 (+ bias), cast to x's dtype. Format and arithmetic: compiler/fp8.py.
+- `fp8_moe(x, router, w13, w13_scales, w2, w2_scales, top_k, normalization, activation, w13_input_scale,
+  w2_input_scale, expert_offset=0)`: `moe` with FP8 experts: w13 f8e4m3[E',2I,H] and w2 f8e4m3[E',H,I], one f32
+  scale per expert each (w13_scales, w2_scales: f32[E']; an expert's w1 and w3 rows share one). The router stays
+  float (`moe`'s routing). Per expert, in float32: its tokens quantized like `fp8_linear`'s input with
+  w13_input_scale, gate/up from the dequantized w13, silu(gate) * up quantized with w2_input_scale, the dequantized
+  w2, the routing weight; each expert's output is cast to x's dtype and summed as in `moe`.
 """
 
 from __future__ import annotations
 
 import torch
 
+from compiler.fp8 import FP8_DTYPE, SCALE_DTYPE
 from compiler.quantization import logical_shape
 
 LIBRARY_NAME = "moec"
@@ -47,7 +61,7 @@ _library = torch.library.Library(LIBRARY_NAME, "DEF")
 _library.define("attention(Tensor q, Tensor k, Tensor v, float scale, int sliding_window=0) -> Tensor")
 _library.define(
     "cached_attention(Tensor q, Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor cache_position,"
-    " float scale, int sliding_window=0) -> Tensor"
+    " float scale, int sliding_window=0, float k_scale=1.0, float v_scale=1.0) -> Tensor"
 )
 _library.define("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor")
 _library.define("rope(Tensor x, Tensor cos, Tensor sin) -> Tensor")
@@ -64,6 +78,13 @@ _library.define(
     " int top_k, str normalization, str activation, str precision, int group_size, int expert_offset=0) -> Tensor"
 )
 _library.define("add_rms_norm(Tensor x, Tensor residual, Tensor weight, float eps) -> (Tensor, Tensor)")
+_library.define(
+    "fp8_linear(Tensor x, Tensor weight, Tensor weight_scale, float input_scale, Tensor? bias=None) -> Tensor"
+)
+_library.define(
+    "fp8_moe(Tensor x, Tensor router_weight, Tensor w13, Tensor w13_scales, Tensor w2, Tensor w2_scales, int top_k,"
+    " str normalization, str activation, float w13_input_scale, float w2_input_scale, int expert_offset=0) -> Tensor"
+)
 
 MOE_NORMALIZATIONS = ("none", "renormalize")
 MOE_ACTIVATIONS = ("swiglu",)
@@ -88,8 +109,11 @@ def _cached_attention_fake(
     cache_position: torch.Tensor,
     scale: float,
     sliding_window: int = 0,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ):
     torch._check(k.shape == v.shape, lambda: f"cached_attention: k {tuple(k.shape)} and v {tuple(v.shape)} differ")
+    torch._check(k_scale > 0 and v_scale > 0, lambda: f"cached_attention: scales {k_scale}, {v_scale} must be positive")
     torch._check(k_cache.shape == v_cache.shape, lambda: "cached_attention: k_cache and v_cache shapes differ")
     torch._check(k_cache.dim() == 4 and k_cache.shape[1] == k.shape[1] and k_cache.shape[3] == k.shape[3],
                  lambda: f"cached_attention: cache {tuple(k_cache.shape)} is not [batch, kv_heads, max_seq, head_dim]")
@@ -234,7 +258,6 @@ def check_quantized_operand(
 
 quantized_linear = torch.ops.moec.quantized_linear.default
 quantized_moe = torch.ops.moec.quantized_moe.default
-QUANTIZED_OPS = (quantized_linear, quantized_moe)
 
 
 @torch.library.register_fake("moec::add_rms_norm")
@@ -251,6 +274,69 @@ def _add_rms_norm_fake(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
 
 add_rms_norm = torch.ops.moec.add_rms_norm.default
 
+
+def _check_fp8_operand(what: str, weight: torch.Tensor, scales: torch.Tensor, dims: int) -> None:
+    """An fp8 weight of `dims` dims with one float32 scale per tensor (dims 2) or per expert (dims 3)."""
+    torch._check(weight.dim() == dims, lambda: f"{what} is {weight.dim()}-d, expected {dims}-d")
+    torch._check(weight.dtype == FP8_DTYPE, lambda: f"{what} is {weight.dtype}, not {FP8_DTYPE}")
+    expected = () if dims == 2 else (weight.shape[0],)
+    torch._check(
+        scales.dtype == SCALE_DTYPE and tuple(scales.shape) == expected,
+        lambda: f"{what} scales are {scales.dtype}{list(scales.shape)}, not {SCALE_DTYPE}{list(expected)}",
+    )
+
+
+@torch.library.register_fake("moec::fp8_linear")
+def _fp8_linear_fake(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    input_scale: float,
+    bias: torch.Tensor | None = None,
+):
+    _check_fp8_operand("fp8_linear: weight", weight, weight_scale, dims=2)
+    torch._check(input_scale > 0, lambda: f"fp8_linear: input_scale {input_scale} must be positive")
+    torch._check(
+        x.shape[-1] == weight.shape[1], lambda: f"fp8_linear: input {x.shape[-1]} != weight in {weight.shape[1]}"
+    )
+    torch._check(bias is None or tuple(bias.shape) == (weight.shape[0],), lambda: "fp8_linear: bias must be [out]")
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+@torch.library.register_fake("moec::fp8_moe")
+def _fp8_moe_fake(
+    x: torch.Tensor,
+    router_weight: torch.Tensor,
+    w13: torch.Tensor,
+    w13_scales: torch.Tensor,
+    w2: torch.Tensor,
+    w2_scales: torch.Tensor,
+    top_k: int,
+    normalization: str,
+    activation: str,
+    w13_input_scale: float,
+    w2_input_scale: float,
+    expert_offset: int = 0,
+):
+    _check_fp8_operand("fp8_moe: w13", w13, w13_scales, dims=3)
+    _check_fp8_operand("fp8_moe: w2", w2, w2_scales, dims=3)
+    torch._check(
+        w13_input_scale > 0 and w2_input_scale > 0,
+        lambda: f"fp8_moe: input scales {w13_input_scale}, {w2_input_scale} must be positive",
+    )
+    check_moe_signature(
+        x.shape[-1], router_weight.shape, w13.shape, w2.shape, top_k, normalization, activation, expert_offset
+    )
+    return x.new_empty(x.shape)
+
+
+fp8_linear = torch.ops.moec.fp8_linear.default
+fp8_moe = torch.ops.moec.fp8_moe.default
+WEIGHT_ONLY_OPS = (quantized_linear, quantized_moe)
+FP8_OPS = (fp8_linear, fp8_moe)
+QUANTIZED_OPS = (*WEIGHT_ONLY_OPS, *FP8_OPS)  # every op whose weights are quantized
+
 CANONICAL_OPS = (
-    attention, cached_attention, rms_norm, rope, linear, moe, quantized_linear, quantized_moe, add_rms_norm
+    attention, cached_attention, rms_norm, rope, linear, moe, quantized_linear, quantized_moe, add_rms_norm,
+    fp8_linear, fp8_moe,
 )

@@ -2,8 +2,9 @@
 
 from passes import canonicalize, cleanup, fold_weights, fuse_moe, kv_cache, quantize, shard
 from passes import fuse_norm, fuse_qkv, logits_for
+from passes import calibrate, quantize_fp8
 
 __all__ = [
     "canonicalize", "cleanup", "fold_weights", "fuse_moe", "fuse_norm", "fuse_qkv", "kv_cache", "logits_for", "quantize",
-    "shard",
+    "shard", "calibrate", "quantize_fp8",
 ]

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any, ClassVar, Literal
 
@@ -77,9 +77,69 @@ def _sites(program: Program) -> Iterator[_Site]:
             yield _Site(node, module_path(node), (node.args[2], node.args[3]))
 
 
+class OpSelection:
+    """What the quantizing passes share: which linear / moe ops their `exclude` patterns and `quantize_lm_head` keep
+    float, and their preconditions checked on every rank. The pass dataclass declares the two option fields."""
+
+    exclude: str
+    quantize_lm_head: bool
+
+    def check_exclude(self) -> None:
+        if self.exclude and not all(self.exclude.split("|")):
+            raise PassOptionError(f"{self.name}: exclude={self.exclude!r} has an empty pattern")  # type: ignore[attr-defined]
+
+    @property
+    def patterns(self) -> list[str]:
+        return [pattern for pattern in self.exclude.split("|") if pattern]
+
+    def excluded_by(self, path: str) -> str | None:
+        """Why the op at `path` stays float (None when it is quantized)."""
+        if path == LM_HEAD and not self.quantize_lm_head:
+            return "lm_head is kept float unless quantize_lm_head=true"
+        for pattern in self.patterns:
+            if pattern_matches(pattern, path):
+                return f"excluded by pattern {pattern!r}"
+        return None
+
+    def run(self, program: Program) -> PassResult:
+        """`_run_one` on the program, or on each rank (each quantizes its own slices), stats summed over ranks."""
+        if not program.ranks:
+            return self._run_one(program)  # type: ignore[attr-defined]
+        results = [self._run_one(rank) for rank in program.ranks]  # type: ignore[attr-defined]
+        sharded = replace(program, ranks=tuple(result.program for result in results))
+        stats: dict[str, Any] = {}
+        for result in results:
+            for key, value in result.stats.items():
+                stats[key] = stats.get(key, 0) + value
+        return PassResult(sharded, any(result.changed for result in results), stats)
+
+    def require_on_every_rank(
+        self,
+        program: Program,
+        requires_one: Callable[[Program], None],
+        site_paths: Callable[[Program], set[str]],
+    ) -> None:
+        """`requires_one` on the program or each rank (errors name the rank), then every exclude pattern must match
+        one of the ops `site_paths` lists."""
+        programs = program.ranks or (program,)
+        for index, each in enumerate(programs):
+            where = f"rank {index}: " if program.ranks else ""
+            try:
+                requires_one(each)
+            except PreconditionError as error:
+                raise PreconditionError(f"{where}{error}") from None
+        paths = set().union(*(site_paths(each) for each in programs))
+        for pattern in self.patterns:
+            if not any(pattern_matches(pattern, path) for path in paths):
+                examples = ", ".join(sorted(paths)[:3])
+                raise PreconditionError(
+                    f"exclude pattern {pattern!r} matches no linear or moe op (they are: {examples}, ...)"
+                )
+
+
 @register_pass
 @dataclass(frozen=True)
-class QuantizeWeights(Pass):
+class QuantizeWeights(OpSelection, Pass):
     """Weight-only symmetric quantization of the linears and MoE experts (TensorRT-LLM's --use_weight_only).
 
     before: moec.linear(x, w: f32[O,I]);  moec.moe(x, router, w13, w2, ...)
@@ -106,39 +166,12 @@ class QuantizeWeights(Pass):
             check_options(self.precision, self.group_size)
         except ValueError as error:
             raise PassOptionError(f"quantize-weights: {error}") from None
-        if self.exclude and not all(self.exclude.split("|")):
-            raise PassOptionError(f"quantize-weights: exclude={self.exclude!r} has an empty pattern")
-
-    @property
-    def patterns(self) -> list[str]:
-        return [pattern for pattern in self.exclude.split("|") if pattern]
-
-    def excluded_by(self, path: str) -> str | None:
-        """Why the op at `path` stays float (None when it is quantized)."""
-        if path == LM_HEAD and not self.quantize_lm_head:
-            return "lm_head is kept float unless quantize_lm_head=true"
-        for pattern in self.patterns:
-            if pattern_matches(pattern, path):
-                return f"excluded by pattern {pattern!r}"
-        return None
+        self.check_exclude()
 
     # --- preconditions ---------------------------------------------------------------------------------------
 
     def requires(self, program: Program) -> None:
-        programs = program.ranks or (program,)
-        for index, each in enumerate(programs):
-            where = f"rank {index}: " if program.ranks else ""
-            try:
-                self._requires_one(each)
-            except PreconditionError as error:
-                raise PreconditionError(f"{where}{error}") from None
-        paths = {site.path for each in programs for site in _sites(each)}
-        for pattern in self.patterns:
-            if not any(pattern_matches(pattern, path) for path in paths):
-                examples = ", ".join(sorted(paths)[:3])
-                raise PreconditionError(
-                    f"exclude pattern {pattern!r} matches no linear or moe op (they are: {examples}, ...)"
-                )
+        self.require_on_every_rank(program, self._requires_one, lambda each: {site.path for site in _sites(each)})
 
     def _requires_one(self, program: Program) -> None:
         counts = program.op_counts()
@@ -168,17 +201,6 @@ class QuantizeWeights(Pass):
                     ) from None
 
     # --- rewrite ---------------------------------------------------------------------------------------------
-
-    def run(self, program: Program) -> PassResult:
-        if not program.ranks:
-            return self._run_one(program)
-        results = [self._run_one(rank) for rank in program.ranks]
-        sharded = replace(program, ranks=tuple(result.program for result in results))
-        stats: dict[str, Any] = {}
-        for result in results:
-            for key, value in result.stats.items():
-                stats[key] = stats.get(key, 0) + value
-        return PassResult(sharded, any(result.changed for result in results), stats)
 
     def _run_one(self, program: Program) -> PassResult:
         result = program.clone()

@@ -102,6 +102,8 @@ class Shard(Pass):
             )
         if counts.get("moec.quantized_linear") or counts.get("moec.quantized_moe"):
             raise PreconditionError("shard must run before quantize-weights: each rank quantizes its own weight slices")
+        if counts.get("moec.fp8_linear") or counts.get("moec.fp8_moe"):
+            raise PreconditionError("shard must run before quantize-fp8: each rank quantizes its own weight slices")
         if counts.get("moec.add_rms_norm"):
             raise PreconditionError(
                 "shard must run before fuse-norm: pipeline stages are cut between a residual add and the next "

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import compiler.ops  # noqa: F401 - defines the op schemas these kernels implement
+from compiler import fp8
 from compiler.quantization import dequantize
 
 
@@ -46,14 +47,17 @@ def cached_attention(
     cache_position: torch.Tensor,
     scale: float,
     sliding_window: int = 0,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """The ground truth of `moec.cached_attention` (semantics in compiler/ops.py), on any device.
 
     It scores every filled cache slot and masks the invisible ones: simple rather than fast. Off the CPU it scores
     the whole cache instead and reads nothing back to the host, so a decode step that uses it can be captured in a
-    CUDA graph.
+    CUDA graph. Scaled (FP8) caches always run here: the Triton kernels take unscaled caches of the float dtypes.
     """
-    if q.is_cuda:  # CUDA runs the Triton kernels; `unsupported_reason` is the one rule for what stays here
+    unscaled = k_scale == 1.0 and v_scale == 1.0
+    if q.is_cuda and unscaled:  # CUDA runs the Triton kernels; `unsupported_reason` is the rule for what stays here
         from backends.torch import triton_attention
 
         if triton_attention.unsupported_reason(q, k, k_cache, cache_position) is None:
@@ -63,13 +67,13 @@ def cached_attention(
     # slots[b, i]: the absolute position (and cache slot) of sequence b's i-th new token.
     slots = cache_position.to(torch.int64)[:, None] + torch.arange(seq, device=q.device)
     index = slots[:, None, :, None].expand(batch, kv_heads, seq, head_dim)
-    k_cache.scatter_(2, index, k.to(k_cache.dtype))
-    v_cache.scatter_(2, index, v.to(v_cache.dtype))
+    _write_cache(k_cache, index, k, k_scale)
+    _write_cache(v_cache, index, v, v_scale)
     # On the CPU nothing is captured, so read back how far the caches are filled and score only that prefix (a
     # decode step costs O(filled), not O(max_seq)). On a CUDA fallback the whole cache is scored with no host sync,
     # so the step stays capturable in a CUDA graph.
     visible = int(slots.max()) + 1 if q.device.type == "cpu" else max_seq
-    keys, values = k_cache[:, :, :visible].to(q.dtype), v_cache[:, :, :visible].to(q.dtype)
+    keys, values = _read_cache(k_cache, visible, k_scale, q.dtype), _read_cache(v_cache, visible, v_scale, q.dtype)
     query_pos = slots[:, None, None, :, None]  # [B, 1, 1, S, 1] against key slots [visible]
     key_pos = torch.arange(visible, device=q.device)
     allowed = key_pos <= query_pos
@@ -86,6 +90,25 @@ def cached_attention(
     values = torch.where(written, values, torch.zeros((), dtype=values.dtype, device=values.device))
     out = torch.matmul(probs.view(batch, kv_heads, groups * seq, visible), values)
     return out.view(batch, kv_heads * groups, seq, v.shape[-1]).transpose(1, 2).contiguous()
+
+
+def _write_cache(cache: torch.Tensor, index: torch.Tensor, new: torch.Tensor, scale: float) -> None:
+    """Scatters `new` / `scale` into `cache` in its dtype (saturated to ±448 in an fp8 cache)."""
+    if cache.dtype == fp8.FP8_DTYPE:
+        # No scatter kernel takes float8 (on the CPU): the codes travel as their bytes.
+        cache.view(torch.uint8).scatter_(2, index, fp8.quantize(new, scale).view(torch.uint8))
+    elif scale != 1.0:
+        cache.scatter_(2, index, (new.to(torch.float32) / scale).to(cache.dtype))
+    else:
+        cache.scatter_(2, index, new.to(cache.dtype))
+
+
+def _read_cache(cache: torch.Tensor, visible: int, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """The first `visible` slots of `cache` times `scale`, in `dtype`."""
+    slots = cache[:, :, :visible]
+    if cache.dtype == fp8.FP8_DTYPE or scale != 1.0:
+        return fp8.dequantize(slots, scale).to(dtype)
+    return slots.to(dtype)
 
 
 @torch.library.impl("moec::rms_norm", "CompositeExplicitAutograd")
@@ -301,3 +324,73 @@ def add_rms_norm(
             return triton_norm.add_rms_norm(x, residual, weight, eps)
     total = torch.ops.aten.add.Tensor(x, residual)
     return total, compiler.ops.rms_norm(total, weight, eps)
+
+
+# --- FP8 (`quantize-fp8`) -----------------------------------------------------------------------------------------
+# The ground truth of `moec.fp8_linear` / `moec.fp8_moe`: exactly what an FP8 tensor-core GEMM with per-tensor scales
+# computes, simulated in float32 (compiler/fp8.py): the activation quantized with its static scale (saturating),
+# both operands dequantized, the product in float32, cast back. Any device; no fused kernel yet, so on CUDA they
+# say so once (a RuntimeWarning): FP8 programs run there at reference speed, not FP8 tensor-core speed.
+FP8_REFERENCE_ON_CUDA = "moec FP8 ops run their float32 reference on CUDA (no FP8 tensor-core kernel yet)"
+
+
+@torch.library.impl("moec::fp8_linear", "CompositeExplicitAutograd")
+def fp8_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    input_scale: float,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    if x.is_cuda:
+        warnings.warn(FP8_REFERENCE_ON_CUDA, RuntimeWarning, stacklevel=2)
+    out = F.linear(fp8.fake_quantize(x, input_scale), fp8.dequantize(weight, weight_scale))
+    if bias is not None:
+        out = out + bias.to(torch.float32)
+    return out.to(x.dtype)
+
+
+@torch.library.impl("moec::fp8_moe", "CompositeExplicitAutograd")
+def fp8_moe(
+    x: torch.Tensor,
+    router_weight: torch.Tensor,
+    w13: torch.Tensor,
+    w13_scales: torch.Tensor,
+    w2: torch.Tensor,
+    w2_scales: torch.Tensor,
+    top_k: int,
+    normalization: str,
+    activation: str,
+    w13_input_scale: float,
+    w2_input_scale: float,
+    expert_offset: int = 0,
+) -> torch.Tensor:
+    """`moe_experts_reference`'s sort-by-expert loop with FP8 GEMMs: each expert dequantizes its own weights only."""
+    if x.is_cuda:
+        warnings.warn(FP8_REFERENCE_ON_CUDA, RuntimeWarning, stacklevel=2)
+    shape = x.shape
+    flat = x.reshape(-1, shape[-1])
+    experts, weights = route_on_device(flat, router_weight, top_k, normalization)
+    inputs = fp8.fake_quantize(flat, w13_input_scale)  # every token's w13 input, as the GEMM reads it
+    intermediate = w2.shape[-1]
+    local_experts = w13.shape[0]
+    # Expert parallelism as in `moe`: slots routed outside [expert_offset, expert_offset + E') are skipped.
+    flat_experts = experts.reshape(-1) - expert_offset
+    flat_experts = torch.where((flat_experts >= 0) & (flat_experts < local_experts), flat_experts, local_experts)
+    order = torch.argsort(flat_experts, stable=True)
+    counts = torch.bincount(flat_experts, minlength=local_experts + 1)[:local_experts].tolist()
+    token_of_slot = order // top_k
+    sorted_weights = weights.reshape(-1)[order]
+    output = torch.zeros_like(flat)
+    start = 0
+    for expert, count in enumerate(counts):
+        if count == 0:
+            continue
+        rows = slice(start, start + count)
+        gate_up = F.linear(inputs[token_of_slot[rows]], fp8.dequantize(w13[expert], w13_scales[expert]))
+        activated = F.silu(gate_up[:, :intermediate]) * gate_up[:, intermediate:]
+        down = F.linear(fp8.fake_quantize(activated, w2_input_scale), fp8.dequantize(w2[expert], w2_scales[expert]))
+        output.index_add_(0, token_of_slot[rows], (down * sorted_weights[rows, None]).to(x.dtype))
+        start += count
+    return output.reshape(shape)
+

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.fx
@@ -27,6 +28,8 @@ from compiler.generation import DecodeSession, RecomputeSession
 from compiler.ir import KVCacheSpec, Program
 
 ProgressCallback = Callable[[int, int], None]
+# Sees one call_function node of the running graph and its evaluated operands (args, kwargs) before it runs.
+NodeObserver = Callable[[torch.fx.Node, tuple[Any, ...], dict[str, Any]], None]
 
 
 def _retarget_devices(graph: torch.fx.Graph, device: torch.device) -> None:
@@ -236,7 +239,20 @@ class TorchExecutable:
         graph.replay()
         return static_output
 
-    def _run(self, inputs: tuple[torch.Tensor, ...], caches: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    @torch.no_grad()
+    def run_observed(self, input_ids: torch.Tensor, observe: NodeObserver) -> torch.Tensor:
+        """The logits a call with `input_ids` alone computes (a cached program: on fresh caches from position 0), run
+        node by node through `torch.fx.Interpreter` so that `observe(node, args, kwargs)` sees each call_function
+        node's evaluated operands before it runs: how `calibrate` reads activations. Slower than a call."""
+        caches: tuple[torch.Tensor, ...] = ()
+        inputs: tuple[torch.Tensor, ...] = (input_ids,)
+        if self.is_cached:
+            batch, seq = input_ids.shape
+            caches = self.allocate_caches(batch, length=seq)
+            inputs = (input_ids, torch.zeros(batch, dtype=torch.int64, device=self.device))
+        return _single(_ObservingInterpreter(self._module, observe).run(*self._arguments(inputs, caches)))
+
+    def _arguments(self, inputs: tuple[torch.Tensor, ...], caches: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
         runtime_inputs, cache_inputs = iter(inputs), iter(caches)
         args = []
         for node in self._placeholders:
@@ -246,10 +262,28 @@ class TorchExecutable:
                 args.append(next(cache_inputs))
             else:
                 args.append(next(runtime_inputs).to(self.device))
-        outputs = self._module(*args)
-        if isinstance(outputs, (tuple, list)) and len(outputs) == 1:
-            return outputs[0]
-        return outputs
+        return args
+
+    def _run(self, inputs: tuple[torch.Tensor, ...], caches: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        return _single(self._module(*self._arguments(inputs, caches)))
+
+
+def _single(outputs: Any) -> Any:
+    return outputs[0] if isinstance(outputs, (tuple, list)) and len(outputs) == 1 else outputs
+
+
+class _ObservingInterpreter(torch.fx.Interpreter):
+    """Runs a graph node by node, showing each call's operands to an observer first."""
+
+    def __init__(self, module: torch.fx.GraphModule, observe: NodeObserver) -> None:
+        super().__init__(module)
+        self.observe = observe
+
+    def run_node(self, node: torch.fx.Node) -> Any:
+        if node.op == "call_function":
+            args, kwargs = self.fetch_args_kwargs_from_env(node)
+            self.observe(node, args, kwargs)
+        return super().run_node(node)
 
 
 def _fill_static(graph: _DecodeGraph, input_ids: torch.Tensor, cache_position: torch.Tensor, batch: int) -> None:

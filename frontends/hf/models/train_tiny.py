@@ -4,7 +4,8 @@ The corpus is text every Python installation ships: the `pydoc_data` topics (the
 `help("if")`) and the docstrings of the standard library's modules, classes and functions, read with `ast`
 (nothing is imported, so no module's import side effects run). Documents are split into train / validation /
 evaluation by a hash of their text, so the split does not depend on file order; the evaluation split is committed
-as `tiny/eval.txt`, which is what `moec eval tiny` scores, so perplexity is the same on every machine.
+as `tiny/eval.txt`, which is what `moec eval tiny` scores, so perplexity is the same on every machine; the
+validation split is committed as `tiny/calibration.txt`, the `calibrate` pass's builtin text (not the held-out one).
 
     python frontends/hf/models/train_tiny.py corpus --out /tmp/tiny-corpus         # train/val/eval text
     python frontends/hf/models/train_tiny.py tokenizer --corpus /tmp/tiny-corpus   # byte-level BPE
@@ -215,6 +216,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     seconds = time.time() - started
     _write_tokenizer_files(corpus, out)
     shutil.copy(corpus / "eval.txt", out / "eval.txt")
+    shutil.copy(corpus / "val.txt", out / "calibration.txt")
     # The shipped config describes an inference model: no router logits in the output.
     saved = json.loads((out / "config.json").read_text())
     saved["output_router_logits"] = False
