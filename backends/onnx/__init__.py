@@ -7,7 +7,7 @@
 Opset 23 (the first with `Attention`, `RMSNormalization` and `RotaryEmbedding`); `com.microsoft` opset 1 is
 imported only for `moe="ort"`, `trt.plugins` only for `moe="plugin"`. See `export.py` (files, streaming),
 `converters.py` (the converter registry), `aten_ops.py` and `canonical_ops.py` (op mapping), `moe.py` (the three
-MoE modes), `quantized.py` (the weight-only quantized ops, weights kept compact) and `ranks.py` (every rank of a
+MoE modes), `quantized.py` (the weight-only quantized ops, weights kept compact), `fp8.py` (the FP8 ops as Q/DQ) and `ranks.py` (every rank of a
 sharded program, split at its collectives, exported and simulated together on onnxruntime).
 
 CLI glue (`moec compile SOURCE --passes ... --export-onnx-after NAME|all --onnx-dir DIR [--moe-export MODE]`):

@@ -40,6 +40,7 @@ TORCH_TO_ONNX: dict[torch.dtype, int] = {
     torch.int8: onnx.TensorProto.INT8,
     torch.uint8: onnx.TensorProto.UINT8,
     torch.bool: onnx.TensorProto.BOOL,
+    torch.float8_e4m3fn: onnx.TensorProto.FLOAT8E4M3FN,  # FP8 weights: their bytes are written as they are
 }
 
 # numpy has no bfloat16: small bf16 constants are built in float32 and cast by an ONNX Cast node.

@@ -32,6 +32,7 @@ import backends.onnx.aten_ops  # noqa: F401 - registers the ATen converters
 import backends.onnx.canonical_ops  # noqa: F401 - registers the converters of moec's canonical ops
 from backends.onnx.cached import declare_decoder_io, present_outputs
 import backends.onnx.moe  # noqa: F401 - registers the moec.moe converters
+import backends.onnx.fp8  # noqa: F401 - registers the converters of the FP8 ops
 import backends.onnx.quantized  # noqa: F401 - registers the converters of the weight-only quantized ops
 from backends.onnx.context import ConversionContext, ExportOptions, OnnxExportError, onnx_dtype
 from backends.onnx.converters import find_converter
@@ -213,13 +214,15 @@ def write_external_data(ctx: ConversionContext, data_path: Path, used: set[str])
 
 def unexportable_reason(program: Program, moe: str = "ootb") -> str | None:
     """Why `program` (every rank of it) cannot be exported in MoE mode `moe` (None when it can): an op with no ONNX
-    form yet (FP8), or the first MoE node the mode cannot take (`moe.moe_refusal`), found before anything is
+    form yet (FP8 KV caches), or the first MoE node the mode cannot take (`moe.moe_refusal`), found before anything is
     written."""
     for each in (program, *program.ranks):
         for node in each.graph.nodes:
-            if node.target in ops.QUANTIZED_OPS and node.target not in (ops.quantized_linear, ops.quantized_moe):
-                return f"ONNX export of {op_name(node)} is not supported yet (an FP8 op: export before quantize-fp8)"
-            if node.target in (ops.moe, ops.quantized_moe):
+            spec = node.meta.get("kv_cache")
+            if spec is not None and spec.dtype == torch.float8_e4m3fn:
+                return (f"ONNX export of FP8 KV caches is not supported yet ({node.name}); quantize with "
+                        "quantize-fp8{kv_cache=false} to export")
+            if node.target in (ops.moe, ops.quantized_moe, ops.fp8_moe):
                 reason = moe_refusal(node, moe)
                 if reason is not None:
                     return reason

@@ -29,7 +29,7 @@ quantized experts in `plugin`, block-wise int8 experts in `ort`).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -96,7 +96,7 @@ class MoeSite:
 
 
 def moe_site(node: torch.fx.Node) -> MoeSite:
-    if node.target == ops.quantized_moe:
+    if node.target in (ops.quantized_moe, ops.fp8_moe):  # the same positions after the weights and their scales
         top_k, normalization, activation = node.args[6:9]
         offset = node_arg(node, 11, "expert_offset", 0)
     else:
@@ -111,7 +111,7 @@ def moe_site(node: torch.fx.Node) -> MoeSite:
 
 
 def moe_refusal(node: torch.fx.Node, mode: str) -> str | None:
-    """Why MoE mode `mode` cannot take the `moe` / `quantized_moe` node `node` (None when it can). The one rule:
+    """Why MoE mode `mode` cannot take the `moe` / `quantized_moe` / `fp8_moe` node `node` (None when it can). The one rule:
     the converters raise it, and `export.unexportable_reason` checks it before anything is written."""
     site = moe_site(node)
     where = f"{node.name} ({op_name(node)})"
@@ -123,6 +123,10 @@ def moe_refusal(node: torch.fx.Node, mode: str) -> str | None:
             "router's experts and cannot take an expert block; export it with "
             + ("moe='ootb'" if quantized else "moe='ootb' or moe='plugin'")
         )
+    if node.target == ops.fp8_moe:
+        if mode != "ootb":
+            return f"{where}: moe='{mode}' takes no FP8 experts (no FP8 MoE kernel or plugin input); use ootb"
+        return None
     if not quantized:
         return None
     precision, group_size = node.args[9], int(node.args[10])
@@ -174,8 +178,17 @@ def moe_ootb(ctx: ConversionContext, node: torch.fx.Node) -> gs.Tensor:
     return emit_moe_ootb(ctx, moe_site(node), ctx.tensor(node.args[2]), ctx.tensor(node.args[3]))
 
 
-def emit_moe_ootb(ctx: ConversionContext, site: MoeSite, w13: gs.Tensor, w2: gs.Tensor) -> gs.Tensor:
-    """The `ootb` form over float w13 [E',2I,H] and w2 [E',H,I] ONNX values (initializers, or dequantized ones)."""
+def emit_moe_ootb(
+    ctx: ConversionContext,
+    site: MoeSite,
+    w13: gs.Tensor,
+    w2: gs.Tensor,
+    quantize_input: Callable[[gs.Tensor], gs.Tensor] | None = None,
+    quantize_intermediate: Callable[[gs.Tensor], gs.Tensor] | None = None,
+) -> gs.Tensor:
+    """The `ootb` form over float w13 [E',2I,H] and w2 [E',H,I] ONNX values (initializers, or dequantized ones).
+    FP8 experts pass the fake quantization of their GEMM inputs (float32 Q/DQ): the tokens before gate/up, the
+    SwiGLU intermediate before down; the experts then compute in float32 (the weights' dequantized dtype)."""
     dtype = dtype_of(site.x)
     local_experts, offset, intermediate = site.local_experts, site.offset, site.intermediate
     tokens, restore = flatten_tokens(ctx, site.x)
@@ -192,10 +205,15 @@ def emit_moe_ootb(ctx: ConversionContext, site: MoeSite, w13: gs.Tensor, w2: gs.
     routing = ctx.op("ReduceSum", [weighted, ctx.ints([1])], {"keepdims": 0})
 
     # All local experts on all tokens: [1,T,H] · [E',H,2I] → [E',T,2I].
+    expert_tokens = tokens
+    if quantize_input is not None:
+        expert_tokens = quantize_input(tokens if dtype == torch.float32 else ctx.cast(tokens, torch.float32))
     w13_t = ctx.op("Transpose", [w13], {"perm": [0, 2, 1]})
-    gate_up = ctx.op("MatMul", [ctx.op("Unsqueeze", [tokens, ctx.ints([0])]), w13_t])
+    gate_up = ctx.op("MatMul", [ctx.op("Unsqueeze", [expert_tokens, ctx.ints([0])]), w13_t])
     gate, up = ctx.op("Split", [gate_up, ctx.ints([intermediate, intermediate])], {"axis": -1}, outputs=2)
     activated = ctx.op("Mul", [ctx.op("Mul", [gate, ctx.op("Sigmoid", [gate])]), up])
+    if quantize_intermediate is not None:
+        activated = quantize_intermediate(activated)
     down = ctx.op("MatMul", [activated, ctx.op("Transpose", [w2], {"perm": [0, 2, 1]})])  # [E',T,H]
     per_expert = ctx.op("Unsqueeze", [ctx.op("Transpose", [routing], {"perm": [1, 0]}), ctx.ints([-1])])  # [E',T,1]
     down32 = down if dtype == torch.float32 else ctx.cast(down, torch.float32)

@@ -453,11 +453,33 @@ def test_bad_input_without_tokenizer_canonical_ops_or_ranges() -> None:
         run_pipeline(missing, parse_pipeline("quantize-fp8"))
 
 
-def test_onnx_export_of_an_fp8_program_is_one_clear_error(tmp_path: Path) -> None:
+def test_onnx_export_is_explicit_qdq_and_runs_in_onnxruntime(tmp_path: Path) -> None:
+    """ootb: FP8 E4M3 initializers, Q/DQ on the activations; onnxruntime computes the torch backend's logits. ort /
+    plugin MoE modes and FP8 KV caches are one clear error each, before a file is written."""
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx_graphsurgeon")
     from backends.onnx import export_onnx
+    from backends.tensorrt.verify import onnxruntime_session
+    from backends.torch.runtime import TorchExecutable
+    from tests.models import input_ids, max_rel_err
 
-    with pytest.raises(MoecError, match="fp8"):
-        export_onnx(quantized(), tmp_path / "model.onnx")
+    program = quantized()
+    exported = export_onnx(program, tmp_path / "model.onnx", moe="ootb")
+    model = onnx.load(str(exported.path), load_external_data=False)
+    kinds = {node.op_type for node in model.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= kinds
+    assert any(t.data_type == onnx.TensorProto.FLOAT8E4M3FN for t in model.graph.initializer)
+    session = onnxruntime_session(exported.path)
+    ids = input_ids(CONFIG, 2, 9)
+    (logits,) = session.run(None, {"input_ids": ids.numpy()})
+    assert max_rel_err(torch.from_numpy(logits), TorchExecutable(program)(ids)) <= 1e-4
+    for moe in ("ort", "plugin"):
+        with pytest.raises(MoecError, match=f"moe='{moe}' takes no FP8 experts"):
+            export_onnx(program, tmp_path / f"{moe}.onnx", moe=moe)
+    with pytest.raises(MoecError, match="ONNX export of FP8 KV caches is not supported yet"):
+        export_onnx(quantized("quantize-fp8{kv_cache=true}", kv_cache=True), tmp_path / "kv.onnx")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["model.onnx", "model.onnx.data"]
 
 
 # --- recipe flags -------------------------------------------------------------------------------------------------
