@@ -21,41 +21,19 @@ from __future__ import annotations
 import argparse
 import datetime
 import statistics
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
 from backends.torch import triton_moe as tm
 from backends.torch import triton_quant as tq
+from bench.decode_attention import graph_per_call
 from bench.moe_kernel import log, measure_copy_bw, measure_gemm_rate
 from compiler.quantization import dequantize, quantize
 
 H, I, E, K = 4096, 14336, 8, 2
 SCHEMES = [("bf16", None, 0), ("int8", "int8", 0), ("int4", "int4", 0), ("int4 g128", "int4", 128)]
 L2_BYTES = 60 << 20
-
-
-def graph_time(calls: list[Callable[[], object]], replays: int = 20) -> float:
-    """Seconds per call: all `calls` captured in one CUDA graph, median of `replays` replays divided by len(calls)."""
-    for call in calls[:2]:
-        call()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for call in calls:
-            call()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e-3)
-    return statistics.median(times) / len(calls)
 
 
 def weight_bytes(rows: int, cols: int, precision: str | None, group_size: int) -> int:
@@ -89,7 +67,7 @@ def moe_table(tokens: list[int], copy_bw: float, gemm_rate: float) -> list[str]:
                 sets.append((x, ids, rw / rw.sum(-1, keepdim=True)))
             calls = [lambda s=s: tm.fused_moe(s[0], s[1], s[2], experts["w13"], experts["w2"], **experts["kwargs"])
                      for s in sets]
-            seconds = graph_time(calls)
+            seconds = graph_per_call(calls)
             distinct = statistics.mean(float(torch.unique(s[1]).numel()) for s in sets)
             bytes_floor = (distinct * per_expert + 2 * t * H * 2) / copy_bw
             flop_floor = 2 * t * K * 3 * H * I / gemm_rate
@@ -142,7 +120,7 @@ def linear_table(rows_list: list[int], copy_bw: float, gemm_rate: float) -> list
                     calls = [lambda w=w: tq.linear(x, w) for w in weights]
                 else:
                     calls = [lambda w=w: tq.quantized_matmul(x, w[0], w[1], precision, group_size) for w in weights]
-                seconds = graph_time(calls * max(1, 8 // copies))
+                seconds = graph_per_call(calls * max(1, 8 // copies))
                 bytes_floor = (nbytes + m * (n + k) * 2) / copy_bw
                 flop_floor = 2 * m * n * k / gemm_rate
                 lines.append(f"| {name} {n}x{k} | {m} | {label} | {seconds * 1e6:.1f} | {bytes_floor * 1e6:.1f} | "

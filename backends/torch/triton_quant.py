@@ -122,7 +122,6 @@ if _HAVE_TRITON:
         stride_wn,
         stride_sn,
         stride_om,
-        num_groups,
         GROUP_SIZE: tl.constexpr,  # a multiple of BLOCK_K: every K tile lies inside one group (unused: PER_ROW)
         QUANT: tl.constexpr,  # 0 float weights, 1 int8, 2 int4
         HAS_BIAS: tl.constexpr,
@@ -260,7 +259,6 @@ def quantized_matmul(
         w.stride(0),
         s.stride(0),
         out.stride(0),
-        groups,
         GROUP_SIZE=group_size or k,
         PER_ROW=group_size == 0,
         QUANT=QUANT_CODES[precision],
@@ -298,7 +296,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(m, cfg.block_m))
     _quantized_matmul_kernel[grid](
         x2, w, w, bias if bias is not None else w, out, m, n, k,
-        x2.stride(0), w.stride(0), 0, out.stride(0), 1,
+        x2.stride(0), w.stride(0), 0, out.stride(0),
         GROUP_SIZE=k, QUANT=0, HAS_BIAS=bias is not None,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=k % cfg.block_k == 0,
         DOT_F32=x.dtype == torch.bfloat16 and interpreting(), num_warps=cfg.warps, num_stages=cfg.stages,
