@@ -12,6 +12,8 @@ exists on the GPU only while its codes are computed. Pipelines (each compiled an
 * `default`: moec's default pipeline, `canonicalize,fuse-moe,kv-cache{max_seq},dce`.
 * `fused`: the default plus `fuse-qkv,fuse-norm` (q/k/v as one projection; residual add + RMSNorm as one op).
 * `int8`, `int4`, `int4-g128`: `fused` plus `quantize-weights{precision,group_size}` (lm_head stays bf16).
+* `fp8`, `fp8-kv`: `fused` with `calibrate,quantize-fp8` (and FP8 KV caches) in the recipe's order; calibrate records
+  synthetic ranges here (`synthetic_calibration`: random weights, no text).
 
 For each: GPU memory of the bound weights; one eager decode step (batch 1, context 1024) under the torch profiler,
 kernel time per category and kernels per layer; CUDA-graph decode steps at batch 1, 8, 32 (context 1024) against
@@ -35,12 +37,18 @@ PIPELINES = {
     "int8": ",fuse-qkv,fuse-norm,quantize-weights{precision=int8}",
     "int4": ",fuse-qkv,fuse-norm,quantize-weights{precision=int4}",
     "int4-g128": ",fuse-qkv,fuse-norm,quantize-weights{precision=int4,group_size=128}",
+    # FP8 as the recipe's `--qformat fp8` orders it; `calibrate` is synthetic here (see synthetic_calibration).
+    "fp8": ",fuse-qkv,calibrate,quantize-fp8,fuse-norm",
+    "fp8-kv": ",fuse-qkv,calibrate,quantize-fp8{kv_cache=true},fuse-norm",
 }
 CATEGORIES = [  # first match wins: attention's `_decode_combine_kernel` before the MoE's `_combine_kernel`
     ("attention", ("_decode_kernel", "_decode_combine_kernel", "_write_kernel", "_prefill_kernel")),
-    ("moe experts", ("_gate_up_kernel", "_down_kernel", "_align_kernel", "_combine_kernel")),
+    ("moe experts", ("_gate_up_kernel", "_down_kernel", "_align_kernel", "_combine_kernel", "_gate_up_gemv_kernel",
+                     "_down_gemv_kernel")),
     ("router", ("_route_kernel",)),
-    ("linears", ("gemv", "gemm", "cutlass", "xmma", "nvjet", "_quantized_matmul_kernel", "cublas")),
+    ("linears", ("gemv", "gemm", "cutlass", "xmma", "nvjet", "_quantized_matmul_kernel", "cublas", "sm90_xmma",
+                 "_gemv_kernel")),
+    ("fp8 activation quantize", ("_quantize_kernel",)),
     ("norms", ("_rms_norm_kernel",)),
     ("rope", ("_rope_kernel",)),
 ]
@@ -65,6 +73,25 @@ def draw_presets_on_gpu() -> None:
     RandomTensor.read = read
 
 
+def synthetic_calibration(amax: float = 16.0) -> None:
+    """Random weights come with no tokenizer and no text worth calibrating on: here `calibrate` records the same range
+    for every activation instead of running the model (bench only; the FP8 kernels' speed does not depend on the
+    scales, and the FP8 accuracy is measured on the trained `tiny`, bench/quant_accuracy.py)."""
+    from compiler import calibration
+    from compiler.ir import Calibration
+    from passes import calibrate
+
+    def run(self, program):
+        ranges = {calibrate.module_path(node): {role: amax for role in calibration.ROLES[node.target]}
+                  for node in program.graph.nodes if node.target in calibration.ROLES}
+        result = program.clone()
+        result.calibration = Calibration(f"synthetic (bench): amax {amax} for every activation", ranges)
+        return calibrate.PassResult(result, True, {"ops": len(ranges)})
+
+    calibrate.Calibrate.requires = lambda self, program: None
+    calibrate.Calibrate.run = run
+
+
 def step_bytes(cfg, batch: int, ctx: int, pipeline: str) -> tuple[float, float]:
     """(weight bytes, K/V bytes) a decode step must read at the pipeline's precision: quantized projections and
     experts count their codes and scales (bench/generate.py's floors() at bf16), the router and lm_head stay bf16."""
@@ -73,11 +100,23 @@ def step_bytes(cfg, batch: int, ctx: int, pipeline: str) -> tuple[float, float]:
     h, i, e, k = cfg.hidden_size, cfg.intermediate_size, cfg.num_local_experts, cfg.num_experts_per_tok
     _, kv = floors(cfg, batch, ctx, 1.0)
     d = h // cfg.num_attention_heads
-    per_element = {"int8": 1 + 2 / h, "int4": 0.5 + 2 / h, "int4-g128": 0.5 + 2 / 128}.get(pipeline, 2.0)
+    per_element = {"int8": 1 + 2 / h, "int4": 0.5 + 2 / h, "int4-g128": 0.5 + 2 / 128, "fp8": 1.0,
+                   "fp8-kv": 1.0}.get(pipeline, 2.0)
+    if pipeline == "fp8-kv":
+        kv /= 2  # e4m3 caches: one byte per element
     attention = (2 * h * cfg.num_attention_heads * d + 2 * h * cfg.num_key_value_heads * d) * per_element
     distinct = e * (1 - (1 - k / e) ** batch)
     per_layer = attention + e * h * 2 + distinct * 3 * h * i * per_element
     return cfg.num_hidden_layers * per_layer + cfg.vocab_size * h * 2, kv
+
+
+def fill_caches(caches, gen: torch.Generator) -> None:
+    """Random K/V contents (no random kernel writes float8: e4m3 caches take a cast copy)."""
+    for cache in caches:
+        if cache.dtype == torch.float8_e4m3fn:
+            cache.copy_(torch.randn(cache.shape, generator=gen, device=cache.device, dtype=torch.bfloat16))
+        else:
+            cache.normal_(generator=gen)
 
 
 def category(name: str) -> str:
@@ -126,6 +165,8 @@ def main() -> None:
     ap.add_argument("--prefill", type=int, default=2048)
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--markdown", default=None)
+    ap.add_argument("--profile-prefill", action="store_true",
+                    help="profile one eager prefill of --prefill tokens per pipeline instead of a decode step")
     args = ap.parse_args()
 
     from bench.generate import Timer, prefill_flops
@@ -134,6 +175,7 @@ def main() -> None:
     from frontends.hf.source import preset_config
 
     draw_presets_on_gpu()
+    synthetic_calibration()
     copy_bw, gemm_rate = measure_copy_bw(), measure_gemm_rate()
     config = preset_config("mixtral-8x7b")
     config.num_hidden_layers = args.layers
@@ -157,19 +199,22 @@ def main() -> None:
             f"({executable.materialized_bytes / 1e9:.2f} GB materialized)")
         gen = torch.Generator(device="cuda").manual_seed(0)
         caches = executable.allocate_caches(1)
-        for cache in caches:
-            cache.normal_(generator=gen)
+        fill_caches(caches, gen)
         ids = torch.randint(0, config.vocab_size, (1, 1), device="cuda", generator=gen)
         position = torch.full((1,), args.context, dtype=torch.int64, device="cuda")
-        report += [f"### {name}: `{passes}`", "", f"Eager decode step, batch 1, context {args.context}:", ""]
-        report += profile_step(executable, caches, ids, position, args.layers) + [""]
+        if args.profile_prefill:
+            report += [f"### {name}: `{passes}`", "", f"Eager prefill of {args.prefill} tokens, batch 1:", ""]
+            prefill_ids = torch.randint(0, config.vocab_size, (1, args.prefill), device="cuda", generator=gen)
+            report += profile_step(executable, caches, prefill_ids, torch.zeros_like(position), args.layers) + [""]
+        else:
+            report += [f"### {name}: `{passes}`", "", f"Eager decode step, batch 1, context {args.context}:", ""]
+            report += profile_step(executable, caches, ids, position, args.layers) + [""]
         log("\n".join(report[-12:]))
         del caches
         cells = []
         for batch in batches:
             caches = executable.allocate_caches(batch)
-            for cache in caches:
-                cache.normal_(generator=gen)
+            fill_caches(caches, gen)
             ids = torch.randint(0, config.vocab_size, (batch, 1), device="cuda", generator=gen)
             position = torch.full((batch,), args.context, dtype=torch.int64, device="cuda")
             seconds = timer(lambda: executable.decode_graph_step(ids, position, caches), repeats=args.steps)

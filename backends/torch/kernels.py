@@ -54,14 +54,16 @@ def cached_attention(
 
     It scores every filled cache slot and masks the invisible ones: simple rather than fast. Off the CPU it scores
     the whole cache instead and reads nothing back to the host, so a decode step that uses it can be captured in a
-    CUDA graph. Scaled (FP8) caches always run here: the Triton kernels take unscaled caches of the float dtypes.
+    CUDA graph. On CUDA the Triton kernels run unscaled float caches and e4m3 caches (any scales); a scaled cache of
+    a float dtype stays here.
     """
-    unscaled = k_scale == 1.0 and v_scale == 1.0
-    if q.is_cuda and unscaled:  # CUDA runs the Triton kernels; `unsupported_reason` is the rule for what stays here
+    kernel_cache = (k_scale == 1.0 and v_scale == 1.0) or k_cache.dtype == fp8.FP8_DTYPE
+    if q.is_cuda and kernel_cache:  # CUDA runs the Triton kernels; `unsupported_reason` is the rule for the rest
         from backends.torch import triton_attention
 
         if triton_attention.unsupported_reason(q, k, k_cache, cache_position) is None:
-            return triton_attention.cached_attention(q, k, v, k_cache, v_cache, cache_position, scale, sliding_window)
+            return triton_attention.cached_attention(q, k, v, k_cache, v_cache, cache_position, scale, sliding_window,
+                                                     k_scale=k_scale, v_scale=v_scale)
     batch, kv_heads, seq, head_dim = k.shape
     max_seq = k_cache.shape[2]
     # slots[b, i]: the absolute position (and cache slot) of sequence b's i-th new token.
@@ -138,6 +140,11 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
 
 @torch.library.impl("moec::linear", "CompositeExplicitAutograd")
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    if x.is_cuda and x.numel() == x.shape[-1]:  # one decode row: the Triton GEMV streams the weight faster than cuBLAS
+        from backends.torch import triton_quant
+
+        if triton_quant.float_gemv_unsupported_reason(x, weight, bias) is None:
+            return triton_quant.linear(x, weight, bias, kernel="gemv")
     return F.linear(x, weight, bias)
 
 
@@ -329,9 +336,10 @@ def add_rms_norm(
 # --- FP8 (`quantize-fp8`) -----------------------------------------------------------------------------------------
 # The ground truth of `moec.fp8_linear` / `moec.fp8_moe`: exactly what an FP8 tensor-core GEMM with per-tensor scales
 # computes, simulated in float32 (compiler/fp8.py): the activation quantized with its static scale (saturating),
-# both operands dequantized, the product in float32, cast back. Any device; no fused kernel yet, so on CUDA they
-# say so once (a RuntimeWarning): FP8 programs run there at reference speed, not FP8 tensor-core speed.
-FP8_REFERENCE_ON_CUDA = "moec FP8 ops run their float32 reference on CUDA (no FP8 tensor-core kernel yet)"
+# both operands dequantized, the product in float32, cast back. Any device. On CUDA (sm89+) they run on the FP8
+# tensor cores instead (triton_fp8.py: cuBLASLt for linears; triton_moe.py's fused kernel, QUANT 3, for the
+# experts); operands those cannot take run here, and say so once per reason (a RuntimeWarning).
+FP8_REFERENCE_ON_CUDA = "a moec FP8 op runs its float32 reference on CUDA (slow)"
 
 
 @torch.library.impl("moec::fp8_linear", "CompositeExplicitAutograd")
@@ -342,8 +350,13 @@ def fp8_linear(
     input_scale: float,
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    if x.is_cuda:
-        warnings.warn(FP8_REFERENCE_ON_CUDA, RuntimeWarning, stacklevel=2)
+    if x.is_cuda:  # cuBLASLt's FP8 GEMM on the e4m3 codes; `linear_unsupported_reason` is the one rule
+        from backends.torch import triton_fp8
+
+        reason = triton_fp8.linear_unsupported_reason(x, weight, weight_scale, bias)
+        if reason is None:
+            return triton_fp8.linear(x, weight, weight_scale, input_scale, bias)
+        warnings.warn(f"{FP8_REFERENCE_ON_CUDA}: {reason}", RuntimeWarning, stacklevel=2)
     out = F.linear(fp8.fake_quantize(x, input_scale), fp8.dequantize(weight, weight_scale))
     if bias is not None:
         out = out + bias.to(torch.float32)
@@ -366,11 +379,20 @@ def fp8_moe(
     expert_offset: int = 0,
 ) -> torch.Tensor:
     """`moe_experts_reference`'s sort-by-expert loop with FP8 GEMMs: each expert dequantizes its own weights only."""
-    if x.is_cuda:
-        warnings.warn(FP8_REFERENCE_ON_CUDA, RuntimeWarning, stacklevel=2)
     shape = x.shape
     flat = x.reshape(-1, shape[-1])
     experts, weights = route_on_device(flat, router_weight, top_k, normalization)
+    if flat.is_cuda:  # the fused kernel multiplies e4m3 codes on the tensor cores
+        from backends.torch import triton_moe
+
+        reason = triton_moe.unsupported_reason(flat, w13, w2, "fp8", (w13_scales, w2_scales))
+        if reason is None:
+            return triton_moe.fused_moe(
+                flat, experts, weights, w13, w2, expert_offset=expert_offset, precision="fp8",
+                w13_scales=w13_scales, w2_scales=w2_scales, w13_input_scale=w13_input_scale,
+                w2_input_scale=w2_input_scale,
+            ).reshape(shape)
+        warnings.warn(f"{FP8_REFERENCE_ON_CUDA}: {reason}", RuntimeWarning, stacklevel=2)
     inputs = fp8.fake_quantize(flat, w13_input_scale)  # every token's w13 input, as the GEMM reads it
     intermediate = w2.shape[-1]
     local_experts = w13.shape[0]

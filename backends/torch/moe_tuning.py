@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-__all__ = ["TUNING_TABLE", "MoeConfig", "get_config", "next_pow2"]
+__all__ = ["GEMV_TABLE", "TUNING_TABLE", "GemvConfig", "MoeConfig", "get_config", "get_gemv_config", "next_pow2"]
 
 
 @dataclass(frozen=True)
@@ -49,15 +49,63 @@ TUNING_TABLE: list[tuple[int, MoeConfig]] = [
 ]
 
 
+@dataclass(frozen=True)
+class GemvConfig:
+    """Launch parameters of the CUDA-core decode path (`_gate_up_gemv_kernel`, `_down_gemv_kernel`): one program
+    per (slot, column tile[, K slice])."""
+
+    gu_block_n: int  # gate/up: columns of I per program (each reads BLOCK_N gate rows and BLOCK_N up rows)
+    gu_block_k: int
+    gu_warps: int
+    dn_block_n: int
+    dn_block_k: int
+    dn_split_k: int
+    dn_warps: int
+
+
+# (precision, grouped) -> (max slots = T * top_k, config): where the decode path beats the tensor-core tiles above
+# (bench/quantized_kernels.py --sweep on the H200, BENCHMARKS.md, Mixtral-8x7B experts); no entry: always the tiles
+# (bf16 ties with them at T = 1 and loses at T = 2).
+GEMV_TABLE: dict[tuple[str | None, bool], tuple[int, GemvConfig]] = {
+    ("int8", False): (2, GemvConfig(8, 512, 4, 8, 512, 4, 4)),  # T=1 119 us vs tiles 124; T=2 ties (tiles)
+    ("int4", False): (4, GemvConfig(16, 256, 4, 16, 256, 4, 4)),  # T=1 110 us vs tiles 163; T=2 202 vs 264
+    ("int4", True): (4, GemvConfig(32, 512, 8, 32, 512, 4, 8)),  # g128: T=1 133 vs 174; T=2 243 vs 276
+}
+
+
+def get_gemv_config(num_slots: int, hidden: int, inter: int, group_size: int, precision: str | None) -> GemvConfig | None:
+    """The decode path's config for `num_slots` slots of this precision, or None where the tiles are used. K tiles
+    stay inside one group (as `get_config`) and no wider than the problem."""
+    entry = GEMV_TABLE.get((precision, group_size > 0))
+    if entry is None or num_slots > entry[0]:
+        return None
+    return clamp_gemv_config(entry[1], hidden, inter, group_size)
+
+
+def clamp_gemv_config(cfg: GemvConfig, hidden: int, inter: int, group_size: int) -> GemvConfig:
+    group_cap = group_size if group_size else 1 << 30
+    return replace(
+        cfg,
+        gu_block_n=min(cfg.gu_block_n, max(16, next_pow2(inter))),
+        gu_block_k=min(cfg.gu_block_k, max(32, next_pow2(hidden)), group_cap),
+        dn_block_n=min(cfg.dn_block_n, max(16, next_pow2(hidden))),
+        dn_block_k=min(cfg.dn_block_k, max(32, next_pow2(inter)), group_cap),
+    )
+
+
 def next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def get_config(num_tokens: int, hidden: int, inter: int, group_size: int = 0, quantized: bool = False) -> MoeConfig:
+def get_config(num_tokens: int, hidden: int, inter: int, group_size: int = 0, quantized: bool = False,
+               fp8: bool = False) -> MoeConfig:
     """Table entry for ``num_tokens``, with tiles clamped to small problems (tests, tiny models).
 
     Group-quantized weights get K tiles no wider than a group (both powers of two), so every tile lies inside one
-    group and its scales multiply the tile's partial sums."""
+    group and its scales multiply the tile's partial sums. FP8 experts (1-byte operands on both sides of the dot) get
+    K tiles twice as deep in every regime, the same bytes per pipeline stage as the bf16 tiles the table was tuned
+    with, and at most 3 stages for 128-row tiles (4 would not fit in shared memory: x arrives as e4m3 codes, but
+    the gate/up tile is 2 x BLOCK_N wide)."""
     cfg = TUNING_TABLE[-1][1]
     for max_t, entry in TUNING_TABLE:
         if num_tokens <= max_t:
@@ -68,11 +116,17 @@ def get_config(num_tokens: int, hidden: int, inter: int, group_size: int = 0, qu
         # Weight-streaming regimes read 1 (int8) or 0.5 (int4) bytes per element: twice the table's K per tile keeps
         # as many bytes in flight per stage as the bf16 tiles it was tuned with.
         cfg = replace(cfg, gu_block_k=cfg.gu_block_k * 2, dn_block_k=cfg.dn_block_k * 2)
+    min_k = 16
+    if fp8:
+        cfg = replace(cfg, gu_block_k=cfg.gu_block_k * 2, dn_block_k=cfg.dn_block_k * 2)
+        if cfg.block_m >= 128:
+            cfg = replace(cfg, gu_stages=min(cfg.gu_stages, 3), dn_stages=min(cfg.dn_stages, 3))
+        min_k = 32  # an FP8 MMA is 32 deep
     group_cap = group_size if group_size else 1 << 30
     return replace(
         cfg,
         gu_block_n=min(cfg.gu_block_n, max(16, next_pow2(inter))),
-        gu_block_k=min(cfg.gu_block_k, max(16, next_pow2(hidden)), group_cap),
+        gu_block_k=min(cfg.gu_block_k, max(min_k, next_pow2(hidden)), group_cap),
         dn_block_n=min(cfg.dn_block_n, max(16, next_pow2(hidden))),
-        dn_block_k=min(cfg.dn_block_k, max(16, next_pow2(inter)), group_cap),
+        dn_block_k=min(cfg.dn_block_k, max(min_k, next_pow2(inter)), group_cap),
     )

@@ -45,6 +45,7 @@ if _HAVE_TRITON:
 __all__ = ["DecodeConfig", "PrefillConfig", "cached_attention", "decode_config", "decode_splits", "unsupported_reason"]
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+FP8_CACHE_DTYPE = torch.float8_e4m3fn  # `quantize-fp8{kv_cache=true}`'s caches: codes of k / k_scale, v / v_scale
 _LOG2E = 1.4426950408889634
 
 
@@ -60,8 +61,10 @@ def unsupported_reason(
         return "triton is not installed"
     if not (q.is_cuda or _interpreting()):
         return f"operands are on {q.device}, not CUDA (and TRITON_INTERPRET is off)"
-    if q.dtype not in SUPPORTED_DTYPES or k_cache.dtype not in SUPPORTED_DTYPES:
-        return f"dtypes q {q.dtype} / cache {k_cache.dtype} are not among {SUPPORTED_DTYPES}"
+    if q.dtype not in SUPPORTED_DTYPES or k_cache.dtype not in (*SUPPORTED_DTYPES, FP8_CACHE_DTYPE):
+        return f"dtypes q {q.dtype} / cache {k_cache.dtype} are not among {SUPPORTED_DTYPES} (+ e4m3 caches)"
+    if k_cache.dtype == FP8_CACHE_DTYPE and q.dtype == torch.float32:
+        return "an e4m3 cache with float32 queries (the FP8 path reads codes in q's 16-bit dtype)"
     if k.dtype != q.dtype:
         return f"k/v dtype {k.dtype} differs from q's {q.dtype}"
     if q.shape[-1] < 16:
@@ -180,16 +183,19 @@ def _precast_for_interpreter(
 
 
 def write_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                cache_position: torch.Tensor) -> None:
-    """k_cache/v_cache[b, :, pos_b : pos_b + S] = k/v[b] cast to the cache dtype, on the device."""
+                cache_position: torch.Tensor, k_scale: float = 1.0, v_scale: float = 1.0) -> None:
+    """k_cache/v_cache[b, :, pos_b : pos_b + S] = k/v[b] cast to the cache dtype (e4m3 caches: the codes of k / k_scale
+    and v / v_scale, compiler/fp8.py's rounding), on the device."""
     batch, kv_heads, seq, head_dim = k.shape
     k, v = _precast_for_interpreter(k, v, k_cache.dtype)
     block_s = min(64, max(16, _next_pow2(seq)))
+    fp8_cache = k_cache.dtype == FP8_CACHE_DTYPE
     _write_kernel[(batch * kv_heads, triton.cdiv(seq, block_s))](
         k, v, k_cache, v_cache, cache_position, kv_heads, seq, k_cache.shape[2],
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        D=head_dim, BLOCK_D=_next_pow2(head_dim), BLOCK_S=block_s, num_warps=4,
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), float(k_scale), float(v_scale),
+        D=head_dim, BLOCK_D=_next_pow2(head_dim), BLOCK_S=block_s, FP8_CACHE=fp8_cache,
+        EMULATE_FP8=fp8_cache and _interpreting(), num_warps=4,
     )
 
 
@@ -198,16 +204,17 @@ def _precision(dtype: torch.dtype) -> str:
 
 
 def prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_position: torch.Tensor,
-            scale: float, sliding_window: int, out: torch.Tensor, config: PrefillConfig | None = None) -> None:
+            scale: float, sliding_window: int, out: torch.Tensor, config: PrefillConfig | None = None,
+            k_scale: float = 1.0, v_scale: float = 1.0) -> None:
     """Flash attention of S query rows per sequence over the (already written) caches; writes out [B,S,Hq,D]."""
     batch, q_heads, seq, head_dim = q.shape
     cfg = config if config is not None else _prefill_config(seq, head_dim)
     block_m = min(cfg.block_m, max(16, _next_pow2(seq)))
     _prefill_kernel[(triton.cdiv(seq, block_m), batch * q_heads)](
-        q, k_cache, v_cache, out, cache_position, seq, q_heads, sliding_window, scale * _LOG2E,
+        q, k_cache, v_cache, out, cache_position, seq, q_heads, sliding_window, scale * _LOG2E * k_scale,
         q.stride(0), q.stride(1), q.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
+        out.stride(0), out.stride(1), out.stride(2), float(v_scale),
         GROUP=q_heads // k_cache.shape[1], D=head_dim, BLOCK_D=_next_pow2(head_dim), BLOCK_M=block_m,
         BLOCK_N=cfg.block_n, WINDOW=sliding_window > 0, PRECISION=_precision(q.dtype),
         DOT_F32=_dot_in_f32(q.dtype), num_warps=cfg.warps, num_stages=cfg.stages,
@@ -216,7 +223,8 @@ def prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache
 
 def decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
            cache_position: torch.Tensor, scale: float, sliding_window: int, out: torch.Tensor,
-           config: DecodeConfig | None = None, splits: int | None = None) -> None:
+           config: DecodeConfig | None = None, splits: int | None = None, k_scale: float = 1.0,
+           v_scale: float = 1.0) -> None:
     """Split-K flash decoding of one query row per sequence; writes the step's k/v into the caches and out."""
     batch, q_heads, _, head_dim = q.shape
     kv_heads, max_seq = k_cache.shape[1], k_cache.shape[2]
@@ -232,13 +240,15 @@ def decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Ten
     window = sliding_window > 0
     k, v = _precast_for_interpreter(k, v, k_cache.dtype)
     _decode_kernel[(batch, kv_heads, splits)](
-        q, k, v, k_cache, v_cache, cache_position, out, part_acc, part_lse, sliding_window, scale * _LOG2E,
+        q, k, v, k_cache, v_cache, cache_position, out, part_acc, part_lse, sliding_window,
+        scale * _LOG2E * k_scale,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        out.stride(0), out.stride(2), splits,
+        out.stride(0), out.stride(2), splits, float(k_scale), float(v_scale),
         GROUP=group, BLOCK_G=max(16, _next_pow2(group)), D=head_dim, BLOCK_D=_next_pow2(head_dim),
         BLOCK_N=cfg.block_n, SINGLE=splits == 1, WINDOW=window, PRECISION=_precision(q.dtype),
-        DOT_F32=_dot_in_f32(q.dtype), num_warps=cfg.warps, num_stages=cfg.stages,
+        DOT_F32=_dot_in_f32(q.dtype), FP8_CACHE=k_cache.dtype == FP8_CACHE_DTYPE,
+        EMULATE_FP8=k_cache.dtype == FP8_CACHE_DTYPE and _interpreting(), num_warps=cfg.warps, num_stages=cfg.stages,
     )
     if splits > 1:
         _decode_combine_kernel[(batch * q_heads,)](
@@ -261,12 +271,19 @@ def cached_attention(
     *,
     decode_config: DecodeConfig | None = None,
     prefill_config: PrefillConfig | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """`moec.cached_attention` (semantics in compiler/ops.py): writes the caches in place, returns [B,S,Hq,D].
+    Scales (`k_scale`, `v_scale`) other than 1 need e4m3 caches (`quantize-fp8{kv_cache=true}`).
 
     No host synchronisation and shape-only allocations: the call can be captured in a CUDA graph.
     """
     _check(q, k, v, k_cache, v_cache, cache_position)
+    if (k_scale != 1.0 or v_scale != 1.0) and k_cache.dtype != FP8_CACHE_DTYPE:
+        raise ValueError(f"cache scales {k_scale}, {v_scale} need an e4m3 cache, not {k_cache.dtype}")
+    if not (k_scale > 0 and v_scale > 0):
+        raise ValueError(f"cache scales {k_scale}, {v_scale} must be positive")
     # The kernels take any strides but unit ones along head_dim (vector loads); other layouts are copied once.
     q, k, v = (t if t.stride(3) == 1 else t.contiguous() for t in (q, k, v))
     batch, q_heads, seq, head_dim = q.shape
@@ -274,8 +291,9 @@ def cached_attention(
     if batch == 0 or seq == 0:
         return out
     if seq == 1:
-        decode(q, k, v, k_cache, v_cache, cache_position, scale, sliding_window, out, decode_config)
+        decode(q, k, v, k_cache, v_cache, cache_position, scale, sliding_window, out, decode_config,
+               k_scale=k_scale, v_scale=v_scale)
     else:
-        write_cache(k, v, k_cache, v_cache, cache_position)
-        prefill(q, k_cache, v_cache, cache_position, scale, sliding_window, out, prefill_config)
+        write_cache(k, v, k_cache, v_cache, cache_position, k_scale, v_scale)
+        prefill(q, k_cache, v_cache, cache_position, scale, sliding_window, out, prefill_config, k_scale, v_scale)
     return out

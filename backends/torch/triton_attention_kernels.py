@@ -10,6 +10,7 @@ from backends.torch.triton_support import HAVE_TRITON as _HAVE_TRITON
 from backends.torch.triton_support import tl, triton
 
 if _HAVE_TRITON:
+    from backends.torch.triton_fp8 import fp8_codes
 
     @triton.jit
     def _write_kernel(
@@ -30,9 +31,13 @@ if _HAVE_TRITON:
         stride_cb,
         stride_ch,
         stride_cm,
+        k_scale,  # FP8 caches: the cache holds k / k_scale and v / v_scale as e4m3 codes
+        v_scale,
         D: tl.constexpr,
         BLOCK_D: tl.constexpr,
         BLOCK_S: tl.constexpr,
+        FP8_CACHE: tl.constexpr = False,
+        EMULATE_FP8: tl.constexpr = False,  # interpreter only: see triton_fp8.fp8_codes
     ):
         bh = tl.program_id(0)
         b = (bh // kv_heads).to(tl.int64)
@@ -44,9 +49,15 @@ if _HAVE_TRITON:
         ok = ((offs_s < seq) & (pos + offs_s < max_seq))[:, None] & (offs_d < D)[None, :]
         dst = b * stride_cb + h * stride_ch + (pos + offs_s)[:, None] * stride_cm + offs_d[None, :]
         k = tl.load(k_ptr + b * stride_kb + h * stride_kh + offs_s[:, None] * stride_ks + offs_d[None, :], mask=ok)
-        tl.store(kc_ptr + dst, k.to(kc_ptr.dtype.element_ty), mask=ok)
         v = tl.load(v_ptr + b * stride_vb + h * stride_vh + offs_s[:, None] * stride_vs + offs_d[None, :], mask=ok)
-        tl.store(vc_ptr + dst, v.to(vc_ptr.dtype.element_ty), mask=ok)
+        if FP8_CACHE:
+            k_out = fp8_codes(k.to(tl.float32), k_scale, EMULATE_FP8)
+            v_out = fp8_codes(v.to(tl.float32), v_scale, EMULATE_FP8)
+        else:
+            k_out = k.to(kc_ptr.dtype.element_ty)
+            v_out = v.to(vc_ptr.dtype.element_ty)
+        tl.store(kc_ptr + dst, k_out, mask=ok)
+        tl.store(vc_ptr + dst, v_out, mask=ok)
 
     @triton.jit
     def _attend_block(
@@ -67,7 +78,9 @@ if _HAVE_TRITON:
         PRECISION: tl.constexpr,
         DOT_F32: tl.constexpr,
     ):
-        """One online-softmax step over a [BLOCK_N, D] key/value block (flash attention's inner loop)."""
+        """One online-softmax step over a [BLOCK_N, D] key/value block (flash attention's inner loop). FP8 caches are
+        read as their codes (exact in q's dtype): k's scale is folded into `scale_log2` by the caller, v's multiplies
+        the normalized output once."""
         if MASKED:
             col_ok = offs_n < hi
             k = tl.load(k_ptrs, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
@@ -120,6 +133,7 @@ if _HAVE_TRITON:
         stride_ob,
         stride_os,
         stride_oh,
+        v_scale,
         GROUP: tl.constexpr,
         D: tl.constexpr,
         BLOCK_D: tl.constexpr,
@@ -182,7 +196,7 @@ if _HAVE_TRITON:
             ptrs = base + offs_n[:, None] * stride_cm
             acc, m_i, l_i = _attend_block(q, kc_ptr + ptrs, vc_ptr + ptrs, acc, m_i, l_i, offs_n, q_pos, hi, window,
                                           d_ok, scale_log2, True, WINDOW, PRECISION, DOT_F32)
-        out = acc / l_i[:, None]
+        out = acc / l_i[:, None] * v_scale
         tl.store(
             out_ptr + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :],
             out.to(out_ptr.dtype.element_ty),
@@ -214,6 +228,8 @@ if _HAVE_TRITON:
         stride_ob,
         stride_oh,
         splits,
+        k_scale,
+        v_scale,
         GROUP: tl.constexpr,
         BLOCK_G: tl.constexpr,
         D: tl.constexpr,
@@ -223,6 +239,8 @@ if _HAVE_TRITON:
         WINDOW: tl.constexpr,
         PRECISION: tl.constexpr,
         DOT_F32: tl.constexpr,
+        FP8_CACHE: tl.constexpr = False,
+        EMULATE_FP8: tl.constexpr = False,
     ):
         b = tl.program_id(0).to(tl.int64)
         kvh = tl.program_id(1).to(tl.int64)
@@ -264,8 +282,14 @@ if _HAVE_TRITON:
             acc, m_i, l_i = _attend_block(q, kc_ptr + ptrs, vc_ptr + ptrs, acc, m_i, l_i, offs_n, q_pos, loop_hi,
                                           window, d_ok, scale_log2, True, False, PRECISION, DOT_F32)
         if is_last:
-            k_new = tl.load(k_ptr + b * stride_kb + kvh * stride_kh + offs_d, mask=d_ok).to(kc_ptr.dtype.element_ty)
-            v_new = tl.load(v_ptr + b * stride_vb + kvh * stride_vh + offs_d, mask=d_ok).to(vc_ptr.dtype.element_ty)
+            k_new = tl.load(k_ptr + b * stride_kb + kvh * stride_kh + offs_d, mask=d_ok)
+            v_new = tl.load(v_ptr + b * stride_vb + kvh * stride_vh + offs_d, mask=d_ok)
+            if FP8_CACHE:
+                k_new = fp8_codes(k_new.to(tl.float32), k_scale, EMULATE_FP8)
+                v_new = fp8_codes(v_new.to(tl.float32), v_scale, EMULATE_FP8)
+            else:
+                k_new = k_new.to(kc_ptr.dtype.element_ty)
+                v_new = v_new.to(vc_ptr.dtype.element_ty)
             slot = b * stride_cb + kvh * stride_ch + (kv_len - 1) * stride_cm + offs_d
             tl.store(kc_ptr + slot, k_new, mask=d_ok)
             tl.store(vc_ptr + slot, v_new, mask=d_ok)
@@ -280,7 +304,7 @@ if _HAVE_TRITON:
             p_new = p_new.to(q.dtype).to(tl.float32)
             acc = acc * alpha[:, None] + p_new[:, None] * v_new[None, :]
             m_i = m_new
-        out = acc / l_i[:, None]
+        out = acc / l_i[:, None] * v_scale  # linear in v: the combine of scaled splits is the scaled combine
         mask = g_ok[:, None] & d_ok[None, :]
         if SINGLE:
             tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],

@@ -54,8 +54,10 @@ variant per regime.
 
 import torch
 
-from backends.torch.moe_tuning import MoeConfig, get_config, next_pow2
+from backends.torch.moe_tuning import GemvConfig, MoeConfig, clamp_gemv_config, get_config, get_gemv_config, next_pow2
+from backends.torch import triton_fp8
 from backends.torch.triton_quant import QUANT_CODES, STORAGE
+from compiler.fp8 import FP8_DTYPE
 
 from backends.torch.triton_support import HAVE_TRITON as _HAVE_TRITON
 from backends.torch.triton_support import device_reason, interpreting, tl, triton
@@ -63,6 +65,8 @@ from backends.torch.triton_support import device_reason, interpreting, tl, trito
 __all__ = ["SUPPORTED_DTYPES", "fused_moe", "is_available", "route", "route_unsupported_reason", "unsupported_reason"]
 
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16)
+# The expert weights' storage per precision: the weight-only codes, and e4m3 for FP8 (per-expert float32 scales).
+EXPERT_STORAGE = {**STORAGE, "fp8": FP8_DTYPE}
 
 
 def is_available() -> bool:
@@ -84,7 +88,7 @@ def unsupported_reason(
     """Why these operands cannot run on the fused kernel (None when they can): the dispatch's one rule.
 
     `precision` None: float expert weights; "int8"/"int4": codes in compiler/quantization.py's layout with `scales`
-    (w13's, w2's) in the activation dtype."""
+    (w13's, w2's) in the activation dtype; "fp8": e4m3 experts with one float32 scale per expert (compiler/fp8.py)."""
     reason = device_reason(hidden_states, _HAVE_TRITON)
     if reason is not None:
         return reason
@@ -94,10 +98,15 @@ def unsupported_reason(
         if w13.dtype != hidden_states.dtype or w2.dtype != hidden_states.dtype:
             return f"expert weights w13 {w13.dtype} / w2 {w2.dtype} differ from the activations' {hidden_states.dtype}"
         return None
-    if precision not in STORAGE:
+    if precision not in EXPERT_STORAGE:
         return f"no fused kernel for {precision} expert weights"
-    if w13.dtype != STORAGE[precision] or w2.dtype != STORAGE[precision]:
-        return f"{precision} expert weights stored as w13 {w13.dtype} / w2 {w2.dtype}, not {STORAGE[precision]}"
+    storage = EXPERT_STORAGE[precision]
+    if w13.dtype != storage or w2.dtype != storage:
+        return f"{precision} expert weights stored as w13 {w13.dtype} / w2 {w2.dtype}, not {storage}"
+    if precision == "fp8":
+        if scales is None or any(s.dtype != torch.float32 or s.shape != w.shape[:1] for s, w in zip(scales, (w13, w2))):
+            return "fp8 expert scales must be float32, one per expert"
+        return triton_fp8.capability_reason(hidden_states.device)
     if scales is None or any(scale.dtype != hidden_states.dtype for scale in scales):
         return f"{precision} expert scales must be in the activations' dtype {hidden_states.dtype}"
     if precision == "int4" and scales[0].shape[-1] * 16 > w13.shape[-1]:
@@ -109,6 +118,7 @@ if _HAVE_TRITON:
     # Kernel parameters are typed the Triton way (tl.constexpr); the JIT reads these annotations at
     # run time, so the kernels carry no other annotations.
 
+    from backends.torch.triton_fp8 import fp8_codes
     from backends.torch.triton_quant import codes_dot
 
     @triton.jit
@@ -204,6 +214,8 @@ if _HAVE_TRITON:
         stride_se,
         stride_sn,
         stride_im,
+        a_scale,  # fp8: the scale of x's codes (unused otherwise)
+        out_scale,  # fp8: the static scale the intermediate is quantized with for w2 (unused otherwise)
         TOPK: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
@@ -211,9 +223,10 @@ if _HAVE_TRITON:
         GROUP_M: tl.constexpr,
         EVEN_K: tl.constexpr,
         DOT_F32: tl.constexpr,  # interpreter only: see _dot_in_f32
-        QUANT: tl.constexpr = 0,  # 0 float weights, 1 int8, 2 int4 (triton_quant.QUANT_CODES)
+        QUANT: tl.constexpr = 0,  # 0 float weights, 1 int8, 2 int4, 3 fp8 (triton_quant.QUANT_CODES)
         GROUP_SIZE: tl.constexpr = 1,  # K elements per scale, a multiple of BLOCK_K (unused with PER_ROW)
         PER_ROW: tl.constexpr = False,  # one scale per weight row
+        EMULATE_FP8: tl.constexpr = False,  # interpreter only: see triton_fp8.fp8_codes
     ):
         pid = tl.program_id(0)
         num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -243,7 +256,7 @@ if _HAVE_TRITON:
         s_rows = s_ptr + expert.to(tl.int64) * stride_se + w_row[None, :] * stride_sn
         acc = tl.zeros([BLOCK_M, 2 * BLOCK_N], dtype=tl.float32)
         for kk in range(0, tl.cdiv(K, BLOCK_K)):
-            if QUANT == 0:
+            if QUANT == 0 or QUANT == 3:  # float or e4m3 operands straight into the dot (fp8: x arrives as codes)
                 if EVEN_K:
                     a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
                     b = tl.load(w_ptrs)
@@ -264,15 +277,21 @@ if _HAVE_TRITON:
                     acc += part * tl.load(s_rows + kk * BLOCK_K // GROUP_SIZE).to(tl.float32)
             a_ptrs += BLOCK_K * stride_xk
             w_ptrs += BLOCK_K // PACK * stride_wk
-        if QUANT != 0:
+        if QUANT == 1 or QUANT == 2:
             if PER_ROW:
                 acc = acc * tl.load(s_rows).to(tl.float32)
+        if QUANT == 3:  # per-tensor scales: x's and the expert's one (w1 and w3 share it)
+            acc = acc * (a_scale * tl.load(s_ptr + expert.to(tl.int64) * stride_se))
         # SwiGLU epilogue in fp32: de-interleave (gate, up) pairs, silu(g) = g * sigmoid(g).
         gate, up = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N, 2)))
         act = gate / (1.0 + tl.exp(-gate)) * up
+        if QUANT == 3:  # w2's input, quantized from float32 as the reference does: half the bytes of bf16 too
+            act_out = fp8_codes(act, out_scale, EMULATE_FP8)
+        else:
+            act_out = act.to(inter_ptr.dtype.element_ty)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         out_ptrs = inter_ptr + slot.to(tl.int64)[:, None] * stride_im + offs_n[None, :]
-        tl.store(out_ptrs, act.to(inter_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_n[None, :] < N))
+        tl.store(out_ptrs, act_out, mask=row_ok[:, None] & (offs_n[None, :] < N))
 
     @triton.jit
     def _down_kernel(
@@ -296,6 +315,7 @@ if _HAVE_TRITON:
         stride_sn,
         stride_ps,  # partial: stride between splits
         stride_pm,
+        a_scale,  # fp8: the scale of the intermediate's codes (unused otherwise)
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
@@ -331,7 +351,7 @@ if _HAVE_TRITON:
         k_end = tl.minimum(k0 + k_per_split, K)
         for kk in range(0, tl.cdiv(k_end - k0, BLOCK_K)):
             k_left = k_end - k0 - kk * BLOCK_K
-            if QUANT == 0:
+            if QUANT == 0 or QUANT == 3:
                 if EVEN_K:
                     a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
                     b = tl.load(w_ptrs)
@@ -352,9 +372,11 @@ if _HAVE_TRITON:
                     acc += part * tl.load(s_rows + (k0 + kk * BLOCK_K) // GROUP_SIZE).to(tl.float32)
             a_ptrs += BLOCK_K
             w_ptrs += BLOCK_K // PACK * stride_wk
-        if QUANT != 0:
+        if QUANT == 1 or QUANT == 2:
             if PER_ROW:
                 acc = acc * tl.load(s_rows).to(tl.float32)
+        if QUANT == 3:
+            acc = acc * (a_scale * tl.load(s_ptr + expert.to(tl.int64) * stride_se))
         # Routing weight in the epilogue (linear, so applying it per K slice is exact).
         rw = tl.load(topk_weights_ptr + row, mask=row_ok, other=0.0).to(tl.float32)
         acc = acc * rw[:, None]
@@ -389,6 +411,138 @@ if _HAVE_TRITON:
                 p = partial_ptr + s * stride_ps + (t * TOPK + j) * stride_pm + offs
                 acc += tl.load(p, mask=offs < row_len, other=0.0).to(tl.float32)
         tl.store(out_ptr + t * stride_om + offs, acc.to(out_ptr.dtype.element_ty), mask=offs < H)
+
+
+if _HAVE_TRITON:
+    # Decode on the CUDA cores: with a handful of slots, each slot's GEMVs stream its expert's codes straight into
+    # registers (triton_quant.codes_gemv) instead of padding 16-row tensor-core tiles. No alignment launch: a program
+    # per (slot, column tile) reads its expert id itself. The grid's first axis is the slot, so the programs of one
+    # column tile run together and slots that share an expert read its tile from L2.
+
+    from backends.torch.triton_quant import codes_gemv
+
+    @triton.jit(do_not_specialize=["expert_offset"])
+    def _gate_up_gemv_kernel(
+        x_ptr,  # [T, H]
+        w_ptr,  # [E, 2I, H] float / int8 or [E, 2I, H/2] int4 codes, k contiguous
+        s_ptr,  # [E, 2I, G] scales (unused for float weights)
+        inter_ptr,  # [S, I] out
+        topk_ids_ptr,  # [S] routed (global) expert ids
+        expert_offset,
+        N,  # I
+        K,  # H
+        stride_xm,
+        stride_we,
+        stride_wn,
+        stride_se,
+        stride_sn,
+        stride_im,
+        E: tl.constexpr,
+        TOPK: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        EVEN_K: tl.constexpr,
+        QUANT: tl.constexpr,
+        GROUP_SIZE: tl.constexpr,
+        PER_ROW: tl.constexpr,
+    ):
+        slot = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        expert = tl.load(topk_ids_ptr + slot).to(tl.int64) - expert_offset
+        if (expert < 0) | (expert >= E):  # routed to another rank's experts
+            return
+        token = (slot // TOPK).to(tl.int64)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ld = offs_n % N  # wrap: loads stay unmasked, wrapped columns are not stored
+        PACK: tl.constexpr = 2 if QUANT == 2 else 1
+        offs_kw = tl.arange(0, BLOCK_K // PACK)
+        gate_ptrs = w_ptr + expert * stride_we + n_ld.to(tl.int64)[:, None] * stride_wn + offs_kw[None, :]
+        up_ptrs = gate_ptrs + N * stride_wn
+        x_row = x_ptr + token * stride_xm
+        gate_scales = s_ptr + expert * stride_se + n_ld.to(tl.int64) * stride_sn
+        up_scales = gate_scales + N * stride_sn
+        # Elementwise accumulators, reduced over k once after the loop (triton_quant.codes_gemv).
+        gate_acc = tl.zeros([BLOCK_N, BLOCK_K // PACK], dtype=tl.float32)
+        up_acc = tl.zeros([BLOCK_N, BLOCK_K // PACK], dtype=tl.float32)
+        for kk in range(0, tl.cdiv(K, BLOCK_K)):
+            k0 = kk * BLOCK_K
+            part_gate = codes_gemv(x_row + k0, K - k0, gate_ptrs, QUANT, BLOCK_K, not EVEN_K)
+            part_up = codes_gemv(x_row + k0, K - k0, up_ptrs, QUANT, BLOCK_K, not EVEN_K)
+            if QUANT == 0 or PER_ROW:
+                gate_acc += part_gate
+                up_acc += part_up
+            else:
+                gate_acc += part_gate * tl.load(gate_scales + k0 // GROUP_SIZE).to(tl.float32)[:, None]
+                up_acc += part_up * tl.load(up_scales + k0 // GROUP_SIZE).to(tl.float32)[:, None]
+            gate_ptrs += BLOCK_K // PACK
+            up_ptrs += BLOCK_K // PACK
+        gate = tl.sum(gate_acc, axis=1)
+        up = tl.sum(up_acc, axis=1)
+        if QUANT != 0:
+            if PER_ROW:
+                gate = gate * tl.load(gate_scales).to(tl.float32)
+                up = up * tl.load(up_scales).to(tl.float32)
+        act = gate / (1.0 + tl.exp(-gate)) * up
+        tl.store(inter_ptr + slot.to(tl.int64) * stride_im + offs_n, act.to(inter_ptr.dtype.element_ty),
+                 mask=offs_n < N)
+
+    @triton.jit(do_not_specialize=["expert_offset"])
+    def _down_gemv_kernel(
+        a_ptr,  # [S, I] intermediate
+        w_ptr,  # [E, H, I] float / int8 or [E, H, I/2] int4 codes, k contiguous
+        s_ptr,  # [E, H, G]
+        partial_ptr,  # [SPLIT_K, S, H] out
+        topk_ids_ptr,
+        topk_weights_ptr,  # [S]
+        expert_offset,
+        N,  # H
+        K,  # I
+        k_per_split,  # multiple of BLOCK_K
+        stride_am,
+        stride_we,
+        stride_wn,
+        stride_se,
+        stride_sn,
+        stride_ps,
+        stride_pm,
+        E: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        EVEN_K: tl.constexpr,
+        QUANT: tl.constexpr,
+        GROUP_SIZE: tl.constexpr,
+        PER_ROW: tl.constexpr,
+    ):
+        slot = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        pid_k = tl.program_id(2)
+        expert = tl.load(topk_ids_ptr + slot).to(tl.int64) - expert_offset
+        if (expert < 0) | (expert >= E):
+            return
+        k0 = pid_k * k_per_split
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ld = offs_n % N
+        PACK: tl.constexpr = 2 if QUANT == 2 else 1
+        offs_kw = k0 // PACK + tl.arange(0, BLOCK_K // PACK)
+        w_ptrs = w_ptr + expert * stride_we + n_ld.to(tl.int64)[:, None] * stride_wn + offs_kw[None, :]
+        a_row = a_ptr + slot.to(tl.int64) * stride_am + k0
+        s_rows = s_ptr + expert * stride_se + n_ld.to(tl.int64) * stride_sn
+        acc = tl.zeros([BLOCK_N, BLOCK_K // PACK], dtype=tl.float32)
+        k_end = tl.minimum(k0 + k_per_split, K)
+        for kk in range(0, tl.cdiv(k_end - k0, BLOCK_K)):
+            part = codes_gemv(a_row + kk * BLOCK_K, k_end - k0 - kk * BLOCK_K, w_ptrs, QUANT, BLOCK_K, not EVEN_K)
+            if QUANT == 0 or PER_ROW:
+                acc += part
+            else:
+                acc += part * tl.load(s_rows + (k0 + kk * BLOCK_K) // GROUP_SIZE).to(tl.float32)[:, None]
+            w_ptrs += BLOCK_K // PACK
+        out = tl.sum(acc, axis=1)
+        if QUANT != 0:
+            if PER_ROW:
+                out = out * tl.load(s_rows).to(tl.float32)
+        out = out * tl.load(topk_weights_ptr + slot).to(tl.float32)
+        tl.store(partial_ptr + pid_k * stride_ps + slot.to(tl.int64) * stride_pm + offs_n,
+                 out.to(partial_ptr.dtype.element_ty), mask=offs_n < N)
 
 
 if _HAVE_TRITON:
@@ -512,19 +666,25 @@ def _check_inputs(
         if w13.dtype != hidden_states.dtype or w2.dtype != hidden_states.dtype:
             raise TypeError("w13 and w2 must have the dtype of hidden_states")
     else:
-        if precision not in STORAGE:
-            raise ValueError(f"unknown precision {precision!r}; the kernels read {', '.join(STORAGE)}")
-        if w13.dtype != STORAGE[precision] or w2.dtype != STORAGE[precision]:
-            raise TypeError(f"{precision} codes must be {STORAGE[precision]}, got w13 {w13.dtype} / w2 {w2.dtype}")
-        if scales is None or any(s is None or s.dtype != hidden_states.dtype for s in scales):
-            raise TypeError("w13_scales and w2_scales must be given, in the dtype of hidden_states")
+        if precision not in EXPERT_STORAGE:
+            raise ValueError(f"unknown precision {precision!r}; the kernels read {', '.join(EXPERT_STORAGE)}")
+        storage = EXPERT_STORAGE[precision]
+        if w13.dtype != storage or w2.dtype != storage:
+            raise TypeError(f"{precision} codes must be {storage}, got w13 {w13.dtype} / w2 {w2.dtype}")
+        scale_dtype = torch.float32 if precision == "fp8" else hidden_states.dtype
+        if scales is None or any(s is None or s.dtype != scale_dtype for s in scales):
+            raise TypeError(f"w13_scales and w2_scales must be given, in {scale_dtype}")
     packing = 2 if precision == "int4" else 1  # int4 codes: two K elements per byte
     e, two_i, h13 = w13.shape
     if h13 * packing != h or two_i % 2 != 0 or w2.shape != (e, h, two_i // 2 // packing):
         raise ValueError(f"shape mismatch: x {tuple(hidden_states.shape)}, w13 {tuple(w13.shape)}, w2 {tuple(w2.shape)}")
     if hidden_states.dtype not in (torch.bfloat16, torch.float16):
         raise TypeError(f"hidden_states must be bf16 or fp16, got {hidden_states.dtype}")
-    if precision is not None:
+    if precision == "fp8":
+        for name, scale in (("w13", scales[0]), ("w2", scales[1])):
+            if tuple(scale.shape) != (e,):
+                raise ValueError(f"fp8 {name} scales {tuple(scale.shape)} are not [{e}] (one per expert)")
+    elif precision is not None:
         inter = two_i // 2
         for name, scale, rows, cols in (("w13", scales[0], two_i, h), ("w2", scales[1], h, inter)):
             groups = 1 if group_size == 0 else cols // group_size
@@ -545,12 +705,14 @@ def fused_moe(
     w2: torch.Tensor,
     *,
     expert_offset: int = 0,
-    config: MoeConfig | None = None,
+    config: MoeConfig | GemvConfig | None = None,
     out: torch.Tensor | None = None,
     precision: str | None = None,
     w13_scales: torch.Tensor | None = None,
     w2_scales: torch.Tensor | None = None,
     group_size: int = 0,
+    w13_input_scale: float = 1.0,
+    w2_input_scale: float = 1.0,
 ) -> torch.Tensor:
     """Mixtral expert computation; returns [T, H] in the dtype of ``hidden_states``.
 
@@ -558,12 +720,16 @@ def fused_moe(
     the activation dtype; ``w13`` [E', 2I, H] (gate rows first, then up) and ``w2`` [E', H, I] hold experts
     ``[expert_offset, expert_offset + E')`` (all of them when ``expert_offset`` is 0 and E' is the routed
     count).  Slots routed to other experts contribute zero, at no cost (expert parallelism).
-    ``config`` overrides the table entry (used by the benchmark's sweep); ``out`` [T, H] (contiguous,
+    ``config`` overrides the table entry (used by the benchmark's sweep; a ``GemvConfig`` forces the CUDA-core decode
+    path, which `moe_tuning.GEMV_TABLE` otherwise picks for a handful of slots); ``out`` [T, H] (contiguous,
     dtype of ``hidden_states``) receives the result instead of a fresh tensor.
     Weight-only quantized experts: `precision` "int8"/"int4" with `w13`/`w2` the codes
     (compiler/quantization.py's layout: int4 packs K in pairs, [E', 2I, H/2] and [E', H, I/2]) and their scales
     `w13_scales` [E', 2I, G1] / `w2_scales` [E', H, G2] (G = K / group_size, 1 when group_size is 0); every weight
     tile is read as codes and dequantized in registers, exactly as the CPU reference dequantizes.
+    FP8 experts (`moec.fp8_moe`): `precision` "fp8", `w13`/`w2` e4m3 with float32 `w13_scales`/`w2_scales` [E'] and
+    the static activation scales `w13_input_scale` (x) / `w2_input_scale` (the SwiGLU output): x is quantized once,
+    both GEMMs multiply e4m3 codes on the tensor cores, and the intermediate is stored as e4m3.
     Allocations depend on shapes only and there is no host synchronisation, so the call can be
     captured in a CUDA graph.
     """
@@ -573,6 +739,8 @@ def fused_moe(
     _check_inputs(hidden_states, topk_ids, topk_weights, w13, w2, precision, scales, group_size)
     if expert_offset < 0:
         raise ValueError(f"expert_offset must be >= 0, got {expert_offset}")
+    if precision == "fp8" and not (w13_input_scale > 0 and w2_input_scale > 0):
+        raise ValueError(f"fp8 input scales {w13_input_scale}, {w2_input_scale} must be positive")
     t, h = hidden_states.shape
     topk = topk_ids.shape[1]
     num_experts, two_i, _ = w13.shape
@@ -588,14 +756,28 @@ def fused_moe(
         raise ValueError("out must be [T, H] with unit column stride and the dtype of hidden_states")
     if t == 0:
         return out
-    cfg = config if config is not None else get_config(t, h, inter, group_size, quantized=precision is not None)
+    fp8 = precision == "fp8"
+    num_slots = t * topk
+    unit_k = w13.stride(2) == 1 and w2.stride(2) == 1  # the decode path reads k-contiguous rows
+    if isinstance(config, GemvConfig):
+        if fp8 or not unit_k:
+            raise ValueError("the CUDA-core decode path takes float / int8 / int4 experts with k-contiguous rows")
+        gemv = clamp_gemv_config(config, h, inter, group_size)
+    else:
+        gemv = get_gemv_config(num_slots, h, inter, group_size, precision) if config is None and unit_k else None
+    if gemv is not None:
+        return _fused_moe_gemv(hidden_states, topk_ids, topk_weights, w13, w2, s13, s2, out, expert_offset,
+                               QUANT_CODES[precision], group_size, gemv)
+    cfg = config if config is not None else get_config(t, h, inter, group_size, quantized=precision in STORAGE,
+                                                       fp8=fp8)
     bm = cfg.block_m
     x = hidden_states if hidden_states.stride(1) == 1 else hidden_states.contiguous()
+    if fp8:  # every token's codes once ([T, H] bytes), not once per column tile of the gate/up GEMM
+        x = triton_fp8.quantize(x, w13_input_scale)
     ids = topk_ids.reshape(-1)
     ids = ids if ids.is_contiguous() else ids.contiguous()
     rw = topk_weights.reshape(-1)
     rw = rw if rw.is_contiguous() else rw.contiguous()
-    num_slots = t * topk
 
     # 1. routing: upper bound on row blocks = full blocks of all slots + one partial block per
     #    non-empty expert (at most min(S, E) of them).
@@ -619,7 +801,7 @@ def fused_moe(
     )
 
     # 2. gate/up GEMM + SwiGLU.
-    inter_act = torch.empty((num_slots, inter), dtype=hidden_states.dtype, device=dev)
+    inter_act = torch.empty((num_slots, inter), dtype=FP8_DTYPE if fp8 else hidden_states.dtype, device=dev)
     grid_gu = (nb_max * triton.cdiv(inter, cfg.gu_block_n),)
     _gate_up_kernel[grid_gu](
         x,
@@ -638,18 +820,21 @@ def fused_moe(
         w13.stride(1),
         w13.stride(2),
         s13.stride(0),
-        s13.stride(1),
+        s13.stride(1) if s13.dim() > 1 else 0,  # fp8: one scale per expert
         inter_act.stride(0),
+        float(w13_input_scale),
+        float(w2_input_scale),
         TOPK=topk,
         BLOCK_M=bm,
         BLOCK_N=cfg.gu_block_n,
         BLOCK_K=cfg.gu_block_k,
         GROUP_M=cfg.gu_group_m,
         EVEN_K=h % cfg.gu_block_k == 0,
-        DOT_F32=_dot_in_f32(hidden_states.dtype),
+        DOT_F32=_dot_in_f32(hidden_states.dtype) or (fp8 and interpreting()),
         QUANT=quant,
         GROUP_SIZE=group_size or h,
-        PER_ROW=group_size == 0,
+        PER_ROW=group_size == 0 and not fp8,
+        EMULATE_FP8=fp8 and interpreting(),
         num_warps=cfg.gu_warps,
         num_stages=cfg.gu_stages,
     )
@@ -681,18 +866,19 @@ def fused_moe(
         w2.stride(1),
         w2.stride(2),
         s2.stride(0),
-        s2.stride(1),
+        s2.stride(1) if s2.dim() > 1 else 0,
         partial.stride(0),
         partial.stride(1),
+        float(w2_input_scale),
         BLOCK_M=bm,
         BLOCK_N=cfg.dn_block_n,
         BLOCK_K=bk,
         GROUP_M=cfg.dn_group_m,
         EVEN_K=inter % k_per_split == 0 and k_per_split % bk == 0,
-        DOT_F32=_dot_in_f32(hidden_states.dtype),
+        DOT_F32=_dot_in_f32(hidden_states.dtype) or (fp8 and interpreting()),
         QUANT=quant,
         GROUP_SIZE=group_size or inter,
-        PER_ROW=group_size == 0,
+        PER_ROW=group_size == 0 and not fp8,
         num_warps=cfg.dn_warps,
         num_stages=cfg.dn_stages,
     )
@@ -713,5 +899,55 @@ def fused_moe(
         SPLIT_K=split,
         BLOCK_H=block_h,
         num_warps=4,
+    )
+    return out
+
+
+def _fused_moe_gemv(
+    hidden_states: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    s13: torch.Tensor,
+    s2: torch.Tensor,
+    out: torch.Tensor,
+    expert_offset: int,
+    quant: int,
+    group_size: int,
+    cfg: GemvConfig,
+) -> torch.Tensor:
+    """`fused_moe` on the CUDA-core decode kernels: gate/up GEMVs + SwiGLU, split-K down GEMVs, the combine."""
+    t, h = hidden_states.shape
+    topk = topk_ids.shape[1]
+    num_experts, two_i, _ = w13.shape
+    inter = two_i // 2
+    num_slots = t * topk
+    dev = hidden_states.device
+    x = hidden_states if hidden_states.stride(1) == 1 else hidden_states.contiguous()
+    ids = topk_ids.reshape(-1).contiguous()
+    rw = topk_weights.reshape(-1).contiguous()
+    inter_act = torch.empty((num_slots, inter), dtype=hidden_states.dtype, device=dev)
+    _gate_up_gemv_kernel[(num_slots, triton.cdiv(inter, cfg.gu_block_n))](
+        x, w13, s13, inter_act, ids, expert_offset, inter, h,
+        x.stride(0), w13.stride(0), w13.stride(1), s13.stride(0), s13.stride(1), inter_act.stride(0),
+        E=num_experts, TOPK=topk, BLOCK_N=cfg.gu_block_n, BLOCK_K=cfg.gu_block_k, EVEN_K=h % cfg.gu_block_k == 0,
+        QUANT=quant, GROUP_SIZE=group_size or h, PER_ROW=group_size == 0, num_warps=cfg.gu_warps,
+    )
+    bk = cfg.dn_block_k
+    k_per_split = triton.cdiv(triton.cdiv(inter, max(1, cfg.dn_split_k)), bk) * bk
+    split = triton.cdiv(inter, k_per_split)
+    partial = torch.empty((split, num_slots, h), dtype=torch.float32 if split > 1 else hidden_states.dtype, device=dev)
+    _down_gemv_kernel[(num_slots, triton.cdiv(h, cfg.dn_block_n), split)](
+        inter_act, w2, s2, partial, ids, rw, expert_offset, h, inter, k_per_split,
+        inter_act.stride(0), w2.stride(0), w2.stride(1), s2.stride(0), s2.stride(1), partial.stride(0),
+        partial.stride(1),
+        E=num_experts, BLOCK_N=cfg.dn_block_n, BLOCK_K=bk, EVEN_K=inter % k_per_split == 0 and k_per_split % bk == 0,
+        QUANT=quant, GROUP_SIZE=group_size or inter, PER_ROW=group_size == 0, num_warps=cfg.dn_warps,
+    )
+    block_h = min(1024, next_pow2(h))
+    _combine_kernel[(t, triton.cdiv(h, block_h))](
+        partial, out, ids, expert_offset, num_experts, h, partial.stride(0), partial.stride(1), out.stride(0),
+        TOPK=topk, SPLIT_K=split, BLOCK_H=block_h, num_warps=4,
     )
     return out

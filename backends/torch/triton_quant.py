@@ -23,8 +23,9 @@ from backends.torch.triton_support import device_reason, interpreting, tl, trito
 
 __all__ = ["QUANT_CODES", "linear", "quantized_matmul", "unsupported_reason"]
 
-# The kernels' QUANT constexpr: 0 float weights, 1 int8, 2 int4 (packed along K).
-QUANT_CODES = {None: 0, "int8": 1, "int4": 2}
+# The kernels' QUANT constexpr: 0 float weights, 1 int8, 2 int4 (packed along K), 3 e4m3 (the fused MoE only:
+# triton_fp8.py's linears run on cuBLASLt).
+QUANT_CODES = {None: 0, "int8": 1, "int4": 2, "fp8": 3}
 ACTIVATION_DTYPES = (torch.bfloat16, torch.float16)
 STORAGE = {"int8": torch.int8, "int4": torch.uint8}
 
@@ -42,6 +43,20 @@ def unsupported_reason(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
         return f"scales are {scales.dtype}, the activations {x.dtype}"
     if precision == "int4" and scales.dim() == 2 and scales.shape[-1] * 16 > qweight.shape[-1]:
         return "int4 groups of 16 are narrower than the kernel's 32-wide K tiles (two 16-deep dots of nibbles)"
+    return None
+
+
+def float_gemv_unsupported_reason(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> str | None:
+    """Why one row of a float `moec.linear` cannot run on the GEMV kernel (None when it can); cuBLAS takes the rest."""
+    reason = device_reason(x, _HAVE_TRITON)
+    if reason is not None:
+        return reason
+    if x.dtype not in ACTIVATION_DTYPES or weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
+        return f"x {x.dtype} / weight {weight.dtype} are not one 16-bit float dtype"
+    if weight.dim() != 2 or weight.stride(1) != 1 or weight.shape[1] != x.shape[-1]:
+        return f"weight {list(weight.shape)} is not a k-contiguous [N, K] matrix for x {list(x.shape)}"
+    if gemv_config(1, weight.shape[0], weight.shape[1], 0, None) is None:
+        return "no GEMV entry for float weights of this width"
     return None
 
 
@@ -107,6 +122,96 @@ if _HAVE_TRITON:
             row_sum = tl.sum(a.to(tl.float32), axis=1)
             part = tl.dot(a_odd, high, tl.dot(a_even, low)) - BASE * row_sum[:, None]
         return part
+
+    @triton.jit
+    def codes_gemv(
+        x_row,  # pointer at the tile's first k of the one activation row
+        k_left,  # K elements left from the tile's first k
+        w_ptrs,  # [BN, BK] float or int8 weights, or [BN, BK/2] bytes of int4 code pairs; k contiguous
+        QUANT: tl.constexpr,  # 0 float, 1 int8, 2 int4
+        BLOCK_K: tl.constexpr,
+        MASKED: tl.constexpr,  # the tile may be ragged
+    ):
+        """Products x[k] * w[n, k] of one activation row with a weight tile, float32 [BN, BK / PACK] (int4: the even
+        and odd k of a byte already added), on the CUDA cores. The caller accumulates these tiles elementwise and
+        reduces over k once, after its K loop: a reduction per tile would cross warps (shared memory and a barrier)
+        on every step. The weight tile goes from memory straight into registers, no shared-memory round trip into a
+        dot-operand layout (what bounds the tensor-core path with only a row or two to multiply). Quantized codes
+        stay unscaled. int4: a nibble v becomes the float32 2^23 + v by OR-ing it into the exponent bits of 2^23
+        (no int-to-float conversion), and one subtraction of 2^23 + 8 leaves the signed code."""
+        if QUANT == 2:
+            j = tl.arange(0, BLOCK_K // 2)
+            if MASKED:
+                packed = tl.load(w_ptrs, mask=(2 * j)[None, :] < k_left, other=0x88)
+                x_even = tl.load(x_row + 2 * j, mask=2 * j < k_left, other=0.0)
+                x_odd = tl.load(x_row + 2 * j + 1, mask=2 * j + 1 < k_left, other=0.0)
+            else:
+                packed = tl.load(w_ptrs)
+                x_even = tl.load(x_row + 2 * j)
+                x_odd = tl.load(x_row + 2 * j + 1)
+            bits = packed.to(tl.int32)
+            low = ((bits & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
+            high = ((bits >> 4) | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
+            prod = low * x_even.to(tl.float32)[None, :] + high * x_odd.to(tl.float32)[None, :]
+        else:
+            kk = tl.arange(0, BLOCK_K)
+            if MASKED:
+                w = tl.load(w_ptrs, mask=kk[None, :] < k_left, other=0)
+                x = tl.load(x_row + kk, mask=kk < k_left, other=0.0)
+            else:
+                w = tl.load(w_ptrs)
+                x = tl.load(x_row + kk)
+            if QUANT == 1:  # the same exponent trick: the byte of code c, XOR 0x80, is c + 128 in [0, 255]
+                bits = (w.to(tl.uint8, bitcast=True).to(tl.int32) ^ 0x80) | 0x4B000000
+                wf = bits.to(tl.float32, bitcast=True) - 8388736.0
+            else:
+                wf = w.to(tl.float32)
+            prod = wf * x.to(tl.float32)[None, :]
+        return prod
+
+    @triton.jit
+    def _gemv_kernel(
+        x_ptr,  # [1, K]
+        w_ptr,  # [N, K] float or int8, or [N, K/2] uint8
+        s_ptr,  # [N, G]
+        bias_ptr,
+        out_ptr,  # [1, N]
+        N,
+        K,
+        stride_wn,
+        stride_sn,
+        GROUP_SIZE: tl.constexpr,
+        QUANT: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        EVEN_K: tl.constexpr,
+        PER_ROW: tl.constexpr = False,
+    ):
+        """`_quantized_matmul_kernel` for one decode row: `codes_gemv` tiles on the CUDA cores, no tensor cores."""
+        pid_n = tl.program_id(0)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_n_ld = offs_n % N
+        PACK: tl.constexpr = 2 if QUANT == 2 else 1
+        offs_kw = tl.arange(0, BLOCK_K // PACK)
+        w_ptrs = w_ptr + offs_n_ld.to(tl.int64)[:, None] * stride_wn + offs_kw[None, :]
+        s_rows = s_ptr + offs_n_ld.to(tl.int64) * stride_sn
+        acc = tl.zeros([BLOCK_N, BLOCK_K // PACK], dtype=tl.float32)
+        for kk in range(0, tl.cdiv(K, BLOCK_K)):
+            k0 = kk * BLOCK_K
+            prod = codes_gemv(x_ptr + k0, K - k0, w_ptrs, QUANT, BLOCK_K, not EVEN_K)
+            if QUANT == 0 or PER_ROW:
+                acc += prod
+            else:  # every K tile inside one group: its scales multiply the tile's products
+                acc += prod * tl.load(s_rows + k0 // GROUP_SIZE).to(tl.float32)[:, None]
+            w_ptrs += BLOCK_K // PACK
+        out = tl.sum(acc, axis=1)
+        if QUANT != 0:
+            if PER_ROW:
+                out = out * tl.load(s_rows).to(tl.float32)
+        if HAS_BIAS:
+            out += tl.load(bias_ptr + offs_n_ld).to(tl.float32)
+        tl.store(out_ptr + offs_n, out.to(out_ptr.dtype.element_ty), mask=offs_n < N)
 
     @triton.jit
     def _quantized_matmul_kernel(
@@ -196,6 +301,31 @@ LINEAR_TABLE: list[tuple[int, LinearConfig]] = [
 ]
 
 
+# One decode row on the CUDA cores (`_gemv_kernel`) instead of the tensor-core tiles above: (precision, grouped) ->
+# (max N, config) for M = 1; wider outputs, and M > 1, stay on the tiles. Measured with bench/quantized_kernels.py
+# --sweep on the H200 (BENCHMARKS.md): M = 1, qkv 6144x4096 / o 4096x4096 / lm_head 32000x4096.
+GEMV_TABLE: dict[tuple[str | None, bool], tuple[int, LinearConfig]] = {
+    (None, False): (1 << 30, LinearConfig(1, 8, 512, 4, 1)),  # bf16: 14.8 / 11.2 us vs cuBLAS 18.1 / 12.8
+    ("int8", False): (16384, LinearConfig(1, 16, 512, 8, 1)),  # 11.5 / 9.7 us vs tiles 13.0 / 9.9 (lm_head: tiles)
+    ("int8", True): (16384, LinearConfig(1, 16, 512, 8, 1)),
+    ("int4", False): (1 << 30, LinearConfig(1, 8, 1024, 4, 1)),  # 12.0 / 8.2 / 42.1 us vs tiles 27.1 / 19.8 / 97.3
+    ("int4", True): (1 << 30, LinearConfig(1, 8, 1024, 4, 1)),  # g128: 19.1 / 18.0 / 56.8 vs 37.2 / 24.0 / 120.1
+}
+
+
+def gemv_config(m: int, n: int, k: int, group_size: int, precision: str | None) -> LinearConfig | None:
+    """The CUDA-core config for M rows of this precision, or None where the tensor-core tiles are used. K tiles stay
+    inside one group."""
+    entry = GEMV_TABLE.get((precision, group_size > 0))
+    if m != 1 or entry is None or n > entry[0]:
+        return None
+    cfg = entry[1]
+    block_k = min(cfg.block_k, max(32, _next_pow2(k)))
+    if group_size:
+        block_k = min(block_k, group_size)
+    return LinearConfig(1, min(cfg.block_n, max(8, _next_pow2(n))), block_k, cfg.warps, cfg.stages)
+
+
 def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
@@ -218,10 +348,13 @@ def quantized_matmul(
     group_size: int,
     bias: torch.Tensor | None = None,
     config: LinearConfig | None = None,
+    kernel: str | None = None,
 ) -> torch.Tensor:
     """``x [..., K] @ dequantize(qweight, scales).T (+ bias)`` -> [..., N] in x's dtype; the weight stays compact.
 
-    No host synchronisation and shape-only allocations: capturable in a CUDA graph."""
+    `kernel` None lets the tables choose (`GEMV_TABLE` for decode rows, else `LINEAR_TABLE`); "gemv" / "tiles"
+    forces one (with `config`, the benchmark's sweep). No host synchronisation and shape-only allocations:
+    capturable in a CUDA graph."""
     if not _HAVE_TRITON:
         raise RuntimeError("quantized_matmul needs triton")
     reason = unsupported_reason(x, qweight, scales, precision)
@@ -243,6 +376,14 @@ def quantized_matmul(
     m = x2.shape[0]
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:
+        return out.reshape(*lead, n)
+    if kernel not in (None, "gemv", "tiles"):
+        raise ValueError(f"kernel {kernel!r} is not 'gemv' or 'tiles'")
+    gemv = gemv_config(m, n, k, group_size, precision) if kernel is None else None
+    if kernel == "gemv" or gemv is not None:
+        if config is None and gemv is None:
+            raise ValueError(f"no GEMV config for {m} rows of {precision}: pass one")
+        _launch_gemv(x2, w, s, bias, out, QUANT_CODES[precision], group_size, config or gemv)
         return out.reshape(*lead, n)
     cfg = config if config is not None else linear_config(m, n, k, group_size, precision)
     grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(m, cfg.block_m))
@@ -274,10 +415,26 @@ def quantized_matmul(
     return out.reshape(*lead, n)
 
 
+def _launch_gemv(x2: torch.Tensor, w: torch.Tensor, s: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
+                 quant: int, group_size: int, cfg: LinearConfig) -> None:
+    m, k = x2.shape
+    n = out.shape[1]
+    if m != 1:
+        raise ValueError(f"the GEMV kernel takes one row, not {m}")
+    block_k = min(cfg.block_k, group_size) if group_size else cfg.block_k  # every K tile inside one group
+    _gemv_kernel[(triton.cdiv(n, cfg.block_n),)](
+        x2, w, s, bias if bias is not None else s, out, n, k, w.stride(0), s.stride(0),
+        GROUP_SIZE=group_size or k, QUANT=quant, HAS_BIAS=bias is not None,
+        BLOCK_N=cfg.block_n, BLOCK_K=block_k, EVEN_K=k % block_k == 0,
+        PER_ROW=group_size == 0, num_warps=cfg.warps, num_stages=cfg.stages,
+    )
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-           config: LinearConfig | None = None) -> torch.Tensor:
-    """``x [..., K] @ weight [N, K].T (+ bias)`` with float weights on the same kernel (QUANT 0): the decode-shaped
-    GEMV the quantized paths are compared with, and a candidate for small-M float linears."""
+           config: LinearConfig | None = None, kernel: str | None = None) -> torch.Tensor:
+    """``x [..., K] @ weight [N, K].T (+ bias)`` with float weights on the same kernels (QUANT 0): the tensor-core
+    tiles, or with `kernel="gemv"` the CUDA-core GEMV of one row, which `moec.linear` runs on CUDA for a decode row
+    (it streams a bf16 weight faster than cuBLAS does at M = 1, BENCHMARKS.md)."""
     if not _HAVE_TRITON:
         raise RuntimeError("linear needs triton")
     if x.dtype not in ACTIVATION_DTYPES or weight.dtype != x.dtype or weight.dim() != 2 or weight.shape[1] != x.shape[-1]:
@@ -291,6 +448,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     m = x2.shape[0]
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:
+        return out.reshape(*lead, n)
+    if kernel == "gemv":
+        _launch_gemv(x2, w, w, bias, out, 0, 0, config or gemv_config(m, n, k, 0, None) or LinearConfig(1, 8, 512, 4, 1))
         return out.reshape(*lead, n)
     cfg = config if config is not None else linear_config(m, n, k, 0)
     grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(m, cfg.block_m))

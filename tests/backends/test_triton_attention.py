@@ -132,6 +132,45 @@ def test_prefill_default_config_odd_length():
     _check(B, HQ, HKV, 5, D, M, [27, 0], 0, torch.float16, seed=4)
 
 
+def _fp8_case(batch, q_heads, kv_heads, seq, head_dim, max_seq, pos, seed, dtype=torch.float16):
+    """q/k/v and e4m3 caches whose filled slots hold the codes of earlier k / k_scale, v / v_scale."""
+    from compiler import fp8
+
+    q, k, v, k_cache, v_cache, cache_position = _make(batch, q_heads, kv_heads, seq, head_dim, max_seq, pos, 0,
+                                                      dtype, dtype, seed, poison=False)
+    k_scale, v_scale = 3.0 / 448, 2.5 / 448
+    return q, k, v, fp8.quantize(k_cache, k_scale), fp8.quantize(v_cache, v_scale), cache_position, k_scale, v_scale
+
+
+@pytest.mark.parametrize("seq,pos,config", [(1, [0, 21], None), (1, [31, 3], SMALL_DECODE), (12, [0, 19], None)],
+                         ids=["decode", "decode-splits", "prefill"])
+def test_fp8_cache_matches_the_reference(seq, pos, config):
+    """e4m3 caches (`quantize-fp8{kv_cache=true}`) on the kernels: the written codes are the reference's bit for bit,
+    the output matches the reference kernel (which dequantizes the cache to q's dtype first)."""
+    q, k, v, k_cache, v_cache, cache_position, k_scale, v_scale = _fp8_case(B, HQ, HKV, seq, D, M, pos, seed=7)
+    scale = 1 / math.sqrt(D)
+    ref_kc, ref_vc = k_cache.clone(), v_cache.clone()
+    # The op on CPU tensors is the reference kernel; on CUDA it would dispatch to the kernels under test.
+    args_cpu = [t.cpu() for t in (q, k, v, ref_kc, ref_vc, cache_position)]
+    expected = ops.cached_attention(*args_cpu, scale, 0, k_scale, v_scale)
+    kw = {"decode_config": config} if config else {}
+    out = ta.cached_attention(q, k, v, k_cache, v_cache, cache_position, scale, 0, k_scale=k_scale,
+                              v_scale=v_scale, **kw)
+    assert torch.equal(k_cache.cpu().view(torch.uint8), args_cpu[3].view(torch.uint8))
+    assert torch.equal(v_cache.cpu().view(torch.uint8), args_cpu[4].view(torch.uint8))
+    err = ((out.double().cpu() - expected.double()).norm() / expected.double().norm()).item()
+    assert err < 2 * RTOL[q.dtype], f"relative error {err:.2e}"
+
+
+def test_fp8_cache_bad_scales():
+    q, k, v, k_cache, v_cache, cache_position, _, _ = _fp8_case(B, HQ, HKV, 1, D, M, [0, 1], seed=8)
+    with pytest.raises(ValueError, match="must be positive"):
+        ta.cached_attention(q, k, v, k_cache, v_cache, cache_position, 0.25, 0, k_scale=0.0)
+    with pytest.raises(ValueError, match="need an e4m3 cache"):
+        ta.cached_attention(q, k, v, q.new_zeros(k_cache.shape), q.new_zeros(k_cache.shape), cache_position, 0.25,
+                            0, k_scale=2.0)
+
+
 def test_float32_ieee_and_mixed_cache_dtypes():
     _check(B, HQ, HKV, 1, D, M, [9, 30], 0, torch.float32, seed=5, decode_config=SMALL_DECODE)
     _check(B, HQ, HKV, 3, D, M, [9, 2], 4, torch.float32, seed=6)
@@ -168,7 +207,9 @@ def test_unsupported_reasons(monkeypatch):
         assert "not CUDA" in ta.unsupported_reason(q, q[:, :1], cache, pos)
         monkeypatch.setenv("TRITON_INTERPRET", "1")
     q, cache, pos = q.to(DEVICE), cache.to(DEVICE), pos.to(DEVICE)
-    assert "dtypes" in ta.unsupported_reason(q, q[:, :1], cache.to(torch.float8_e4m3fn), pos)
+    assert "dtypes" in ta.unsupported_reason(q, q[:, :1], cache.to(torch.float8_e5m2), pos)
+    assert "e4m3 cache with float32 queries" in ta.unsupported_reason(q, q[:, :1], cache.to(torch.float8_e4m3fn), pos)
+    assert ta.unsupported_reason(q.half(), q[:, :1].half(), cache.to(torch.float8_e4m3fn), pos) is None
     assert "head_dim" in ta.unsupported_reason(q[..., :8], q[:, :1, :, :8], cache[..., :8], pos)
     monkeypatch.setattr(ta, "_HAVE_TRITON", False)
     assert ta.unsupported_reason(q, q[:, :1], cache, pos) == "triton is not installed"

@@ -1,5 +1,6 @@
-"""Weight-only INT8/INT4 Triton kernels (the fused MoE with quantized experts, the quantized linear) against the
-CPU reference's dequantized weights.
+"""Weight-only INT8/INT4 and FP8 Triton kernels (the fused MoE with quantized experts on the tensor-core tiles and on
+the CUDA-core decode path, the quantized linear and its GEMV, the FP8 activation quantizer) against the CPU
+reference's dequantized weights and the FP8 ops' reference kernels.
 
 Without CUDA they run in Triton's interpreter on tiny shapes, in float16: the interpreter casts float32 to bfloat16
 by truncation (seen with triton 3.9.0), not round-to-nearest as the GPU does, so its bf16 results carry errors of a
@@ -21,13 +22,18 @@ if not torch.cuda.is_available():
 
 triton = pytest.importorskip("triton")
 
+import backends.torch.triton_fp8 as tf  # noqa: E402
 import backends.torch.triton_moe as tm  # noqa: E402
 import backends.torch.triton_quant as tq  # noqa: E402
+from backends.torch import kernels  # noqa: E402
 from backends.torch.kernels import moe_experts_reference  # noqa: E402
+from backends.torch.moe_tuning import GemvConfig, get_gemv_config  # noqa: E402
+from compiler import fp8  # noqa: E402
 from compiler.quantization import dequantize, quantize  # noqa: E402
 
 if os.environ.get("TRITON_INTERPRET") == "1" and type(tq._quantized_matmul_kernel).__name__ != "InterpretedFunction":
     tq = importlib.reload(sys.modules["backends.torch.triton_quant"])
+    tf = importlib.reload(sys.modules["backends.torch.triton_fp8"])
     tm = importlib.reload(sys.modules["backends.torch.triton_moe"])
 
 ON_GPU = torch.cuda.is_available()
@@ -161,6 +167,155 @@ def test_unsupported_reasons_without_cuda(monkeypatch: pytest.MonkeyPatch) -> No
     assert "activation dtype torch.float32" in tq.unsupported_reason(x.float(), q, s.float(), "int4")
 
 
+# --- the CUDA-core decode path (GEMV) ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("precision,group_size", [(None, 0), *SCHEMES])
+def test_gemv_moe_matches_dequantized_reference(precision: str | None, group_size: int) -> None:
+    """Forced onto the decode kernels: 1 and 3 tokens, a ragged K in the down GEMV (split 3 ways over I = 80... with
+    group sizes that divide it), and an expert-parallel slice whose other slots must contribute nothing."""
+    h, i, e = 128, 64 if group_size else 80, 4
+    gen = torch.Generator(device=DEVICE).manual_seed(31)
+    w13 = (torch.randn(e, 2 * i, h, generator=gen, device=DEVICE) / h**0.5).to(DTYPE)
+    w2 = (torch.randn(e, h, i, generator=gen, device=DEVICE) / i**0.5).to(DTYPE)
+    if precision is None:
+        (q13, s13), (q2, s2) = (w13, None), (w2, None)
+        d13, d2 = w13.float(), w2.float()
+    else:
+        (q13, s13), (q2, s2) = quantize(w13, precision, group_size), quantize(w2, precision, group_size)
+        d13, d2 = (dequantize(q, sc, precision, group_size).float() for q, sc in ((q13, s13), (q2, s2)))
+    cfg = GemvConfig(16, 64, 4, 16, 32, 3, 4)
+    for t, (lo, hi) in ((1, (0, e)), (3, (0, e)), (3, (2, e))):
+        x = torch.randn(t, h, generator=gen, device=DEVICE).to(DTYPE)
+        ids, rw = _routing(t, e, 2, seed=t)
+        kw = {} if precision is None else dict(precision=precision, w13_scales=s13[lo:hi], w2_scales=s2[lo:hi],
+                                               group_size=group_size)
+        out = tm.fused_moe(x, ids, rw, q13[lo:hi], q2[lo:hi], expert_offset=lo, config=cfg, **kw)
+        ref = moe_experts_reference(x.float(), ids - lo, rw, d13[lo:hi], d2[lo:hi])
+        if ref.norm() == 0:
+            assert out.abs().max() == 0
+        else:
+            assert _rel(out, ref) < RTOL[DTYPE], f"{precision} g{group_size} T={t} experts {lo}:{hi}"
+
+
+def test_gemv_tables_pick_the_decode_path_for_a_handful_of_slots() -> None:
+    from backends.torch.moe_tuning import GEMV_TABLE
+
+    for (precision, grouped), (max_slots, _) in GEMV_TABLE.items():
+        group = 128 if grouped else 0
+        assert get_gemv_config(max_slots, 4096, 14336, group, precision) is not None
+        assert get_gemv_config(max_slots + 1, 4096, 14336, group, precision) is None
+    assert get_gemv_config(2, 4096, 14336, 128, "int4").gu_block_k <= 128  # K tiles stay inside a group
+    assert get_gemv_config(2, 4096, 14336, 0, "fp8") is None
+    assert tq.gemv_config(1, 4096, 4096, 0, "int4") is not None and tq.gemv_config(2, 4096, 4096, 0, "int4") is None
+    assert tq.gemv_config(1, 4096, 4096, 64, "int4").block_k == 64
+    assert tq.gemv_config(1, 32000, 4096, 0, "int8") is None  # the lm_head-sized int8 GEMV lost to the tiles
+    x = torch.zeros(1, 64, device=DEVICE).to(DTYPE)
+    q, s = quantize(torch.randn(2, 32, 64, device=DEVICE).to(DTYPE), "int8", 0)
+    with pytest.raises(ValueError, match="CUDA-core decode path takes float / int8 / int4 experts"):
+        tm.fused_moe(x, torch.zeros(1, 1, dtype=torch.int64, device=DEVICE), torch.ones(1, 1, device=DEVICE), q,
+                     q[:, :16, :].transpose(1, 2), precision="int8", w13_scales=s,
+                     w2_scales=torch.ones(2, 64, 1, device=DEVICE).to(DTYPE), config=GemvConfig(16, 64, 4, 16, 32, 1, 4))
+
+
+@pytest.mark.parametrize("precision,group_size", SCHEMES)
+@pytest.mark.parametrize("k", [128, 200, 256])
+def test_gemv_linear_matches_dequantized_reference(precision: str, group_size: int, k: int) -> None:
+    m = 1
+    if group_size and k % group_size:
+        pytest.skip("group does not divide k")
+    gen = torch.Generator(device=DEVICE).manual_seed(m + k)
+    w = torch.randn(40, k, generator=gen, device=DEVICE).to(DTYPE)
+    q, s = quantize(w, precision, group_size)
+    x = torch.randn(m, k, generator=gen, device=DEVICE).to(DTYPE)
+    bias = torch.randn(40, generator=gen, device=DEVICE).to(DTYPE)
+    cfg = tq.LinearConfig(1, 16, 64, 4, 1)
+    out = tq.quantized_matmul(x, q, s, precision, group_size, bias, config=cfg, kernel="gemv")
+    ref = x.float() @ dequantize(q, s, precision, group_size).float().T + bias.float()
+    assert _rel(out, ref) < RTOL[DTYPE]
+    with pytest.raises(ValueError, match="the GEMV kernel takes one row, not 2"):
+        tq.quantized_matmul(torch.cat([x] * 2), q, s, precision, group_size, config=cfg, kernel="gemv")
+
+
+# --- FP8 ------------------------------------------------------------------------------------------
+
+
+def test_fp8_quantize_kernel_equals_the_reference_rounding() -> None:
+    gen = torch.Generator(device=DEVICE).manual_seed(41)
+    x = torch.randn(7, 300, generator=gen, device=DEVICE).to(DTYPE) * 30
+    x[0, :5] = torch.tensor([0.0, 1e-6, -3e-3, 1e4, -1e4])  # zero, subnormals, saturation both ways
+    for scale in (0.05, 1.0, 7.3):
+        codes = tf.quantize(x, scale)
+        assert codes.dtype == torch.float8_e4m3fn and codes.shape == x.shape
+        assert torch.equal(codes.view(torch.uint8), fp8.quantize(x, scale).view(torch.uint8))
+    with pytest.raises(ValueError, match="scale 0.0 must be positive"):
+        tf.quantize(x, 0.0)
+
+
+def _fp8_experts(e: int, h: int, i: int, seed: int):
+    gen = torch.Generator(device=DEVICE).manual_seed(seed)
+    codes, scales = [], []
+    for shape in ((2 * i, h), (h, i)):
+        pairs = [fp8.quantize_tensor(torch.randn(*shape, generator=gen, device=DEVICE) / shape[1] ** 0.5)
+                 for _ in range(e)]
+        codes.append(torch.stack([p[0] for p in pairs]))
+        scales.append(torch.stack([p[1] for p in pairs]))
+    return codes[0], scales[0], codes[1], scales[1]
+
+
+@pytest.mark.parametrize("t", [1, 37])
+def test_fp8_fused_moe_matches_the_reference_op(t: int) -> None:
+    """The fused kernel (QUANT 3) against `moec.fp8_moe`'s float32 reference, routed the same way, under expert
+    parallelism too."""
+    h, i, e = 128, 96, 4
+    q13, s13, q2, s2 = _fp8_experts(e, h, i, seed=42)
+    gen = torch.Generator(device=DEVICE).manual_seed(43)
+    x = torch.randn(t, h, generator=gen, device=DEVICE).to(DTYPE)
+    router = (torch.randn(e, h, generator=gen, device=DEVICE) / h**0.5).to(DTYPE)  # no near-zero routing weights
+    in_scale, mid_scale = float(x.abs().max()) / 448, 0.01
+    ids, rw = kernels.route(x, router, 2, "renormalize")
+    for lo, hi in ((0, e), (1, 3)):
+        ref = _fp8_moe_reference(x, ids, rw, q13[lo:hi], s13[lo:hi], q2[lo:hi], s2[lo:hi], in_scale, mid_scale, lo)
+        if not ON_GPU:  # the op itself runs its reference on the CPU: the helper above is its arithmetic
+            op = torch.ops.moec.fp8_moe(x, router, q13[lo:hi], s13[lo:hi], q2[lo:hi], s2[lo:hi], 2, "renormalize",
+                                        "swiglu", in_scale, mid_scale, lo)
+            assert _rel(op, ref) < RTOL[DTYPE]
+        out = tm.fused_moe(x, ids, rw, q13[lo:hi], q2[lo:hi], expert_offset=lo, precision="fp8",
+                           w13_scales=s13[lo:hi], w2_scales=s2[lo:hi], w13_input_scale=in_scale,
+                           w2_input_scale=mid_scale)
+        assert out.dtype == DTYPE
+        assert _rel(out, ref.float()) < RTOL[DTYPE], f"T={t} experts {lo}:{hi}"
+
+
+def _fp8_moe_reference(x, ids, rw, q13, s13, q2, s2, in_scale, mid_scale, offset):
+    """`moec.fp8_moe`'s arithmetic in float32 with the given routing (the op itself routes, and on CUDA runs the
+    fused kernel)."""
+    inputs = fp8.fake_quantize(x, in_scale)
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    inter = q2.shape[-1]
+    for local in range(q13.shape[0]):
+        tok, j = torch.where(ids == local + offset)
+        if tok.numel():
+            gate_up = inputs[tok] @ fp8.dequantize(q13[local], s13[local]).T
+            act = fp8.fake_quantize(torch.nn.functional.silu(gate_up[:, :inter]) * gate_up[:, inter:], mid_scale)
+            out.index_add_(0, tok, act @ fp8.dequantize(q2[local], s2[local]).T * rw[tok, j, None])
+    return out
+
+
+def test_fp8_moe_rejects_bad_operands() -> None:
+    q13, s13, q2, s2 = _fp8_experts(2, 64, 32, seed=44)
+    x = torch.randn(2, 64, device=DEVICE).to(DTYPE)
+    ids, rw = _routing(2, 2, 1, seed=45)
+    with pytest.raises(ValueError, match=r"fp8 w2 scales \(2, 1\) are not \[2\]"):
+        tm.fused_moe(x, ids, rw, q13, q2, precision="fp8", w13_scales=s13, w2_scales=s2[:, None])
+    with pytest.raises(TypeError, match="in torch.float32"):
+        tm.fused_moe(x, ids, rw, q13, q2, precision="fp8", w13_scales=s13.to(DTYPE), w2_scales=s2)
+    with pytest.raises(ValueError, match="must be positive"):
+        tm.fused_moe(x, ids, rw, q13, q2, precision="fp8", w13_scales=s13, w2_scales=s2, w13_input_scale=0.0)
+    assert "one per expert" in tm.unsupported_reason(x, q13, q2, "fp8", (s13[:1], s2))
+    assert tm.unsupported_reason(x, q13, q2, "fp8", (s13, s2)) is None
+
+
 # --- Mixtral-8x7B shapes (GPU only) -------------------------------------------------------------
 
 
@@ -211,3 +366,63 @@ def test_float_weights_on_the_same_kernel() -> None:
     x = torch.randn(3, 192, generator=gen, device=DEVICE).to(DTYPE)
     bias = torch.randn(40, generator=gen, device=DEVICE).to(DTYPE)
     assert _rel(tq.linear(x, w, bias), x.float() @ w.float().T + bias.float()) < RTOL[DTYPE]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs CUDA")
+@pytest.mark.parametrize("t", [1, 32, 512])
+def test_mixtral_fp8_ops_on_the_tensor_cores(t: int) -> None:
+    """`moec.fp8_moe` / `moec.fp8_linear` on CUDA run the FP8 kernels (no reference warning) at full width, match
+    their float32 arithmetic, keep the weights e4m3, and replay from a CUDA graph."""
+    h, i, e = 4096, 14336, 2
+    q13, s13, q2, s2 = _fp8_experts(e, h, i, seed=46)
+    gen = torch.Generator(device=DEVICE).manual_seed(47)
+    x = torch.randn(t, h, generator=gen, device=DEVICE).to(DTYPE)
+    router = torch.randn(e, h, generator=gen, device=DEVICE).to(DTYPE)
+    wq, ws = fp8.quantize_tensor(torch.randn(6144, h, generator=gen, device=DEVICE) / h**0.5)
+    in_scale, mid_scale = float(x.abs().max()) / 448, 0.05 / 448
+    moe_args = (x, router, q13, s13, q2, s2, 2, "renormalize", "swiglu", in_scale, mid_scale)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        moe_out = torch.ops.moec.fp8_moe(*moe_args)
+        lin_out = torch.ops.moec.fp8_linear(x, wq, ws, in_scale)
+    ids, rw = kernels.route(x, router, 2, "renormalize")
+    assert _rel(moe_out, _fp8_moe_reference(x, ids, rw, q13, s13, q2, s2, in_scale, mid_scale, 0)) < RTOL[DTYPE]
+    ref_lin = fp8.fake_quantize(x, in_scale) @ fp8.dequantize(wq, ws).T
+    assert _rel(lin_out, ref_lin) < RTOL[DTYPE]
+    if t == 1:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            replayed = torch.ops.moec.fp8_moe(*moe_args)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.cuda.max_memory_allocated() - before < 16 << 20  # a bf16 copy of one w13 would be 235 MB
+        assert torch.equal(replayed, moe_out)
+
+
+def test_float_gemv_one_row() -> None:
+    gen = torch.Generator(device=DEVICE).manual_seed(22)
+    w = torch.randn(40, 200, generator=gen, device=DEVICE).to(DTYPE)
+    x = torch.randn(1, 1, 200, generator=gen, device=DEVICE).to(DTYPE)
+    bias = torch.randn(40, generator=gen, device=DEVICE).to(DTYPE)
+    ref = x.float() @ w.float().T + bias.float()
+    assert _rel(tq.linear(x, w, bias, kernel="gemv"), ref) < RTOL[DTYPE]
+    assert tq.float_gemv_unsupported_reason(x, w, bias) is None
+    assert "k-contiguous" in tq.float_gemv_unsupported_reason(x, w.T.contiguous().T, None)
+    assert "16-bit" in tq.float_gemv_unsupported_reason(x.float(), w.float(), None)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs CUDA")
+def test_moec_linear_decode_row_runs_the_gemv() -> None:
+    """On CUDA one row of a bf16 `moec.linear` is the Triton GEMV (bit-identical to calling it); more rows: cuBLAS."""
+    w = torch.randn(6144, 4096, device=DEVICE).to(DTYPE) / 64
+    x = torch.randn(1, 1, 4096, device=DEVICE).to(DTYPE)
+    out = torch.ops.moec.linear(x, w)
+    assert torch.equal(out, tq.linear(x, w, kernel="gemv"))
+    assert _rel(out, x.float() @ w.float().T) < RTOL[DTYPE]
+    rows = torch.randn(4, 1, 4096, device=DEVICE).to(DTYPE)
+    assert torch.equal(torch.ops.moec.linear(rows, w), torch.nn.functional.linear(rows, w))
