@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import collections
 import datetime
+import gc
 import statistics
 import zlib
 
@@ -189,6 +190,7 @@ def main() -> None:
                + f" | prefill {args.prefill} ms (x FLOP floor) |", "|" + "---|" * (3 + len(batches))]
     for name in args.pipelines.split(","):
         passes = f"canonicalize,fuse-moe,kv-cache{{max_seq={max_seq}}}{PIPELINES[name]},dce"
+        gc.collect()  # the previous pipeline's program may sit in a reference cycle: free it before the baseline
         torch.cuda.empty_cache()
         base = torch.cuda.memory_allocated()
         compiled = compile(config, passes=passes, device="cuda", cuda_graphs=True)

@@ -65,9 +65,9 @@ class GemvConfig:
 
 # (precision, grouped) -> (max slots = T * top_k, config): where the decode path beats the tensor-core tiles above
 # (bench/quantized_kernels.py --sweep on the H200, BENCHMARKS.md, Mixtral-8x7B experts); no entry: always the tiles
-# (bf16 ties with them at T = 1 and loses at T = 2).
+# (bf16 ties with them at T = 1 and loses at T = 2; int8 won 119 vs 124 us alone at T = 1 but lost inside the whole
+# model's decode step, 3.83 vs 3.67 ms of experts per step).
 GEMV_TABLE: dict[tuple[str | None, bool], tuple[int, GemvConfig]] = {
-    ("int8", False): (2, GemvConfig(8, 512, 4, 8, 512, 4, 4)),  # T=1 119 us vs tiles 124; T=2 ties (tiles)
     ("int4", False): (4, GemvConfig(16, 256, 4, 16, 256, 4, 4)),  # T=1 110 us vs tiles 163; T=2 202 vs 264
     ("int4", True): (4, GemvConfig(32, 512, 8, 32, 512, 4, 8)),  # g128: T=1 133 vs 174; T=2 243 vs 276
 }
