@@ -23,8 +23,9 @@ after, by mode:
   are always all E of the router, so an expert-parallel `moe` is refused in this mode (use `ootb` or `plugin`).
 
 `moec.quantized_moe` (`quantized.py`) reuses these pieces: `ootb` over `DequantizeLinear`ed experts, `ort` as
-`com.microsoft::QMoE`; `moe_refusal` is the one rule for what a mode cannot take (an expert block in `ort`,
-quantized experts in `plugin`, block-wise int8 experts in `ort`).
+`com.microsoft::QMoE`, `plugin` as the plugin node with the codes and scales (`plugin_attrs` + precision,
+group_size); `moe_refusal` is the one rule for what a mode cannot take (an expert block in `ort`,
+FP8 experts in `ort` and `plugin`, block-wise int8 experts in `ort`).
 """
 
 from __future__ import annotations
@@ -130,11 +131,6 @@ def moe_refusal(node: torch.fx.Node, mode: str) -> str | None:
     if not quantized:
         return None
     precision, group_size = node.args[9], int(node.args[10])
-    if mode == "plugin":
-        return (
-            f"{where}: moe='plugin' does not take quantized experts yet (trt.plugins::MoE reads float w13/w2); "
-            "use ootb"
-        )
     if mode == "ort" and precision == "int8" and group_size:
         # Measured on onnxruntime 1.32: ~1e-2 relative error against the dequantized weights, where 4-bit blocks
         # and 8-bit per-channel experts compute them to ~1e-7.
@@ -225,10 +221,9 @@ def emit_moe_ootb(
 # --- plugin ----------------------------------------------------------------------------------------------------
 
 
-@converter("moec.moe", when=lambda ctx, node: ctx.options.moe == "plugin")
-def moe_plugin(ctx: ConversionContext, node: torch.fx.Node) -> gs.Tensor:
-    site = moe_site(node)
-    attrs = {
+def plugin_attrs(site: MoeSite) -> dict[str, Any]:
+    """The attributes of `trt.plugins::MoE` (backends/tensorrt/plugin.py) for one MoE site."""
+    return {
         "plugin_version": PLUGIN_VERSION,
         "plugin_namespace": PLUGIN_NAMESPACE,
         "top_k": site.top_k,
@@ -238,8 +233,12 @@ def moe_plugin(ctx: ConversionContext, node: torch.fx.Node) -> gs.Tensor:
         "num_local_experts": site.local_experts,
         "expert_offset": site.offset,
     }
+
+
+@converter("moec.moe", when=lambda ctx, node: ctx.options.moe == "plugin")
+def moe_plugin(ctx: ConversionContext, node: torch.fx.Node) -> gs.Tensor:
     inputs = [ctx.tensor(arg) for arg in node.args[:4]]
-    return ctx.op("MoE", inputs, attrs, domain=PLUGIN_DOMAIN)
+    return ctx.op("MoE", inputs, plugin_attrs(moe_site(node)), domain=PLUGIN_DOMAIN)
 
 
 # --- ort -------------------------------------------------------------------------------------------------------

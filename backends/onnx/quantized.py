@@ -20,7 +20,11 @@ after, by MoE mode (`export_onnx(..., moe=MODE)`):
 - experts, `ort`: `com.microsoft::QMoE` (expert_weight_bits 4 or 8, `block_size` = group_size when > 0) with
   `moe.py`'s routing attributes: fc1 = w13's codes and scales with gate/up rows interleaved (`swiglu_fusion=1`),
   fc2 = w2's; code bytes as for MatMulNBits; scales [E, N] per channel, [E, N, K/block] blocked.
-- experts, `plugin`; block-wise int8 experts or an expert block in `ort`: refused (`moe.moe_refusal` says why).
+- experts, `plugin`: `trt.plugins::MoE(x, router, w13_q, w2_q, w13_scales, w2_scales)` with the float plugin's
+  attributes plus `precision` and `group_size`: the codes' bytes as stored, typed INT8 (int4: the nibble pairs'
+  bytes, `int8_view`) and the scales, so
+  the engine holds compact experts and the plugin runs moec's fused kernel on them (backends/tensorrt/plugin.py).
+- block-wise int8 experts or an expert block in `ort`: refused (`moe.moe_refusal` says why).
 
 The repacks (XOR, interleave) are lazy weight rewrites applied while the data file is streamed, one expert at a
 time; a reshape or the INT4 view is only the initializer's declared type. Nothing is dequantized at export.
@@ -46,7 +50,8 @@ from backends.onnx.canonical_ops import emit_linear
 from backends.onnx.context import ConversionContext, OnnxExportError, value_of
 from backends.onnx.converters import converter, node_arg
 from backends.onnx.moe import (
-    emit_moe_ootb, flatten_tokens, interleave_gate_up, moe_site, ort_moe_attrs, ort_router_input, refuse
+    PLUGIN_DOMAIN, emit_moe_ootb, flatten_tokens, interleave_gate_up, moe_site, ort_moe_attrs, ort_router_input,
+    plugin_attrs, refuse,
 )
 from compiler.ir import op_name
 from compiler.quantization import MIN_GROUP_SIZE
@@ -76,6 +81,24 @@ def xor_bytes(expr: WeightExpr, mask: int) -> WeightExpr:
         join = stack_weights if expr.kind == "stack" else concat_weights
         return join([xor_bytes(part, mask) for part in expr.inputs], dict(expr.attrs)["dim"])
     return Rewrite("xor_bytes", (expr,), (("mask", mask),))
+
+
+def _infer_int8_view(inputs: Sequence[WeightExpr], attrs: dict[str, Any]) -> tuple[Shape, torch.dtype]:
+    (source,) = inputs
+    if source.dtype not in (torch.int8, torch.uint8):
+        raise ValueError(f"int8_view takes int8 or uint8 codes, not {source.type_str}")
+    return source.shape, torch.int8
+
+
+register_rewrite("int8_view", RewriteRule(_infer_int8_view, lambda xs, a: xs[0].view(torch.int8)))
+
+
+def int8_view(expr: WeightExpr) -> WeightExpr:
+    """`expr`'s bytes unchanged, typed int8 (the MoE plugin's code inputs); streams part by part like `xor_bytes`."""
+    if isinstance(expr, Rewrite) and expr.kind in ("stack", "concat"):
+        join = stack_weights if expr.kind == "stack" else concat_weights
+        return join([int8_view(part) for part in expr.inputs], dict(expr.attrs)["dim"])
+    return Rewrite("int8_view", (expr,), ())
 
 
 # --- operands --------------------------------------------------------------------------------------------------
@@ -194,9 +217,22 @@ def _quantized_moe_ootb(ctx: ConversionContext, node: torch.fx.Node) -> gs.Tenso
 
 @converter("moec.quantized_moe", when=lambda ctx, node: ctx.options.moe == "plugin")
 def _quantized_moe_plugin(ctx: ConversionContext, node: torch.fx.Node) -> gs.Tensor:
-    """Refused: `trt.plugins::MoE` reads float experts (`moe.moe_refusal`)."""
+    """`trt.plugins::MoE(x, router, w13 codes, w2 codes, w13 scales, w2 scales)` with `precision` / `group_size`
+    attributes: the codes stay compact in the engine (INT8, or UINT8 nibble pairs) and the plugin runs moec's fused
+    kernel on them."""
     refuse(node, "plugin")
-    raise AssertionError("moe_refusal refuses every quantized_moe in plugin mode")
+    w13_q, w13_scales, w2_q, w2_scales, precision, group_size = _moe_operands(node)
+    x, router = node.args[:2]
+
+    def codes(operand: torch.fx.Node) -> gs.Tensor:
+        if precision == "int8":
+            return ctx.tensor(operand)
+        # int4 nibble pairs travel as INT8 bytes: backends/tensorrt/plugin.py says why.
+        return ctx.initializer(f"{operand.name}.bytes", int8_view(_weight(ctx, operand, node)))
+
+    inputs = [ctx.tensor(x), ctx.tensor(router), codes(w13_q), codes(w2_q), ctx.tensor(w13_scales), ctx.tensor(w2_scales)]
+    attrs = {**plugin_attrs(moe_site(node)), "precision": precision, "group_size": group_size}
+    return ctx.op("MoE", inputs, attrs, domain=PLUGIN_DOMAIN)
 
 
 @converter("moec.quantized_moe", when=lambda ctx, node: ctx.options.moe == "ort")

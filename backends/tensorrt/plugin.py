@@ -2,7 +2,11 @@
 
 before: the ONNX node `trt.plugins::MoE(x, router, w13, w2)` written by `export_onnx(..., moe="plugin")`, with
         attributes plugin_version="1", plugin_namespace="moec", num_experts (E, routed over), num_local_experts
-        (E', the rows of w13/w2), expert_offset (the first local expert's id), top_k, normalization, activation
+        (E', the rows of w13/w2), expert_offset (the first local expert's id), top_k, normalization, activation;
+        weight-only quantized experts (`moec.quantized_moe`): `MoE(x, router, w13 codes, w2 codes, w13 scales,
+        w2 scales)` with `precision` ("int8" codes, or "int4" nibble pairs, compiler/quantization.py's layout; both
+        arrive as INT8 tensors, see `supports_format_combination`) and `group_size` (0: one scale per row), scales
+        in the activation dtype
 after:  one IPluginV3 layer in the TensorRT network; its attributes (plus the activation dtype, learnt from the
         network) are serialized into the engine by `get_fields_to_serialize`.
 
@@ -14,7 +18,8 @@ The plugin's code is Python, so it is NOT inside the engine file: a process that
 
 (`backends.tensorrt.loader` does this itself). On the GPU, `enqueue` wraps TensorRT's device pointers as torch
 tensors on TensorRT's stream, routes with `backends/torch/kernels.route` and runs moec's fused Triton kernel
-(`backends/torch/triton_moe.fused_moe`); float32, or a machine without Triton, uses the sort-by-expert reference.
+(`backends/torch/triton_moe.fused_moe`, on the codes for quantized experts); float32, or a machine without Triton,
+uses the sort-by-expert reference (quantized experts: dequantized one expert at a time).
 """
 
 from __future__ import annotations
@@ -39,7 +44,10 @@ _FIELDS: dict[str, tuple[str, Any]] = {
     "activation": ("str", "swiglu"),
     "dtype": ("str", ""),
     "expert_offset": ("int", 0),
+    "precision": ("str", ""),  # "" float experts; "int8" / "int4" weight-only codes (two more inputs: the scales)
+    "group_size": ("int", 0),
 }
+PRECISIONS = ("", "int8", "int4")
 # Not ONNX attributes: the plugin learns them from the network (`configure_plugin`) and serializes them.
 _LEARNT_FIELDS = ("dtype",)
 
@@ -82,7 +90,8 @@ class _EncodedFields:
 class MoEPlugin(  # type: ignore[misc]
     trt.IPluginV3, trt.IPluginV3OneCore, trt.IPluginV3OneBuild, trt.IPluginV3OneRuntime
 ):
-    """One Mixtral MoE block: y[..., H] = Σ_k weight_k · SwiGLU-expert_k(x); inputs (x, router, w13, w2)."""
+    """One Mixtral MoE block: y[..., H] = Σ_k weight_k · SwiGLU-expert_k(x); inputs (x, router, w13, w2), and the
+    two scales after quantized experts' codes."""
 
     def __init__(self, values: dict[str, Any]) -> None:
         trt.IPluginV3.__init__(self)
@@ -93,6 +102,11 @@ class MoEPlugin(  # type: ignore[misc]
             raise ValueError(f"MoE plugin: normalization {values['normalization']!r} not in {NORMALIZATIONS}")
         if values["activation"] not in ACTIVATIONS:
             raise ValueError(f"MoE plugin: activation {values['activation']!r} not in {ACTIVATIONS}")
+        if values["precision"] not in PRECISIONS or values["group_size"] < 0:
+            raise ValueError(
+                f"MoE plugin: precision {values['precision']!r} not in {PRECISIONS[1:]} (or empty for float experts), "
+                f"or group_size {values['group_size']} < 0"
+            )
         experts, local, offset = values["num_experts"], values["num_local_experts"], values["expert_offset"]
         if values["top_k"] < 1 or local < 1 or offset < 0 or offset + local > experts:
             raise ValueError(
@@ -129,7 +143,11 @@ class MoEPlugin(  # type: ignore[misc]
             return activation in (trt.float32, trt.float16, trt.bfloat16)
         if pos == 1:  # the router may be kept in float32 while the experts run in half precision
             return desc.type in (trt.float32, activation)
-        return desc.type == activation
+        if self.values["precision"] and pos in (2, 3):
+            # The codes' bytes, typed INT8 for int4 too: TensorRT-RTX 1.7's build process died (malloc_consolidate():
+            # invalid chunk size, heap corruption) on a plugin layer with UINT8 inputs, where INT8 ones build.
+            return desc.type == trt.int8
+        return desc.type == activation  # float experts, the scales, the output
 
     def configure_plugin(self, inputs: list[Any], outputs: list[Any]) -> None:
         self.values["dtype"] = dtype_name(inputs[0].desc.type)
@@ -166,18 +184,22 @@ class MoEPlugin(  # type: ignore[misc]
     ) -> None:
         import torch
 
-        x, router, w13, w2 = (_device_tensor(ptr, desc) for ptr, desc in zip(inputs, input_desc))
+        tensors = [_device_tensor(ptr, desc) for ptr, desc in zip(inputs, input_desc)]
+        x, router, w13, w2 = tensors[:4]
+        scales = tuple(tensors[4:6]) if self.values["precision"] else None
         out = _device_tensor(outputs[0], output_desc[0])
         with torch.cuda.stream(torch.cuda.ExternalStream(stream, device=x.device)):
-            moe_forward(x, router, w13, w2, self.values, out)
+            moe_forward(x, router, w13, w2, self.values, out, scales)
 
 
-def moe_forward(x: Any, router: Any, w13: Any, w2: Any, values: dict[str, Any], out: Any) -> None:
-    """The plugin's computation on torch tensors (any device), written into `out` (x's shape and dtype)."""
+def moe_forward(x: Any, router: Any, w13: Any, w2: Any, values: dict[str, Any], out: Any,
+                scales: tuple[Any, Any] | None = None) -> None:
+    """The plugin's computation on torch tensors (any device), written into `out` (x's shape and dtype).
+    Quantized experts (`values["precision"]`): `w13`/`w2` are the codes and `scales` their (w13, w2) scales."""
     import torch
 
     from backends.torch import triton_moe
-    from backends.torch.kernels import moe_experts_reference, route
+    from backends.torch.kernels import DequantizedExperts, moe_experts_reference, route
 
     hidden = x.shape[-1]
     tokens = x.reshape(-1, hidden)
@@ -185,7 +207,19 @@ def moe_forward(x: Any, router: Any, w13: Any, w2: Any, values: dict[str, Any], 
     experts, weights = route(routed, router, values["top_k"], values["normalization"])
     flat_out = out.view(-1, hidden)
     offset = values["expert_offset"]
-    if offset or w13.shape[0] != router.shape[0]:
+    precision, group_size = values.get("precision", ""), values.get("group_size", 0)
+    if precision:
+        if scales is None:
+            raise ValueError(f"MoE plugin: {precision} experts need their scales")
+        if precision == "int4":  # the nibble pairs arrive typed int8 (see supports_format_combination)
+            w13, w2 = w13.view(torch.uint8), w2.view(torch.uint8)
+        if tokens.is_cuda and triton_moe.unsupported_reason(tokens, w13, w2, precision, scales) is None:
+            triton_moe.fused_moe(tokens, experts, weights, w13, w2, expert_offset=offset, out=flat_out,
+                                 precision=precision, w13_scales=scales[0], w2_scales=scales[1], group_size=group_size)
+        else:  # the torch backend's reference: only the experts that receive tokens are dequantized
+            dequantized = [DequantizedExperts(w, s, precision, group_size) for w, s in zip((w13, w2), scales)]
+            flat_out.copy_(moe_experts_reference(tokens, experts - offset, weights, *dequantized))  # type: ignore[arg-type]
+    elif offset or w13.shape[0] != router.shape[0]:
         # Expert parallelism: this rank holds experts [offset, offset + E'); others' slots contribute 0.
         flat_out.copy_(moe_experts_reference(tokens, experts - offset, weights, w13, w2))
     elif tokens.is_cuda and tokens.dtype in (torch.float16, torch.bfloat16) and triton_moe.is_available():
@@ -212,6 +246,8 @@ def _device_tensor(pointer: int, desc: Any) -> Any:
         trt.bfloat16: ("<i2", torch.bfloat16),
         trt.int32: ("<i4", None),
         trt.int64: ("<i8", None),
+        trt.int8: ("|i1", None),
+        trt.uint8: ("|u1", None),
     }[desc.type]
     tensor = torch.as_tensor(_CudaArray(pointer, shape, typestr), device="cuda")
     return tensor.view(view) if view is not None else tensor

@@ -8,8 +8,12 @@ after:  an onnxruntime session over the same graph where each `MoE(x, router, w1
             y = Cast(com.microsoft.MoE(Cast(tokens, f32), logits, interleave(Cast(w13, f32)), -, Cast(w2, f32)), x)
         (`interleave` = gate/up rows interleaved, `swiglu_fusion=1`, as onnxruntime wants). An expert-parallel node
         (num_local_experts < num_experts) has its expert block zero-padded to all experts at expert_offset: a zero
-        expert adds silu(0)·0 = 0, exactly what routing to another rank's expert adds here. Every other node is
-        the file TensorRT read, untouched.
+        expert adds silu(0)·0 = 0, exactly what routing to another rank's expert adds here. A node of quantized
+        experts, `MoE(x, router, w13 codes, w2 codes, w13 scales, w2 scales)` with `precision`/`group_size`, has its
+        codes dequantized first, as compiler/quantization.py does: int8 Cast; int4 (its bytes typed INT8) each byte
+        mod 256 in int32, the low (BitwiseAnd 15) and high (Div 16) nibbles interleaved along k, minus 8; times the
+        scales, one per row or per group of k. Every
+        other node is the file TensorRT read, untouched.
 """
 
 from __future__ import annotations
@@ -32,6 +36,15 @@ def _initializer_dims(model: onnx.ModelProto, name: str) -> list[int]:
         if initializer.name == name:
             return list(initializer.dims)
     raise MoecError(f"MoE plugin node input {name!r} is not an initializer; cannot build its onnxruntime form")
+
+
+def _scalar(graph: onnx.GraphProto, name: str, value: float | int) -> str:
+    """A scalar initializer: int32 for ints (the nibble ops' operand type), float32 otherwise."""
+    if isinstance(value, int):
+        graph.initializer.append(helper.make_tensor(name, TensorProto.INT32, [], [value]))
+    else:
+        graph.initializer.append(helper.make_tensor(name, _FLOAT, [], [value]))
+    return name
 
 
 def _value_types(model: onnx.ModelProto) -> dict[str, int]:
@@ -66,8 +79,10 @@ def swap_plugin_for_onnxruntime(model: onnx.ModelProto) -> onnx.ModelProto:
             new_nodes.append(node)
             continue
         attrs = {attr.name: helper.get_attribute_value(attr) for attr in node.attribute}
-        x, router, w13, w2 = node.input
-        experts, rows, hidden = _initializer_dims(model, w13)
+        x, router, w13, w2 = node.input[:4]
+        experts, rows, packed_hidden = _initializer_dims(model, w13)
+        precision = _text(attrs.get("precision", ""))
+        hidden = packed_hidden * (2 if precision == "int4" else 1)
         x_type = types.get(x, _FLOAT)
         router_type = types.get(router, _FLOAT)
         p = f"{node.name}/ort"
@@ -81,6 +96,36 @@ def swap_plugin_for_onnxruntime(model: onnx.ModelProto) -> onnx.ModelProto:
             new_nodes.append(helper.make_node(op, inputs, [name], name=name, domain=domain, **kwargs))
             return f"{p}/{output}"
 
+        if precision:
+            group_size = int(attrs.get("group_size", 0))
+
+            def dequantized(codes: str, scales: str, label: str) -> str:
+                dims = _initializer_dims(model, codes)
+                width = dims[2] * (2 if precision == "int4" else 1)
+                if precision == "int4":  # the bytes arrive typed int8: widen to int32 and take them mod 256
+                    wide = add("BitwiseAnd", [add("Cast", [codes], f"{label}_i32", to=TensorProto.INT32),
+                                              _scalar(graph, f"{p}/{label}_byte", 255)], f"{label}_bytes")
+                    low = add("BitwiseAnd", [wide, _scalar(graph, f"{p}/{label}_mask", 15)], f"{label}_low")
+                    high = add("Div", [wide, _scalar(graph, f"{p}/{label}_shift", 16)], f"{label}_high")
+                    pairs = add("Concat", [add("Unsqueeze", [low, const(f"{label}_ax", [3])], f"{label}_lo4"),
+                                           add("Unsqueeze", [high, const(f"{label}_ax2", [3])], f"{label}_hi4")],
+                                f"{label}_pairs", axis=3)
+                    nibbles = add("Reshape", [pairs, const(f"{label}_flat", [dims[0], dims[1], width])],
+                                  f"{label}_nibbles")
+                    values = add("Sub", [add("Cast", [nibbles], f"{label}_f", to=_FLOAT),
+                                         _scalar(graph, f"{p}/{label}_eight", 8.0)], f"{label}_codes")
+                else:
+                    values = add("Cast", [codes], f"{label}_codes", to=_FLOAT)
+                groups = 1 if group_size == 0 else width // group_size
+                grouped = add("Reshape", [values, const(f"{label}_groups", [dims[0], dims[1], groups, -1])],
+                              f"{label}_grouped")
+                scale = add("Unsqueeze", [add("Cast", [scales], f"{label}_s32", to=_FLOAT), const(f"{label}_sax", [3])],
+                            f"{label}_scale")
+                weight = add("Mul", [grouped, scale], f"{label}_scaled")
+                return add("Reshape", [weight, const(f"{label}_shape", [dims[0], dims[1], width])], f"{label}_float")
+
+            w13 = dequantized(w13, node.input[4], "w13q")
+            w2 = dequantized(w2, node.input[5], "w2q")
         tokens = add("Reshape", [x, const("tokens_shape", [-1, hidden])], "tokens")
         routed = tokens if router_type == x_type else add("Cast", [tokens], "tokens_router", to=router_type)
         logits = add("MatMul", [routed, add("Transpose", [router], "router_t", perm=[1, 0])], "logits")

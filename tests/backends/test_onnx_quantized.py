@@ -8,6 +8,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -147,18 +148,39 @@ def test_plugin_mode_takes_quantized_linears_with_float_experts(tmp_path: Path) 
     _compare(exported.path, program, SMALL)  # the plugin nodes swapped for com.microsoft::MoE
 
 
+@pytest.mark.parametrize("precision,group_size", [("int8", 0), ("int4", 16), ("int8", 16)])
+def test_plugin_mode_takes_quantized_experts_compact(precision: str, group_size: int, tmp_path: Path) -> None:
+    """`trt.plugins::MoE(x, router, w13 codes, w2 codes, w13 scales, w2 scales)` with precision / group_size: the
+    codes are initializers of the stored bytes, typed INT8 (int4: the nibble pairs), and the graph (plugin nodes swapped for
+    onnxruntime, the codes dequantized there) computes the torch backend's logits."""
+    program = quantized(SMALL, precision, group_size)
+    exported = export_onnx(program, tmp_path / "model.onnx", moe="plugin")
+    assert exported.op_types["MoE"] == SMALL.layers and "QMoE" not in exported.op_types
+    model = onnx.load(str(exported.path), load_external_data=False)
+    types = {tensor.name: tensor.data_type for tensor in model.graph.initializer}
+    code_type = onnx.TensorProto.INT8
+    for node in (n for n in model.graph.node if n.op_type == "MoE"):
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        assert len(node.input) == 6 and attrs["precision"] == precision.encode() and attrs["group_size"] == group_size
+        assert types[node.input[2]] == types[node.input[3]] == code_type
+        codes = next(t for t in model.graph.initializer if t.name == node.input[2])
+        packing = 2 if precision == "int4" else 1  # one byte per stored code byte: nothing widened
+        assert list(codes.dims)[-1] * packing == SMALL.hidden
+        length = _external_bytes(exported).get(codes.name, (code_type, int(np.prod(codes.dims))))[1]
+        assert length == int(np.prod(codes.dims))
+        assert types[node.input[4]] == types[node.input[5]] == onnx.TensorProto.FLOAT  # SMALL runs in float32
+    _compare(exported.path, program, SMALL)
+
+
 @pytest.mark.parametrize(
     "precision,group_size,moe,message",
     [
-        ("int8", 0, "plugin",
-         "quantized_moe (moec.quantized_moe): moe='plugin' does not take quantized experts yet (trt.plugins::MoE "
-         "reads float w13/w2); use ootb"),
         ("int8", 16, "ort",
          "quantized_moe (moec.quantized_moe): moe='ort': onnxruntime's QMoE has no float kernel for block-wise 8-bit "
          "experts (it quantizes the activations to int8), so int8 group_size=16 would not compute weight-only int8; "
          "quantize int8 with group_size=0 or int4, or export with moe='ootb'"),
     ],
-    ids=["plugin", "ort-int8-grouped"],
+    ids=["ort-int8-grouped"],
 )
 def test_what_a_mode_cannot_take_is_one_error_before_anything_is_written(
     precision: str, group_size: int, moe: str, message: str, tmp_path: Path
@@ -189,9 +211,9 @@ def test_quantized_decoder_generates_torch_tokens(moe: str, tmp_path: Path) -> N
     assert greedy_generate(OnnxDecoder(exported.path), PROMPTS, STEPS).sequences == expected
 
 
-def test_tensorrt_builds_the_ootb_form_and_refuses_the_plugin_one(tmp_path: Path) -> None:
-    """TensorRT parses INT8/INT4 `DequantizeLinear` (per-axis and blocked, 2-d and 3-d) and builds; the engine is
-    not run here (no GPU)."""
+def test_tensorrt_builds_the_ootb_and_plugin_forms(tmp_path: Path) -> None:
+    """TensorRT parses INT8/INT4 `DequantizeLinear` (per-axis and blocked, 2-d and 3-d) and builds; the MoE plugin
+    takes the UINT8 int4 codes and their scales and builds too; the engines are not run here (no GPU)."""
     from backends.tensorrt.runtime import tensorrt_available, tensorrt_info
 
     if not tensorrt_available():
@@ -203,9 +225,10 @@ def test_tensorrt_builds_the_ootb_form_and_refuses_the_plugin_one(tmp_path: Path
     options = BuildOptions(targets=targets, max_batch=2, max_seq=16)
     built = build_engines(program, tmp_path / "engines", options, progress=lambda line: None)
     assert (tmp_path / "engines" / "rank0.engine").stat().st_size == built.config["ranks"][0]["engines"][0]["bytes"]
-    with pytest.raises(OnnxExportError, match=r"moe='plugin' does not take quantized experts yet"):
-        build_engines(program, tmp_path / "plugin", BuildOptions(moe_plugin=True, targets=targets, max_seq=16))
-    assert not (tmp_path / "plugin").exists()
+    plugin = build_engines(program, tmp_path / "plugin", BuildOptions(moe_plugin=True, targets=targets, max_seq=16),
+                           progress=lambda line: None)
+    assert plugin.config["moe_lowering"] == "plugin"
+    assert (tmp_path / "plugin" / "rank0.engine").stat().st_size == plugin.config["ranks"][0]["engines"][0]["bytes"]
 
 
 def test_int8_per_channel_ootb_is_exact_in_a_default_onnxruntime_session(tmp_path: Path) -> None:

@@ -207,7 +207,7 @@ def test_plugin_creator_round_trips_its_fields() -> None:
     assert register_moe_plugin() is creator
     values = {
         "num_experts": 8, "num_local_experts": 4, "top_k": 2, "normalization": "renormalize", "activation": "swiglu",
-        "dtype": "float16", "expert_offset": 4,
+        "dtype": "float16", "expert_offset": 4, "precision": "", "group_size": 0,
     }
     from backends.tensorrt.plugin import _EncodedFields
 
@@ -223,6 +223,38 @@ def test_plugin_creator_round_trips_its_fields() -> None:
     with pytest.raises(ValueError, match=r"num_experts=8, num_local_experts=4, expert_offset=5$"):
         bad = _EncodedFields({**values, "expert_offset": 5})
         MoEPluginCreator().create_plugin("moe", bad.collection, None)
+    quantized = {**values, "precision": "int4", "group_size": 16}
+    assert MoEPluginCreator().create_plugin("moe", _EncodedFields(quantized).collection, None).values == quantized
+    with pytest.raises(ValueError, match="precision 'fp8' not in"):
+        MoEPluginCreator().create_plugin("moe", _EncodedFields({**values, "precision": "fp8"}).collection, None)
+
+
+@pytest.mark.parametrize("precision,group_size,offset", [("int8", 0, 0), ("int4", 16, 0), ("int4", 0, 2)])
+def test_plugin_computes_quantized_experts_as_the_torch_backend(precision: str, group_size: int, offset: int) -> None:
+    """The plugin's computation (`moe_forward`, what `enqueue` runs on TensorRT's buffers) on the codes and scales,
+    int4 arriving as int8 bytes as TensorRT hands them over, against `moec.quantized_moe`'s reference; an expert block
+    (expert parallelism) too. On the CPU both are the reference path: the GPU runs `fused_moe` on the same operands,
+    which tests/backends/test_triton_quantized.py checks against the same reference."""
+    from backends.tensorrt.plugin import moe_forward
+    from compiler.quantization import quantize
+
+    gen = torch.Generator().manual_seed(5)
+    experts, hidden, inter = 4, 32, 48
+    x = torch.randn(3, 5, hidden, generator=gen)
+    router = torch.randn(experts, hidden, generator=gen)
+    w13, s13 = quantize(torch.randn(experts, 2 * inter, hidden, generator=gen) / 6, precision, group_size)
+    w2, s2 = quantize(torch.randn(experts, hidden, inter, generator=gen) / 7, precision, group_size)
+    local = slice(offset, experts)
+    expected = torch.ops.moec.quantized_moe(x, router, w13[local], s13[local], w2[local], s2[local], 2, "renormalize",
+                                            "swiglu", precision, group_size, offset)
+    values = {"top_k": 2, "normalization": "renormalize", "expert_offset": offset, "precision": precision,
+              "group_size": group_size}
+    as_trt = (lambda w: w.view(torch.int8)) if precision == "int4" else (lambda w: w)
+    out = torch.empty_like(x)
+    moe_forward(x, router, as_trt(w13[local]), as_trt(w2[local]), values, out, (s13[local], s2[local]))
+    assert torch.allclose(out, expected, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=f"{precision} experts need their scales"):
+        moe_forward(x, router, as_trt(w13), as_trt(w2), {**values, "expert_offset": 0}, out)
 
 
 @pytest.mark.skipif(not TARGETS, reason="only TensorRT-RTX takes --target")
@@ -552,7 +584,8 @@ def test_cli_build_kv_cache_builds_decoder_engines(tmp_path: Path) -> None:
 
 def test_cli_build_with_the_recipe_quantization_flags(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """TensorRT-LLM's `--use_weight_only --weight_only_precision int4 --group_size 32` on `moec build`: the pipeline
-    gains quantize-weights (printed), the engine builds from the out-of-the-box form; the plugin refuses."""
+    gains quantize-weights (printed), the engine builds from the out-of-the-box form and with the MoE plugin
+    (quantized experts as its inputs)."""
     out = tmp_path / "int4"
     argv = ["build", "tiny", "--output-dir", str(out), "--dtype", "float16", "--max-seq", "32",
             "--use_weight_only", "--weight_only_precision", "int4", "--group_size", "32"]
@@ -564,7 +597,11 @@ def test_cli_build_with_the_recipe_quantization_flags(tmp_path: Path, capsys: py
     written = json.loads((out / "config.json").read_text())
     assert written["passes"] == ["canonicalize", "fuse-moe", "quantize-weights{precision=int4,group_size=32}", "dce"]
     assert (out / "rank0.engine").stat().st_size > 0
-    refused = ["build", "tiny", "--output-dir", str(tmp_path / "plugin"), "--moe-plugin", "enable", "--use-weight-only"]
-    assert cli.main(refused) == 2
-    assert "does not take quantized experts" in capsys.readouterr().err
-    assert not (tmp_path / "plugin").exists() or list((tmp_path / "plugin").iterdir()) == []
+    plugin = ["build", "tiny", "--output-dir", str(tmp_path / "plugin"), "--dtype", "float16", "--max-seq", "32",
+              "--moe-plugin", "enable", "--use-weight-only"]
+    if TARGETS:
+        plugin += ["--target", ",".join(TARGETS)]
+    assert cli.main(plugin) == 0
+    written = json.loads((tmp_path / "plugin" / "config.json").read_text())
+    assert written["moe_lowering"] == "plugin" and "quantize-weights" in written["passes"]
+    assert (tmp_path / "plugin" / "rank0.engine").stat().st_size > 0
