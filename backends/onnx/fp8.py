@@ -4,9 +4,13 @@
   FLOAT8E4M3FN (saturating) and back with its static scale, the weight through `DequantizeLinear` with its
   per-tensor scale, then `MatMul` in float32 (+ bias) and a cast back to the activation dtype: the very computation of
   the torch backend's reference (`backends/torch/kernels.py`), and the Q/DQ pattern TensorRT fuses into FP8 GEMMs.
-- `moec.fp8_moe` (`ootb` only): the out-of-the-box MoE form over the experts dequantized with their per-expert scales
+- `moec.fp8_moe`, `ootb`: the out-of-the-box MoE form over the experts dequantized with their per-expert scales
   (`DequantizeLinear` along axis 0), with the expert inputs and the SwiGLU intermediate fake-quantized by Q/DQ with
-  their static scales. `ort` and `plugin` take no FP8 experts (a clear error, `moe.moe_refusal`).
+  their static scales.
+- `moec.fp8_moe`, `plugin`: `trt.plugins::MoE(x, router, w13, w2, w13_scales, w2_scales)` with `precision="fp8"` and
+  the two static input scales as float attributes; the e4m3 bytes travel typed INT8 (`quantized.int8_view`, as the
+  int4 nibble pairs do) and the plugin runs moec's fused FP8 kernel on them. `ort` takes no FP8 experts (a clear
+  error, `moe.moe_refusal`).
 
 The FP8 bytes are written to the data file as they are (no conversion); FP8 KV caches are not exported (a clear
 error in `export.unexportable_reason`).
@@ -22,7 +26,8 @@ import torch.fx
 from backends.onnx.canonical_ops import emit_linear
 from backends.onnx.context import ConversionContext, dtype_of, value_of
 from backends.onnx.converters import converter, node_arg
-from backends.onnx.moe import emit_moe_ootb, moe_site
+from backends.onnx.moe import PLUGIN_DOMAIN, emit_moe_ootb, moe_site, plugin_attrs, refuse
+from backends.onnx.quantized import int8_view, weight_operand
 
 
 def _fp8_zero(ctx: ConversionContext, count: int | None = None) -> gs.Constant:
@@ -72,3 +77,14 @@ def _fp8_moe_ootb(ctx: ConversionContext, node: torch.fx.Node) -> gs.Tensor:
         quantize_input=lambda tokens: fake_quantize(ctx, tokens, w13_input_scale),
         quantize_intermediate=lambda activated: fake_quantize(ctx, activated, w2_input_scale),
     )
+
+
+@converter("moec.fp8_moe", when=lambda ctx, node: ctx.options.moe == "plugin")
+def _fp8_moe_plugin(ctx: ConversionContext, node: torch.fx.Node) -> gs.Tensor:
+    refuse(node, "plugin")
+    x, router, w13, w13_scales, w2, w2_scales = node.args[:6]
+    codes = [ctx.initializer(f"{w.name}.bytes", int8_view(weight_operand(ctx, w, node))) for w in (w13, w2)]
+    attrs = {**plugin_attrs(moe_site(node)), "precision": "fp8", "group_size": 0,
+             "w13_input_scale": float(node.args[9]), "w2_input_scale": float(node.args[10])}
+    inputs = [ctx.tensor(x), ctx.tensor(router), *codes, ctx.tensor(w13_scales), ctx.tensor(w2_scales)]
+    return ctx.op("MoE", inputs, attrs, domain=PLUGIN_DOMAIN)

@@ -25,7 +25,7 @@ after, by mode:
 `moec.quantized_moe` (`quantized.py`) reuses these pieces: `ootb` over `DequantizeLinear`ed experts, `ort` as
 `com.microsoft::QMoE`, `plugin` as the plugin node with the codes and scales (`plugin_attrs` + precision,
 group_size); `moe_refusal` is the one rule for what a mode cannot take (an expert block in `ort`,
-FP8 experts in `ort` and `plugin`, block-wise int8 experts in `ort`).
+FP8 experts in `ort`, block-wise int8 experts in `ort`); FP8 experts in `plugin` are `fp8.py`'s.
 """
 
 from __future__ import annotations
@@ -125,8 +125,8 @@ def moe_refusal(node: torch.fx.Node, mode: str) -> str | None:
             + ("moe='ootb'" if quantized else "moe='ootb' or moe='plugin'")
         )
     if node.target == ops.fp8_moe:
-        if mode != "ootb":
-            return f"{where}: moe='{mode}' takes no FP8 experts (no FP8 MoE kernel or plugin input); use ootb"
+        if mode == "ort":
+            return f"{where}: moe='ort' takes no FP8 experts (onnxruntime has no FP8 MoE kernel); use ootb or plugin"
         return None
     if not quantized:
         return None

@@ -85,8 +85,8 @@ def xor_bytes(expr: WeightExpr, mask: int) -> WeightExpr:
 
 def _infer_int8_view(inputs: Sequence[WeightExpr], attrs: dict[str, Any]) -> tuple[Shape, torch.dtype]:
     (source,) = inputs
-    if source.dtype not in (torch.int8, torch.uint8):
-        raise ValueError(f"int8_view takes int8 or uint8 codes, not {source.type_str}")
+    if source.dtype not in (torch.int8, torch.uint8, torch.float8_e4m3fn):
+        raise ValueError(f"int8_view takes int8, uint8 or float8_e4m3fn codes, not {source.type_str}")
     return source.shape, torch.int8
 
 
@@ -104,7 +104,7 @@ def int8_view(expr: WeightExpr) -> WeightExpr:
 # --- operands --------------------------------------------------------------------------------------------------
 
 
-def _weight(ctx: ConversionContext, operand: torch.fx.Node, node: torch.fx.Node) -> WeightExpr:
+def weight_operand(ctx: ConversionContext, operand: torch.fx.Node, node: torch.fx.Node) -> WeightExpr:
     expr = ctx.weights.get(operand)
     if expr is None:
         raise OnnxExportError(
@@ -138,7 +138,7 @@ def dequantize_linear(
 ) -> gs.Tensor:
     """`DequantizeLinear` of a compact weight [..., out, in] to the scales' dtype: per-axis for a 2-d weight
     quantized per channel, blocked along `in` otherwise."""
-    codes_expr = _weight(ctx, qweight, node)
+    codes_expr = weight_operand(ctx, qweight, node)
     shape = _logical_shape(codes_expr, precision)
     if precision == "int4":
         signed = xor_bytes(codes_expr, INT4_TO_SIGNED)
@@ -179,8 +179,8 @@ def _uses_matmul_nbits(ctx: ConversionContext, node: torch.fx.Node) -> bool:
 @converter("moec.quantized_linear", when=_uses_matmul_nbits)
 def _quantized_linear_nbits(ctx: ConversionContext, node: torch.fx.Node) -> gs.Tensor:
     x, qweight, scales, bias, precision, _ = _linear_operands(node)
-    codes = _weight(ctx, qweight, node)
-    _weight(ctx, scales, node)
+    codes = weight_operand(ctx, qweight, node)
+    weight_operand(ctx, scales, node)
     out_features, in_features = _logical_shape(codes, precision)
     block = matmul_nbits_block(node)
     assert block is not None
@@ -228,7 +228,7 @@ def _quantized_moe_plugin(ctx: ConversionContext, node: torch.fx.Node) -> gs.Ten
         if precision == "int8":
             return ctx.tensor(operand)
         # int4 nibble pairs travel as INT8 bytes: backends/tensorrt/plugin.py says why.
-        return ctx.initializer(f"{operand.name}.bytes", int8_view(_weight(ctx, operand, node)))
+        return ctx.initializer(f"{operand.name}.bytes", int8_view(weight_operand(ctx, operand, node)))
 
     inputs = [ctx.tensor(x), ctx.tensor(router), codes(w13_q), codes(w2_q), ctx.tensor(w13_scales), ctx.tensor(w2_scales)]
     attrs = {**plugin_attrs(moe_site(node)), "precision": precision, "group_size": group_size}
@@ -240,8 +240,8 @@ def _quantized_moe_ort(ctx: ConversionContext, node: torch.fx.Node) -> gs.Tensor
     refuse(node, "ort")
     site = moe_site(node)
     w13_q, w13_scales, w2_q, w2_scales, precision, group_size = _moe_operands(node)
-    codes13, scales13 = _weight(ctx, w13_q, node), _weight(ctx, w13_scales, node)
-    codes2, scales2 = _weight(ctx, w2_q, node), _weight(ctx, w2_scales, node)
+    codes13, scales13 = weight_operand(ctx, w13_q, node), weight_operand(ctx, w13_scales, node)
+    codes2, scales2 = weight_operand(ctx, w2_q, node), weight_operand(ctx, w2_scales, node)
     fc1 = ctx.initializer(f"{w13_q.name}.qmoe", _unsigned_codes(interleave_gate_up(codes13), precision))
     fc2 = ctx.initializer(f"{w2_q.name}.qmoe", _unsigned_codes(codes2, precision))
     fc1_scales_expr = interleave_gate_up(scales13)

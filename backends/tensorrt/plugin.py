@@ -6,7 +6,8 @@ before: the ONNX node `trt.plugins::MoE(x, router, w13, w2)` written by `export_
         weight-only quantized experts (`moec.quantized_moe`): `MoE(x, router, w13 codes, w2 codes, w13 scales,
         w2 scales)` with `precision` ("int8" codes, or "int4" nibble pairs, compiler/quantization.py's layout; both
         arrive as INT8 tensors, see `supports_format_combination`) and `group_size` (0: one scale per row), scales
-        in the activation dtype
+        in the activation dtype; FP8 experts (`moec.fp8_moe`): the same six inputs with `precision` "fp8" (e4m3
+        bytes as INT8, one float32 scale per expert) and the float attributes w13_input_scale / w2_input_scale
 after:  one IPluginV3 layer in the TensorRT network; its attributes (plus the activation dtype, learnt from the
         network) are serialized into the engine by `get_fields_to_serialize`.
 
@@ -35,7 +36,7 @@ PLUGIN_VERSION = "1"
 PLUGIN_NAMESPACE = "moec"
 NORMALIZATIONS = ("none", "renormalize")
 ACTIVATIONS = ("swiglu",)
-# Field name → (kind, default). Ints are INT32 plugin fields, strings CHAR fields.
+# Field name → (kind, default). Ints are INT32 plugin fields, floats FLOAT32, strings CHAR fields.
 _FIELDS: dict[str, tuple[str, Any]] = {
     "num_experts": ("int", 0),
     "num_local_experts": ("int", 0),
@@ -44,10 +45,13 @@ _FIELDS: dict[str, tuple[str, Any]] = {
     "activation": ("str", "swiglu"),
     "dtype": ("str", ""),
     "expert_offset": ("int", 0),
-    "precision": ("str", ""),  # "" float experts; "int8" / "int4" weight-only codes (two more inputs: the scales)
+    "precision": ("str", ""),  # "" float experts; "int8" / "int4" weight-only codes, "fp8" (+ two scale inputs)
     "group_size": ("int", 0),
+    "w13_input_scale": ("float", 1.0),  # fp8: the static scales of the experts' inputs and SwiGLU output
+    "w2_input_scale": ("float", 1.0),
 }
-PRECISIONS = ("", "int8", "int4")
+PRECISIONS = ("", "int8", "int4", "fp8")
+_FIELD_TYPES = {"int": "INT32", "str": "CHAR", "float": "FLOAT32"}
 # Not ONNX attributes: the plugin learns them from the network (`configure_plugin`) and serializes them.
 _LEARNT_FIELDS = ("dtype",)
 
@@ -63,6 +67,8 @@ def _decode_fields(fields: Any) -> dict[str, Any]:
         data = np.asarray(field.data)
         if _FIELDS[field.name][0] == "int":
             values[field.name] = int(data.reshape(-1)[0])
+        elif _FIELDS[field.name][0] == "float":
+            values[field.name] = float(data.astype(np.float32).reshape(-1)[0])
         else:
             values[field.name] = data.astype(np.uint8).tobytes().split(b"\0", 1)[0].decode()
     return values
@@ -79,6 +85,9 @@ class _EncodedFields:
             if kind == "int":
                 array = np.array([values[name]], dtype=np.int32)
                 field_type = trt.PluginFieldType.INT32
+            elif kind == "float":
+                array = np.array([values[name]], dtype=np.float32)
+                field_type = trt.PluginFieldType.FLOAT32
             else:
                 array = np.array(list(values[name].encode() + b"\0"), dtype=np.int8)
                 field_type = trt.PluginFieldType.CHAR
@@ -102,10 +111,13 @@ class MoEPlugin(  # type: ignore[misc]
             raise ValueError(f"MoE plugin: normalization {values['normalization']!r} not in {NORMALIZATIONS}")
         if values["activation"] not in ACTIVATIONS:
             raise ValueError(f"MoE plugin: activation {values['activation']!r} not in {ACTIVATIONS}")
-        if values["precision"] not in PRECISIONS or values["group_size"] < 0:
+        if values["precision"] not in PRECISIONS or values["group_size"] < 0 or not (
+            values["w13_input_scale"] > 0 and values["w2_input_scale"] > 0
+        ):
             raise ValueError(
                 f"MoE plugin: precision {values['precision']!r} not in {PRECISIONS[1:]} (or empty for float experts), "
-                f"or group_size {values['group_size']} < 0"
+                f"group_size {values['group_size']} < 0, or input scales {values['w13_input_scale']}, "
+                f"{values['w2_input_scale']} not positive"
             )
         experts, local, offset = values["num_experts"], values["num_local_experts"], values["expert_offset"]
         if values["top_k"] < 1 or local < 1 or offset < 0 or offset + local > experts:
@@ -143,11 +155,15 @@ class MoEPlugin(  # type: ignore[misc]
             return activation in (trt.float32, trt.float16, trt.bfloat16)
         if pos == 1:  # the router may be kept in float32 while the experts run in half precision
             return desc.type in (trt.float32, activation)
-        if self.values["precision"] and pos in (2, 3):
-            # The codes' bytes, typed INT8 for int4 too: TensorRT-RTX 1.7's build process died (malloc_consolidate():
-            # invalid chunk size, heap corruption) on a plugin layer with UINT8 inputs, where INT8 ones build.
+        precision = self.values["precision"]
+        if precision and pos in (2, 3):
+            # The codes' bytes, typed INT8 for int4 and fp8 too: TensorRT-RTX 1.7's build process died
+            # (malloc_consolidate(): invalid chunk size, heap corruption) on a plugin layer with UINT8 inputs, where
+            # INT8 ones build; INT8 bytes also keep FP8 weights away from TensorRT's own FP8 type rules.
             return desc.type == trt.int8
-        return desc.type == activation  # float experts, the scales, the output
+        if precision == "fp8" and pos in (4, 5):  # one float32 scale per expert
+            return desc.type == trt.float32
+        return desc.type == activation  # float experts, weight-only scales, the output
 
     def configure_plugin(self, inputs: list[Any], outputs: list[Any]) -> None:
         self.values["dtype"] = dtype_name(inputs[0].desc.type)
@@ -199,7 +215,7 @@ def moe_forward(x: Any, router: Any, w13: Any, w2: Any, values: dict[str, Any], 
     import torch
 
     from backends.torch import triton_moe
-    from backends.torch.kernels import DequantizedExperts, moe_experts_reference, route
+    from backends.torch.kernels import DequantizedExperts, fp8_experts_reference, moe_experts_reference, route
 
     hidden = x.shape[-1]
     tokens = x.reshape(-1, hidden)
@@ -211,9 +227,19 @@ def moe_forward(x: Any, router: Any, w13: Any, w2: Any, values: dict[str, Any], 
     if precision:
         if scales is None:
             raise ValueError(f"MoE plugin: {precision} experts need their scales")
-        if precision == "int4":  # the nibble pairs arrive typed int8 (see supports_format_combination)
-            w13, w2 = w13.view(torch.uint8), w2.view(torch.uint8)
-        if tokens.is_cuda and triton_moe.unsupported_reason(tokens, w13, w2, precision, scales) is None:
+        if precision in ("int4", "fp8"):  # their bytes arrive typed int8 (see supports_format_combination)
+            storage = torch.uint8 if precision == "int4" else torch.float8_e4m3fn
+            w13, w2 = w13.view(storage), w2.view(storage)
+        if precision == "fp8":
+            in_scale, mid_scale = values["w13_input_scale"], values["w2_input_scale"]
+            if tokens.is_cuda and triton_moe.unsupported_reason(tokens, w13, w2, precision, scales) is None:
+                triton_moe.fused_moe(tokens, experts, weights, w13, w2, expert_offset=offset, out=flat_out,
+                                     precision="fp8", w13_scales=scales[0], w2_scales=scales[1],
+                                     w13_input_scale=in_scale, w2_input_scale=mid_scale)
+            else:
+                flat_out.copy_(fp8_experts_reference(tokens, experts, weights, w13, scales[0], w2, scales[1], in_scale,
+                                                     mid_scale, offset))
+        elif tokens.is_cuda and triton_moe.unsupported_reason(tokens, w13, w2, precision, scales) is None:
             triton_moe.fused_moe(tokens, experts, weights, w13, w2, expert_offset=offset, out=flat_out,
                                  precision=precision, w13_scales=scales[0], w2_scales=scales[1], group_size=group_size)
         else:  # the torch backend's reference: only the experts that receive tokens are dequantized
@@ -263,9 +289,7 @@ class MoEPluginCreator(trt.IPluginCreatorV3One):  # type: ignore[misc]
         self.plugin_namespace = PLUGIN_NAMESPACE
         self.field_names = trt.PluginFieldCollection(
             [
-                trt.PluginField(
-                    name, np.array([]), trt.PluginFieldType.INT32 if kind == "int" else trt.PluginFieldType.CHAR
-                )
+                trt.PluginField(name, np.array([]), getattr(trt.PluginFieldType, _FIELD_TYPES[kind]))
                 for name, (kind, _) in _FIELDS.items()
                 if name not in _LEARNT_FIELDS
             ]

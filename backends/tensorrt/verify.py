@@ -82,6 +82,11 @@ def swap_plugin_for_onnxruntime(model: onnx.ModelProto) -> onnx.ModelProto:
         x, router, w13, w2 = node.input[:4]
         experts, rows, packed_hidden = _initializer_dims(model, w13)
         precision = _text(attrs.get("precision", ""))
+        if precision == "fp8":
+            raise MoecError(
+                f"{node.name}: an FP8 MoE plugin node has no onnxruntime form (com.microsoft::MoE cannot quantize its "
+                "SwiGLU output to e4m3 between the two GEMMs); check FP8 experts on the torch backend instead"
+            )
         hidden = packed_hidden * (2 if precision == "int4" else 1)
         x_type = types.get(x, _FLOAT)
         router_type = types.get(router, _FLOAT)

@@ -393,6 +393,16 @@ def fp8_moe(
                 w2_input_scale=w2_input_scale,
             ).reshape(shape)
         warnings.warn(f"{FP8_REFERENCE_ON_CUDA}: {reason}", RuntimeWarning, stacklevel=2)
+    return fp8_experts_reference(flat, experts, weights, w13, w13_scales, w2, w2_scales, w13_input_scale,
+                                 w2_input_scale, expert_offset).reshape(shape)
+
+
+def fp8_experts_reference(
+    flat: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor, w13_scales: torch.Tensor,
+    w2: torch.Tensor, w2_scales: torch.Tensor, w13_input_scale: float, w2_input_scale: float, expert_offset: int = 0,
+) -> torch.Tensor:
+    """`fp8_moe`'s experts for routed tokens [T, H] (also the TensorRT plugin's CPU path): each expert dequantizes
+    its own e4m3 weights, its inputs and SwiGLU output fake-quantized with their static scales."""
     inputs = fp8.fake_quantize(flat, w13_input_scale)  # every token's w13 input, as the GEMM reads it
     intermediate = w2.shape[-1]
     local_experts = w13.shape[0]
@@ -401,7 +411,7 @@ def fp8_moe(
     flat_experts = torch.where((flat_experts >= 0) & (flat_experts < local_experts), flat_experts, local_experts)
     order = torch.argsort(flat_experts, stable=True)
     counts = torch.bincount(flat_experts, minlength=local_experts + 1)[:local_experts].tolist()
-    token_of_slot = order // top_k
+    token_of_slot = order // experts.shape[-1]
     sorted_weights = weights.reshape(-1)[order]
     output = torch.zeros_like(flat)
     start = 0
@@ -412,7 +422,7 @@ def fp8_moe(
         gate_up = F.linear(inputs[token_of_slot[rows]], fp8.dequantize(w13[expert], w13_scales[expert]))
         activated = F.silu(gate_up[:, :intermediate]) * gate_up[:, intermediate:]
         down = F.linear(fp8.fake_quantize(activated, w2_input_scale), fp8.dequantize(w2[expert], w2_scales[expert]))
-        output.index_add_(0, token_of_slot[rows], (down * sorted_weights[rows, None]).to(x.dtype))
+        output.index_add_(0, token_of_slot[rows], (down * sorted_weights[rows, None]).to(flat.dtype))
         start += count
-    return output.reshape(shape)
+    return output
 

@@ -207,7 +207,8 @@ def test_plugin_creator_round_trips_its_fields() -> None:
     assert register_moe_plugin() is creator
     values = {
         "num_experts": 8, "num_local_experts": 4, "top_k": 2, "normalization": "renormalize", "activation": "swiglu",
-        "dtype": "float16", "expert_offset": 4, "precision": "", "group_size": 0,
+        "dtype": "float16", "expert_offset": 4, "precision": "", "group_size": 0, "w13_input_scale": 1.0,
+        "w2_input_scale": 1.0,
     }
     from backends.tensorrt.plugin import _EncodedFields
 
@@ -225,8 +226,13 @@ def test_plugin_creator_round_trips_its_fields() -> None:
         MoEPluginCreator().create_plugin("moe", bad.collection, None)
     quantized = {**values, "precision": "int4", "group_size": 16}
     assert MoEPluginCreator().create_plugin("moe", _EncodedFields(quantized).collection, None).values == quantized
-    with pytest.raises(ValueError, match="precision 'fp8' not in"):
-        MoEPluginCreator().create_plugin("moe", _EncodedFields({**values, "precision": "fp8"}).collection, None)
+    fp8_values = {**values, "precision": "fp8", "w13_input_scale": 0.25, "w2_input_scale": 0.125}
+    assert MoEPluginCreator().create_plugin("moe", _EncodedFields(fp8_values).collection, None).values == fp8_values
+    with pytest.raises(ValueError, match="precision 'nf4' not in"):
+        MoEPluginCreator().create_plugin("moe", _EncodedFields({**values, "precision": "nf4"}).collection, None)
+    with pytest.raises(ValueError, match="input scales 0.0, 0.125 not positive"):
+        MoEPluginCreator().create_plugin("moe", _EncodedFields({**fp8_values, "w13_input_scale": 0.0}).collection,
+                                         None)
 
 
 @pytest.mark.parametrize("precision,group_size,offset", [("int8", 0, 0), ("int4", 16, 0), ("int4", 0, 2)])
@@ -255,6 +261,31 @@ def test_plugin_computes_quantized_experts_as_the_torch_backend(precision: str, 
     assert torch.allclose(out, expected, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match=f"{precision} experts need their scales"):
         moe_forward(x, router, as_trt(w13), as_trt(w2), {**values, "expert_offset": 0}, out)
+
+
+@pytest.mark.parametrize("offset", [0, 1])
+def test_plugin_computes_fp8_experts_as_the_torch_backend(offset: int) -> None:
+    """FP8 experts through the plugin's computation (e4m3 bytes arriving as int8, per-expert scales, the static input
+    scales from its fields) against `moec.fp8_moe`'s reference, an expert block too."""
+    from backends.tensorrt.plugin import moe_forward
+    from compiler import fp8
+
+    gen = torch.Generator().manual_seed(6)
+    experts, hidden, inter = 4, 32, 48
+    x = torch.randn(2, 7, hidden, generator=gen)
+    router = torch.randn(experts, hidden, generator=gen)
+    pairs13 = [fp8.quantize_tensor(torch.randn(2 * inter, hidden, generator=gen) / 6) for _ in range(experts)]
+    pairs2 = [fp8.quantize_tensor(torch.randn(hidden, inter, generator=gen) / 7) for _ in range(experts)]
+    w13, s13 = torch.stack([p[0] for p in pairs13])[offset:], torch.stack([p[1] for p in pairs13])[offset:]
+    w2, s2 = torch.stack([p[0] for p in pairs2])[offset:], torch.stack([p[1] for p in pairs2])[offset:]
+    in_scale, mid_scale = float(x.abs().max()) / 448, 0.02
+    expected = torch.ops.moec.fp8_moe(x, router, w13, s13, w2, s2, 2, "renormalize", "swiglu", in_scale, mid_scale,
+                                      offset)
+    values = {"top_k": 2, "normalization": "renormalize", "expert_offset": offset, "precision": "fp8",
+              "group_size": 0, "w13_input_scale": in_scale, "w2_input_scale": mid_scale}
+    out = torch.empty_like(x)
+    moe_forward(x, router, w13.view(torch.int8), w2.view(torch.int8), values, out, (s13, s2))
+    assert torch.equal(out, expected)
 
 
 @pytest.mark.skipif(not TARGETS, reason="only TensorRT-RTX takes --target")

@@ -454,8 +454,8 @@ def test_bad_input_without_tokenizer_canonical_ops_or_ranges() -> None:
 
 
 def test_onnx_export_is_explicit_qdq_and_runs_in_onnxruntime(tmp_path: Path) -> None:
-    """ootb: FP8 E4M3 initializers, Q/DQ on the activations; onnxruntime computes the torch backend's logits. ort /
-    plugin MoE modes and FP8 KV caches are one clear error each, before a file is written."""
+    """ootb: FP8 E4M3 initializers, Q/DQ on the activations; onnxruntime computes the torch backend's logits. The ort
+    MoE mode and FP8 KV caches are one clear error each, before a file is written."""
     onnx = pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnx_graphsurgeon")
@@ -474,12 +474,45 @@ def test_onnx_export_is_explicit_qdq_and_runs_in_onnxruntime(tmp_path: Path) -> 
     ids = input_ids(CONFIG, 2, 9)
     (logits,) = session.run(None, {"input_ids": ids.numpy()})
     assert max_rel_err(torch.from_numpy(logits), TorchExecutable(program)(ids)) <= 1e-4
-    for moe in ("ort", "plugin"):
-        with pytest.raises(MoecError, match=f"moe='{moe}' takes no FP8 experts"):
-            export_onnx(program, tmp_path / f"{moe}.onnx", moe=moe)
+    with pytest.raises(MoecError, match="moe='ort' takes no FP8 experts"):
+        export_onnx(program, tmp_path / "ort.onnx", moe="ort")
     with pytest.raises(MoecError, match="ONNX export of FP8 KV caches is not supported yet"):
         export_onnx(quantized("quantize-fp8{kv_cache=true}", kv_cache=True), tmp_path / "kv.onnx")
     assert sorted(path.name for path in tmp_path.iterdir()) == ["model.onnx", "model.onnx.data"]
+
+
+def test_plugin_export_carries_the_fp8_experts_and_tensorrt_builds_it(tmp_path: Path) -> None:
+    """plugin: one `MoE` node per layer over the e4m3 bytes (typed INT8), the per-expert float32 scales and the static
+    input scales as attributes; onnxruntime cannot run it (a clear error); TensorRT-RTX builds the engine (not run)."""
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnx_graphsurgeon")
+    from backends.onnx import export_onnx
+    from backends.tensorrt.runtime import tensorrt_available, tensorrt_info
+
+    program = quantized()
+    exported = export_onnx(program, tmp_path / "plugin" / "model.onnx", moe="plugin")
+    model = onnx.load(str(exported.path), load_external_data=False)
+    types = {t.name: t.data_type for t in model.graph.initializer}
+    plugins = [node for node in model.graph.node if node.op_type == "MoE"]
+    assert len(plugins) == CONFIG.layers
+    moe_nodes = [node for node in program.graph.nodes if node.target == ops.fp8_moe]
+    for plugin, node in zip(plugins, moe_nodes):
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in plugin.attribute}
+        assert attrs["precision"] == b"fp8" and attrs["w13_input_scale"] == pytest.approx(float(node.args[9]))
+        assert attrs["w2_input_scale"] == pytest.approx(float(node.args[10]))
+        assert [types[name] for name in plugin.input[2:]] == [onnx.TensorProto.INT8] * 2 + [onnx.TensorProto.FLOAT] * 2
+    from backends.tensorrt.verify import onnxruntime_session
+
+    with pytest.raises(MoecError, match="an FP8 MoE plugin node has no onnxruntime form"):
+        onnxruntime_session(exported.path)
+    if not tensorrt_available():
+        pytest.skip("no TensorRT (tensorrt or tensorrt_rtx) importable")
+    from backends.tensorrt.build import BuildOptions, build_engines
+
+    targets = ("sm89",) if tensorrt_info().targets else ()
+    built = build_engines(program, tmp_path / "engines", BuildOptions(moe_plugin=True, targets=targets, max_seq=16),
+                          progress=lambda line: None)
+    assert built.config["moe_lowering"] == "plugin" and (tmp_path / "engines" / "rank0.engine").stat().st_size > 0
 
 
 # --- recipe flags -------------------------------------------------------------------------------------------------
