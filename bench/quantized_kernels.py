@@ -76,13 +76,15 @@ def weight_bytes(rows: int, cols: int, precision: str | None, group_size: int) -
     return codes + rows * (1 if group_size == 0 else cols // group_size) * 2
 
 
-def moe_table(tokens: list[int], copy_bw: float, gemm_rate: float) -> list[str]:
+def moe_table(tokens: list[int], copy_bw: float, gemm_rate: float, only: set[str] | None = None) -> list[str]:
     gen = torch.Generator(device="cuda").manual_seed(0)
     w13 = (torch.randn(E, 2 * I, H, device="cuda", generator=gen) / H**0.5).bfloat16()
     w2 = (torch.randn(E, H, I, device="cuda", generator=gen) / I**0.5).bfloat16()
     lines = ["| T | precision | kernel | moec (us) | bytes floor (us) | FLOP floor (us) | moec / max(floors) | "
              "rel err vs dequantized fp32 |", "|" + "---|" * 8]
     for label, precision, group_size in SCHEMES:
+        if only and label not in only:
+            continue
         if precision is None:
             experts = dict(w13=w13, w2=w2, kwargs={})
         elif precision == "fp8":
@@ -303,6 +305,8 @@ def main() -> None:
     ap.add_argument("--tokens", default="1,8,32,256,1024,2048")
     ap.add_argument("--rows", default="1,8,32,2048")
     ap.add_argument("--skip-moe", action="store_true")
+    ap.add_argument("--skip-linears", action="store_true")
+    ap.add_argument("--moe-schemes", default=None, help="comma-separated scheme labels of the MoE table (bf16,fp8,...)")
     ap.add_argument("--sweep", action="store_true", help="only the GEMV-vs-tiles sweep at decode sizes")
     ap.add_argument("--fp8-sweep", action="store_true", help="only the FP8 MoE tile variants at prefill sizes")
     ap.add_argument("--sweep-only", default=None, help="comma-separated scheme labels for --sweep (bf16,int8,...)")
@@ -323,9 +327,11 @@ def main() -> None:
             with open(args.markdown, "w") as handle:
                 handle.write("\n".join(lines) + "\n")
         return
-    lines += linear_table([int(v) for v in args.rows.split(",")], copy_bw, gemm_rate) + [""]
+    if not args.skip_linears:
+        lines += linear_table([int(v) for v in args.rows.split(",")], copy_bw, gemm_rate) + [""]
     if not args.skip_moe:
-        lines += moe_table([int(v) for v in args.tokens.split(",")], copy_bw, gemm_rate)
+        lines += moe_table([int(v) for v in args.tokens.split(",")], copy_bw, gemm_rate,
+                           set(args.moe_schemes.split(",")) if args.moe_schemes else None)
     if args.markdown:
         with open(args.markdown, "w") as handle:
             handle.write("\n".join(lines) + "\n")
