@@ -265,14 +265,13 @@ if _HAVE_TRITON:
                     a = tl.load(a_ptrs, mask=row_ok[:, None] & (offs_k[None, :] < k_left), other=0.0)
                     b = tl.load(w_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
                 if DOT_F32:
-                    acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
-                elif QUANT == 3:
-                    # Hopper's FP8 MMA accumulates in reduced precision, and Triton's sm90 default lets it run over
-                    # the whole K (1.1e-2 relative error at K = 14336, measured): promote into the float32
-                    # accumulator after every K tile, as cuBLASLt does without fast accumulation.
-                    acc = tl.dot(a, b, acc, max_num_imprecise_acc=BLOCK_K)
-                else:
-                    acc = tl.dot(a, b, acc)
+                    a = a.to(tl.float32)
+                    b = b.to(tl.float32)
+                # FP8 keeps Triton's sm90 default, the FP8 MMA's reduced-precision accumulation over all of K (1.1e-2
+                # relative error vs 1.7e-3 without wgmma). Promoting to float32 after every K tile
+                # (max_num_imprecise_acc=BLOCK_K) measured 4.1e-3 but 2.4x slower at T = 2048 (3879 vs 1588 us) and a
+                # 138 ms prefill, slower than bf16's 110 (BENCHMARKS.md), so it is not taken.
+                acc = tl.dot(a, b, acc)
             else:
                 part = codes_dot(x_rows + kk * BLOCK_K * stride_xk, row_ok[:, None], K - kk * BLOCK_K, stride_xk,
                                  w_ptrs, QUANT, BLOCK_K, not EVEN_K, DOT_F32)
@@ -365,14 +364,9 @@ if _HAVE_TRITON:
                     a = tl.load(a_ptrs, mask=row_ok[:, None] & kmask[None, :], other=0.0)
                     b = tl.load(w_ptrs, mask=kmask[:, None], other=0.0)
                 if DOT_F32:
-                    acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
-                elif QUANT == 3:
-                    # Hopper's FP8 MMA accumulates in reduced precision, and Triton's sm90 default lets it run over
-                    # the whole K (1.1e-2 relative error at K = 14336, measured): promote into the float32
-                    # accumulator after every K tile, as cuBLASLt does without fast accumulation.
-                    acc = tl.dot(a, b, acc, max_num_imprecise_acc=BLOCK_K)
-                else:
-                    acc = tl.dot(a, b, acc)
+                    a = a.to(tl.float32)
+                    b = b.to(tl.float32)
+                acc = tl.dot(a, b, acc)  # FP8: the sm90 default accumulation, as in _gate_up_kernel
             else:
                 part = codes_dot(a_rows + kk * BLOCK_K, row_ok[:, None], k_left, 1, w_ptrs, QUANT, BLOCK_K,
                                  not EVEN_K, DOT_F32)
