@@ -12,7 +12,7 @@ sharded program, split at its collectives, exported and simulated together on on
 
 CLI glue (`moec compile SOURCE --passes ... --export-onnx-after NAME|all --onnx-dir DIR [--moe-export MODE]`):
 `add_onnx_cli_arguments(parser)` adds the flags, `handle_onnx_cli(args, traced, history)` writes the files (with
-`all`, programs the MoE mode cannot take, e.g. FP8 experts with `plugin`, are named on stderr and skipped). A
+`all`, programs the MoE mode cannot take, e.g. FP8 experts with `ort`, are named on stderr and skipped). A
 program with KV caches exports as a past/present decoder (`cached.py`), which `decoder.py` generates from in
 onnxruntime and describes for onnxruntime-genai.
 """

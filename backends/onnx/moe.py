@@ -121,8 +121,7 @@ def moe_refusal(node: torch.fx.Node, mode: str) -> str | None:
         return (
             f"{where} is expert-parallel (experts [{site.offset}, {site.offset + site.local_experts}) of "
             f"{site.experts}): onnxruntime's com.microsoft::{'QMoE' if quantized else 'MoE'} runs all of the "
-            "router's experts and cannot take an expert block; export it with "
-            + ("moe='ootb'" if quantized else "moe='ootb' or moe='plugin'")
+            "router's experts and cannot take an expert block; export it with moe='ootb' or moe='plugin'"
         )
     if node.target == ops.fp8_moe:
         if mode == "ort":

@@ -218,8 +218,8 @@ def _quantized_moe_ootb(ctx: ConversionContext, node: torch.fx.Node) -> gs.Tenso
 @converter("moec.quantized_moe", when=lambda ctx, node: ctx.options.moe == "plugin")
 def _quantized_moe_plugin(ctx: ConversionContext, node: torch.fx.Node) -> gs.Tensor:
     """`trt.plugins::MoE(x, router, w13 codes, w2 codes, w13 scales, w2 scales)` with `precision` / `group_size`
-    attributes: the codes stay compact in the engine (INT8, or UINT8 nibble pairs) and the plugin runs moec's fused
-    kernel on them."""
+    attributes: the codes stay compact in the engine (INT8; int4 nibble pairs as their bytes, typed INT8) and the
+    plugin runs moec's fused kernel on them."""
     refuse(node, "plugin")
     w13_q, w13_scales, w2_q, w2_scales, precision, group_size = _moe_operands(node)
     x, router = node.args[:2]

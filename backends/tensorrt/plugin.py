@@ -272,8 +272,7 @@ def _device_tensor(pointer: int, desc: Any) -> Any:
         trt.bfloat16: ("<i2", torch.bfloat16),
         trt.int32: ("<i4", None),
         trt.int64: ("<i8", None),
-        trt.int8: ("|i1", None),
-        trt.uint8: ("|u1", None),
+        trt.int8: ("|i1", None),  # quantized codes (int4 nibble pairs and e4m3 as their bytes)
     }[desc.type]
     tensor = torch.as_tensor(_CudaArray(pointer, shape, typestr), device="cuda")
     return tensor.view(view) if view is not None else tensor

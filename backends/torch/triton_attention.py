@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from backends.torch.triton_attention_kernels import _HAVE_TRITON, triton
+from backends.torch.triton_fp8 import capability_reason
 
 if _HAVE_TRITON:
     from backends.torch.triton_attention_kernels import (
@@ -63,8 +64,12 @@ def unsupported_reason(
         return f"operands are on {q.device}, not CUDA (and TRITON_INTERPRET is off)"
     if q.dtype not in SUPPORTED_DTYPES or k_cache.dtype not in (*SUPPORTED_DTYPES, FP8_CACHE_DTYPE):
         return f"dtypes q {q.dtype} / cache {k_cache.dtype} are not among {SUPPORTED_DTYPES} (+ e4m3 caches)"
-    if k_cache.dtype == FP8_CACHE_DTYPE and q.dtype == torch.float32:
-        return "an e4m3 cache with float32 queries (the FP8 path reads codes in q's 16-bit dtype)"
+    if k_cache.dtype == FP8_CACHE_DTYPE:
+        if q.dtype == torch.float32:
+            return "an e4m3 cache with float32 queries (the FP8 path reads codes in q's 16-bit dtype)"
+        reason = capability_reason(q.device)  # Triton has no e4m3 type before sm89
+        if reason is not None:
+            return f"an e4m3 cache: {reason}"
     if k.dtype != q.dtype:
         return f"k/v dtype {k.dtype} differs from q's {q.dtype}"
     if q.shape[-1] < 16:

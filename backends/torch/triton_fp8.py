@@ -49,6 +49,8 @@ def linear_unsupported_reason(x: torch.Tensor, weight: torch.Tensor, weight_scal
         return f"activation dtype {x.dtype} is not among {ACTIVATION_DTYPES}"
     if weight.dtype != FP8_DTYPE or weight.dim() != 2 or weight_scale.numel() != 1:
         return f"weight {weight.dtype}{list(weight.shape)} is not one e4m3 matrix with one scale"
+    if weight.stride(1) != 1 or weight.data_ptr() % 16:
+        return f"weight strides {list(weight.stride())}: cuBLASLt takes a row-major, 16-byte aligned [N, K] weight"
     if weight.shape[0] % 16 or weight.shape[1] % 16:
         return f"weight {list(weight.shape)}: cuBLASLt's FP8 GEMM needs both dims divisible by 16"
     if bias is not None and bias.dtype != x.dtype:
@@ -62,7 +64,7 @@ if _HAVE_TRITON:
     def fp8_codes(v, scale, EMULATE: tl.constexpr):
         """float32 `v` -> e4m3 codes of v / scale (IEEE division, saturated to ±448 = compiler.fp8.FP8_MAX, round to
         nearest even)."""
-        q = tl.clamp(tl.math.div_rn(v, scale), -448.0, 448.0)
+        q = tl.clamp(tl.math.div_rn(v, scale), -448.0, 448.0, propagate_nan=tl.PropagateNan.ALL)  # NaN stays NaN
         if EMULATE:  # interpreter only: round to the e4m3 grid on the float32 bits (see the module docstring)
             bits = q.to(tl.uint32, bitcast=True)
             # Normal range: keep 3 mantissa bits, round half to even (a carry into the exponent is correct here).
@@ -71,7 +73,12 @@ if _HAVE_TRITON:
             subnormal = (tl.abs(q) * 512.0 + 12582912.0 - 12582912.0) / 512.0
             subnormal = tl.where(q < 0, -subnormal, subnormal)  # -0.0 stays negative, as the cast keeps the sign
             q = tl.where(tl.abs(q) < 0.015625, subnormal, normal)
-        return q.to(tl.float8e4nv)
+            # The interpreter casts NaN to a finite code; e4m3's NaN is 0x7F (what torch and the GPU write).
+            nan_code = tl.full(q.shape, 0x7F, tl.uint8).to(tl.float8e4nv, bitcast=True)
+            codes = tl.where(q != q, nan_code, q.to(tl.float8e4nv))
+        else:
+            codes = q.to(tl.float8e4nv)
+        return codes
 
     @triton.jit
     def _quantize_kernel(x_ptr, out_ptr, scale, numel, BLOCK: tl.constexpr, EMULATE: tl.constexpr):
@@ -106,6 +113,11 @@ def scale_tensor(value: float, device: torch.device) -> torch.Tensor:
     key = (float(value), device)
     tensor = _SCALES.get(key)
     if tensor is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            # Made inside a capture, it would live in the graph's pool and be filled only on replay.
+            raise RuntimeError(
+                f"fp8 scale {value} is first used inside a CUDA-graph capture: run the step once before capturing"
+            )
         tensor = _SCALES[key] = torch.full((), float(value), dtype=torch.float32, device=device)
     return tensor
 

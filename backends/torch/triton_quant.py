@@ -55,6 +55,8 @@ def float_gemv_unsupported_reason(x: torch.Tensor, weight: torch.Tensor, bias: t
         return f"x {x.dtype} / weight {weight.dtype} are not one 16-bit float dtype"
     if weight.dim() != 2 or weight.stride(1) != 1 or weight.shape[1] != x.shape[-1]:
         return f"weight {list(weight.shape)} is not a k-contiguous [N, K] matrix for x {list(x.shape)}"
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != weight.shape[0] or bias.stride(0) != 1):
+        return f"bias {list(bias.shape)} (strides {list(bias.stride())}) is not a contiguous [N]"
     if gemv_config(1, weight.shape[0], weight.shape[1], 0, None) is None:
         return "no GEMV entry for float weights of this width"
     return None

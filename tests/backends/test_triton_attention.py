@@ -139,7 +139,11 @@ def _fp8_case(batch, q_heads, kv_heads, seq, head_dim, max_seq, pos, seed, dtype
     q, k, v, k_cache, v_cache, cache_position = _make(batch, q_heads, kv_heads, seq, head_dim, max_seq, pos, 0,
                                                       dtype, dtype, seed, poison=False)
     k_scale, v_scale = 3.0 / 448, 2.5 / 448
-    return q, k, v, fp8.quantize(k_cache, k_scale), fp8.quantize(v_cache, v_scale), cache_position, k_scale, v_scale
+    k_codes, v_codes = fp8.quantize(k_cache, k_scale), fp8.quantize(v_cache, v_scale)
+    for b, p in enumerate(pos):  # slots no query may read hold e4m3 NaN: reading one poisons the output
+        k_codes[b, :, p + seq:] = float("nan")
+        v_codes[b, :, p + seq:] = float("nan")
+    return q, k, v, k_codes, v_codes, cache_position, k_scale, v_scale
 
 
 @pytest.mark.parametrize("seq,pos,config", [(1, [0, 21], None), (1, [31, 3], SMALL_DECODE), (12, [0, 19], None)],
@@ -156,8 +160,9 @@ def test_fp8_cache_matches_the_reference(seq, pos, config):
     kw = {"decode_config": config} if config else {}
     out = ta.cached_attention(q, k, v, k_cache, v_cache, cache_position, scale, 0, k_scale=k_scale,
                               v_scale=v_scale, **kw)
-    assert torch.equal(k_cache.cpu().view(torch.uint8), args_cpu[3].view(torch.uint8))
+    assert torch.equal(k_cache.cpu().view(torch.uint8), args_cpu[3].view(torch.uint8))  # NaN poison untouched too
     assert torch.equal(v_cache.cpu().view(torch.uint8), args_cpu[4].view(torch.uint8))
+    assert not torch.isnan(out).any() and not torch.isnan(expected).any()
     err = ((out.double().cpu() - expected.double()).norm() / expected.double().norm()).item()
     assert err < 2 * RTOL[q.dtype], f"relative error {err:.2e}"
 
@@ -210,6 +215,10 @@ def test_unsupported_reasons(monkeypatch):
     assert "dtypes" in ta.unsupported_reason(q, q[:, :1], cache.to(torch.float8_e5m2), pos)
     assert "e4m3 cache with float32 queries" in ta.unsupported_reason(q, q[:, :1], cache.to(torch.float8_e4m3fn), pos)
     assert ta.unsupported_reason(q.half(), q[:, :1].half(), cache.to(torch.float8_e4m3fn), pos) is None
+    monkeypatch.setattr(ta, "capability_reason", lambda device: "sm80 has no FP8 tensor cores (sm89 or newer)")
+    assert ta.unsupported_reason(q.half(), q[:, :1].half(), cache.to(torch.float8_e4m3fn), pos) == (
+        "an e4m3 cache: sm80 has no FP8 tensor cores (sm89 or newer)")
+    monkeypatch.undo()
     assert "head_dim" in ta.unsupported_reason(q[..., :8], q[:, :1, :, :8], cache[..., :8], pos)
     monkeypatch.setattr(ta, "_HAVE_TRITON", False)
     assert ta.unsupported_reason(q, q[:, :1], cache, pos) == "triton is not installed"
