@@ -59,6 +59,16 @@ LINEAR_GEMV_CANDIDATES = {
 }
 
 
+def routed_inputs(t: int, count: int, gen: torch.Generator) -> list[tuple[torch.Tensor, ...]]:
+    """`count` (x [T, H] bf16, top-k ids, renormalized weights) sets: the rotation a point's graph replays over."""
+    sets = []
+    for _ in range(count):
+        x = torch.randn(t, H, device="cuda", generator=gen).bfloat16()
+        rw, ids = torch.topk(torch.softmax(torch.randn(t, E, device="cuda", generator=gen), -1), K, -1)
+        sets.append((x, ids, rw / rw.sum(-1, keepdim=True)))
+    return sets
+
+
 def fp8_experts(w13: torch.Tensor, w2: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """e4m3 codes and per-expert float32 scales, as `quantize-fp8` makes them (expert by expert)."""
     parts = [fp8.quantize_tensor(w[e]) for w in (w13, w2) for e in range(E)]
@@ -100,12 +110,7 @@ def moe_table(tokens: list[int], copy_bw: float, gemm_rate: float, only: set[str
                                                        group_size=group_size))
         per_expert = weight_bytes(2 * I, H, precision, group_size) + weight_bytes(H, I, precision, group_size)
         for t in tokens:
-            sets = []
-            for _ in range(4):
-                x = torch.randn(t, H, device="cuda", generator=gen).bfloat16()
-                logits = torch.randn(t, E, device="cuda", generator=gen)
-                rw, ids = torch.topk(torch.softmax(logits, -1), K, -1)
-                sets.append((x, ids, rw / rw.sum(-1, keepdim=True)))
+            sets = routed_inputs(t, 4, gen)
             calls = [lambda s=s: tm.fused_moe(s[0], s[1], s[2], experts["w13"], experts["w2"], **experts["kwargs"])
                      for s in sets]
             seconds = graph_per_call(calls)
@@ -210,11 +215,7 @@ def gemv_sweep(copy_bw: float, only: set[str] | None = None) -> list[str]:
             kwargs = dict(precision=precision, w13_scales=s13, w2_scales=s2, group_size=group_size)
         per_expert = weight_bytes(2 * I, H, precision, group_size) + weight_bytes(H, I, precision, group_size)
         for t in (1, 2):
-            sets = []
-            for _ in range(4):
-                x = torch.randn(t, H, device="cuda", generator=gen).bfloat16()
-                rw, ids = torch.topk(torch.softmax(torch.randn(t, E, device="cuda", generator=gen), -1), K, -1)
-                sets.append((x, ids, rw / rw.sum(-1, keepdim=True)))
+            sets = routed_inputs(t, 4, gen)
             floor = statistics.mean(float(torch.unique(st[1]).numel()) for st in sets) * per_expert / copy_bw
             tiles = get_config(t, H, I, group_size, quantized=precision is not None)
             configs = [("tiles", tiles)] + [(f"gemv {c}", GemvConfig(*c)) for c in MOE_GEMV_CANDIDATES[precision]]
@@ -272,11 +273,7 @@ def fp8_sweep() -> list[str]:
     fp8_kwargs = dict(precision="fp8", w13_scales=s13, w2_scales=s2, w13_input_scale=5.0 / 448,
                       w2_input_scale=2.0 / 448)
     for t in (512, 2048):
-        sets = []
-        for _ in range(2):
-            x = torch.randn(t, H, device="cuda", generator=gen).bfloat16()
-            rw, ids = torch.topk(torch.softmax(torch.randn(t, E, device="cuda", generator=gen), -1), K, -1)
-            sets.append((x, ids, rw / rw.sum(-1, keepdim=True)))
+        sets = routed_inputs(t, 2, gen)
         bf16 = get_config(t, H, I)
         table = get_config(t, H, I, fp8=True)
         variants = [("bf16 experts", bf16, None), ("fp8 table", table, fp8_kwargs),

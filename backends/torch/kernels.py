@@ -8,6 +8,7 @@ graph reproduces Hugging Face's logits.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -178,13 +179,20 @@ MOE_REFERENCE_ON_CUDA = "moec::moe runs the reference kernel on CUDA (a host syn
 
 
 def moe_experts_reference(
-    x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor
+    x: torch.Tensor,
+    experts: torch.Tensor,
+    weights: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    quantize_input: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    quantize_intermediate: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Sort (token, slot) pairs by expert and run each expert once on its own tokens, then scatter-add back.
 
     No dense all-experts compute and no per-token weight gathers: the cost is the routed tokens' GEMMs only.
     Slots routed to an expert id outside [0, E) of `w13` (another rank's experts, under expert parallelism) are
-    skipped: they contribute 0 here.
+    skipped: they contribute 0 here. `w13`/`w2` may be any `[e]`-indexable stack (`DequantizedExperts`,
+    `FP8Experts`); FP8 passes the fake quantization its GEMMs read: of the expert inputs and of the SwiGLU output.
     """
     tokens, top_k = experts.shape
     intermediate = w2.shape[-1]
@@ -204,8 +212,11 @@ def moe_experts_reference(
         if count == 0:
             continue
         rows = slice(start, start + count)
-        gate_up = F.linear(sorted_inputs[rows], w13[expert])
+        inputs = sorted_inputs[rows] if quantize_input is None else quantize_input(sorted_inputs[rows])
+        gate_up = F.linear(inputs, w13[expert])
         activated = F.silu(gate_up[:, :intermediate]) * gate_up[:, intermediate:]
+        if quantize_intermediate is not None:
+            activated = quantize_intermediate(activated)
         expert_out = F.linear(activated, w2[expert]) * sorted_weights[rows, None]
         output.index_add_(0, token_of_slot[rows], expert_out.to(x.dtype))
         start += count
@@ -397,32 +408,26 @@ def fp8_moe(
                                  w2_input_scale, expert_offset).reshape(shape)
 
 
+class FP8Experts:
+    """Stacked e4m3 experts with one scale each, indexed like a float [E, out, in] tensor by
+    `moe_experts_reference`: `experts[e]` dequantizes expert e alone (float32)."""
+
+    def __init__(self, codes: torch.Tensor, scales: torch.Tensor) -> None:
+        self.codes, self.scales, self.shape = codes, scales, codes.shape
+
+    def __getitem__(self, expert: int) -> torch.Tensor:
+        return fp8.dequantize(self.codes[expert], self.scales[expert])
+
+
 def fp8_experts_reference(
     flat: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor, w13_scales: torch.Tensor,
     w2: torch.Tensor, w2_scales: torch.Tensor, w13_input_scale: float, w2_input_scale: float, expert_offset: int = 0,
 ) -> torch.Tensor:
-    """`fp8_moe`'s experts for routed tokens [T, H] (also the TensorRT plugin's CPU path): each expert dequantizes
-    its own e4m3 weights, its inputs and SwiGLU output fake-quantized with their static scales."""
-    inputs = fp8.fake_quantize(flat, w13_input_scale)  # every token's w13 input, as the GEMM reads it
-    intermediate = w2.shape[-1]
-    local_experts = w13.shape[0]
-    # Expert parallelism as in `moe`: slots routed outside [expert_offset, expert_offset + E') are skipped.
-    flat_experts = experts.reshape(-1) - expert_offset
-    flat_experts = torch.where((flat_experts >= 0) & (flat_experts < local_experts), flat_experts, local_experts)
-    order = torch.argsort(flat_experts, stable=True)
-    counts = torch.bincount(flat_experts, minlength=local_experts + 1)[:local_experts].tolist()
-    token_of_slot = order // experts.shape[-1]
-    sorted_weights = weights.reshape(-1)[order]
-    output = torch.zeros_like(flat)
-    start = 0
-    for expert, count in enumerate(counts):
-        if count == 0:
-            continue
-        rows = slice(start, start + count)
-        gate_up = F.linear(inputs[token_of_slot[rows]], fp8.dequantize(w13[expert], w13_scales[expert]))
-        activated = F.silu(gate_up[:, :intermediate]) * gate_up[:, intermediate:]
-        down = F.linear(fp8.fake_quantize(activated, w2_input_scale), fp8.dequantize(w2[expert], w2_scales[expert]))
-        output.index_add_(0, token_of_slot[rows], (down * sorted_weights[rows, None]).to(flat.dtype))
-        start += count
-    return output
+    """`fp8_moe`'s experts for routed tokens [T, H] (also the TensorRT plugin's CPU path): `moe_experts_reference`
+    over the dequantized e4m3 experts, their inputs and SwiGLU output fake-quantized with the static scales."""
+    return moe_experts_reference(
+        flat, experts - expert_offset, weights, FP8Experts(w13, w13_scales), FP8Experts(w2, w2_scales),  # type: ignore[arg-type]
+        quantize_input=lambda rows: fp8.fake_quantize(rows, w13_input_scale),
+        quantize_intermediate=lambda activated: fp8.fake_quantize(activated, w2_input_scale),
+    )
 

@@ -237,10 +237,10 @@ def test_plugin_creator_round_trips_its_fields() -> None:
 
 @pytest.mark.parametrize("precision,group_size,offset", [("int8", 0, 0), ("int4", 16, 0), ("int4", 0, 2)])
 def test_plugin_computes_quantized_experts_as_the_torch_backend(precision: str, group_size: int, offset: int) -> None:
-    """The plugin's computation (`moe_forward`, what `enqueue` runs on TensorRT's buffers) on the codes and scales,
-    int4 arriving as int8 bytes as TensorRT hands them over, against `moec.quantized_moe`'s reference; an expert block
-    (expert parallelism) too. On the CPU both are the reference path: the GPU runs `fused_moe` on the same operands,
-    which tests/backends/test_triton_quantized.py checks against the same reference."""
+    """The plugin's plumbing (`moe_forward`, what `enqueue` runs on TensorRT's buffers): int4 codes arriving as int8
+    bytes, the fields, an expert block's offset, give `moec.quantized_moe`'s result. On the CPU both sides run the
+    same reference arithmetic, so this checks the plugin's handling of its operands, not the arithmetic; the GPU runs
+    `fused_moe` on the same operands, which tests/backends/test_triton_quantized.py checks against the reference."""
     from backends.tensorrt.plugin import moe_forward
     from compiler.quantization import quantize
 
@@ -265,8 +265,9 @@ def test_plugin_computes_quantized_experts_as_the_torch_backend(precision: str, 
 
 @pytest.mark.parametrize("offset", [0, 1])
 def test_plugin_computes_fp8_experts_as_the_torch_backend(offset: int) -> None:
-    """FP8 experts through the plugin's computation (e4m3 bytes arriving as int8, per-expert scales, the static input
-    scales from its fields) against `moec.fp8_moe`'s reference, an expert block too."""
+    """FP8 experts through the plugin's plumbing (e4m3 bytes arriving as int8, per-expert scales, the static input
+    scales from its fields, an expert block's offset) give `moec.fp8_moe`'s result bit for bit (both sides run
+    `fp8_experts_reference` on the CPU: a wrong byte view, scale field or offset would change it)."""
     from backends.tensorrt.plugin import moe_forward
     from compiler import fp8
 

@@ -322,6 +322,20 @@ def test_fp8_moe_rejects_bad_operands() -> None:
 # --- Mixtral-8x7B shapes (GPU only) -------------------------------------------------------------
 
 
+def _replayed(step):
+    """`step()`'s outputs from one capture and replay of a CUDA graph, and the bytes allocated beyond what was
+    allocated before the capture (a float copy of the weights would show here)."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outputs = step()
+    graph.replay()
+    torch.cuda.synchronize()
+    return outputs, torch.cuda.max_memory_allocated() - before
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs CUDA")
 @pytest.mark.parametrize("precision,group_size", [("int8", 0), ("int4", 0), ("int4", 128)])
@@ -347,17 +361,11 @@ def test_mixtral_quantized_ops_stay_compact_and_capture(precision: str, group_si
         warnings.simplefilter("error")
         torch.ops.moec.quantized_moe(*args)
         torch.ops.moec.quantized_linear(x, qw, sw, None, precision, group_size)
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        moe_out = torch.ops.moec.quantized_moe(*args)
-        lin_out = torch.ops.moec.quantized_linear(x, qw, sw, None, precision, group_size)
-    graph.replay()
-    torch.cuda.synchronize()
+    (moe_out, lin_out), transient = _replayed(lambda: (torch.ops.moec.quantized_moe(*args),
+                                                         torch.ops.moec.quantized_linear(x, qw, sw, None, precision,
+                                                                                         group_size)))
     # A dequantized copy of one expert's w13 alone would be 2 * 14336 * 4096 * 2 bytes = 235 MB.
-    assert torch.cuda.max_memory_allocated() - before < 16 << 20
+    assert transient < 16 << 20
     ref_lin = x.float() @ dequantize(qw, sw, precision, group_size).float().T
     assert _rel(lin_out, ref_lin) < RTOL[DTYPE]
     assert torch.isfinite(moe_out).all()
@@ -394,15 +402,8 @@ def test_mixtral_fp8_ops_on_the_tensor_cores(t: int) -> None:
     ref_lin = fp8.fake_quantize(x, in_scale) @ fp8.dequantize(wq, ws).T
     assert _rel(lin_out, ref_lin) < RTOL[DTYPE]
     if t == 1:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            replayed = torch.ops.moec.fp8_moe(*moe_args)
-        graph.replay()
-        torch.cuda.synchronize()
-        assert torch.cuda.max_memory_allocated() - before < 16 << 20  # a bf16 copy of one w13 would be 235 MB
+        replayed, transient = _replayed(lambda: torch.ops.moec.fp8_moe(*moe_args))
+        assert transient < 16 << 20  # a bf16 copy of one w13 would be 235 MB
         assert torch.equal(replayed, moe_out)
 
 
