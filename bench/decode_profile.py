@@ -18,7 +18,8 @@ exists on the GPU only while its codes are computed. Pipelines (each compiled an
 For each: GPU memory of the bound weights; one eager decode step (batch 1, context 1024) under the torch profiler,
 kernel time per category and kernels per layer; CUDA-graph decode steps at batch 1, 8, 32 (context 1024) against
 the bytes floor (weights read + K/V read, over the copy bandwidth measured in this run); an eager 2048-token
-prefill against the FLOP floor (bf16 GEMM rate measured in this run).
+prefill against the FLOP floor (bf16 GEMM rate measured in this run). `--pdl-off-too` times every decode batch a
+second time with programmatic dependent launch off (`MOEC_PDL=0`, backends/torch/triton_support.py).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import argparse
 import collections
 import datetime
 import gc
+import os
 import statistics
 import zlib
 
@@ -166,6 +168,8 @@ def main() -> None:
     ap.add_argument("--prefill", type=int, default=2048)
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--markdown", default=None)
+    ap.add_argument("--pdl-off-too", action="store_true",
+                    help="also time each decode batch with programmatic dependent launch off (MOEC_PDL=0)")
     ap.add_argument("--profile-prefill", action="store_true",
                     help="profile one eager prefill of --prefill tokens per pipeline instead of a decode step")
     args = ap.parse_args()
@@ -213,18 +217,23 @@ def main() -> None:
             report += profile_step(executable, caches, ids, position, args.layers) + [""]
         log("\n".join(report[-12:]))
         del caches
-        cells = []
+        cells, cells_off = [], []
         for batch in batches:
             caches = executable.allocate_caches(batch)
             fill_caches(caches, gen)
             ids = torch.randint(0, config.vocab_size, (batch, 1), device="cuda", generator=gen)
             position = torch.full((batch,), args.context, dtype=torch.int64, device="cuda")
-            seconds = timer(lambda: executable.decode_graph_step(ids, position, caches), repeats=args.steps)
             weights, kv = step_bytes(config, batch, args.context, name)
             floor = (weights + kv) / copy_bw
-            cells.append(f"{seconds * 1e3:.3f} ({seconds / floor:.2f})")
-            log(f"{name} decode batch {batch}: {seconds * 1e3:.3f} ms/step, floor {floor * 1e3:.3f} ms")
-            executable._decode_graphs.pop(caches[0].shape[0], None)
+            for pdl in (["1", "0"] if args.pdl_off_too else ["1"]):
+                os.environ["MOEC_PDL"] = pdl  # read at every launch; the graph is captured again below
+                executable._decode_graphs.pop(batch, None)
+                seconds = timer(lambda: executable.decode_graph_step(ids, position, caches), repeats=args.steps)
+                (cells if pdl == "1" else cells_off).append(f"{seconds * 1e3:.3f} ({seconds / floor:.2f})")
+                log(f"{name} decode batch {batch} (PDL {'on' if pdl == '1' else 'off'}): {seconds * 1e3:.3f} ms/step, "
+                    f"floor {floor * 1e3:.3f} ms")
+            os.environ["MOEC_PDL"] = "1"
+            executable._decode_graphs.pop(batch, None)
             del caches
             torch.cuda.empty_cache()
         caches = executable.allocate_caches(1)
@@ -235,6 +244,8 @@ def main() -> None:
         log(f"{name} prefill {args.prefill}: {prefill * 1e3:.2f} ms, FLOP floor {flop_floor * 1e3:.2f} ms")
         summary.append(f"| {name} | {weights_gb:.2f} | " + " | ".join(cells)
                        + f" | {prefill * 1e3:.2f} ({prefill / flop_floor:.2f}) |")
+        if cells_off:
+            summary.append(f"| {name}, PDL off | | " + " | ".join(cells_off) + " | |")
         del caches, executable, compiled
         torch.cuda.empty_cache()
         text = "\n".join(report[:2] + summary + [""] + report[2:])

@@ -61,21 +61,24 @@ class GemvConfig:
     dn_block_k: int
     dn_split_k: int
     dn_warps: int
+    prefetch: bool = False  # two K tiles in flight per program (the next one's loads before this one's products)
 
 
 # (precision, grouped) -> (max slots = T * top_k, config): where the decode path beats the tensor-core tiles above
-# (bench/quantized_kernels.py --sweep on the H200, BENCHMARKS.md, Mixtral-8x7B experts); no entry: always the tiles
-# (bf16 ties with them at T = 1 and loses at T = 2; int8 won 119 vs 124 us alone at T = 1 but lost inside the whole
-# model's decode step, 3.83 vs 3.67 ms of experts per step).
+# (bench/quantized_kernels.py --sweep on the H200, fourth session, BENCHMARKS.md, Mixtral-8x7B experts; us per call
+# in a CUDA graph); no entry: always the tiles.
 GEMV_TABLE: dict[tuple[str | None, bool], tuple[int, GemvConfig]] = {
-    ("int4", False): (4, GemvConfig(16, 256, 4, 16, 256, 4, 4)),  # T=1 110 us vs tiles 163; T=2 202 vs 264
-    ("int4", True): (4, GemvConfig(32, 512, 8, 32, 512, 4, 8)),  # g128: T=1 133 vs 174; T=2 243 vs 276
+    (None, False): (2, GemvConfig(8, 512, 4, 8, 512, 4, 4)),  # bf16 T=1 168.3 vs tiles 172.2 (T=2: tiles, 269.8)
+    ("int8", False): (4, GemvConfig(16, 256, 4, 16, 256, 4, 4, prefetch=True)),  # T=1 106.0 vs 121.8, T=2 194 vs 210
+    ("int8", True): (4, GemvConfig(16, 256, 4, 16, 256, 4, 4, prefetch=True)),
+    ("int4", False): (4, GemvConfig(16, 256, 4, 16, 256, 4, 4)),  # T=1 109.3 vs tiles 162.5; T=2 200.4 vs 259.9
+    ("int4", True): (4, GemvConfig(16, 256, 4, 16, 256, 4, 4)),  # g128 (2 groups per tile): T=1 117.3 vs 180.7
 }
 
 
 def get_gemv_config(num_slots: int, hidden: int, inter: int, group_size: int, precision: str | None) -> GemvConfig | None:
     """The decode path's config for `num_slots` slots of this precision, or None where the tiles are used. K tiles
-    stay inside one group (as `get_config`) and no wider than the problem."""
+    no wider than the problem; one wider than a group holds whole groups (triton_quant.tile_groups)."""
     entry = GEMV_TABLE.get((precision, group_size > 0))
     if entry is None or num_slots > entry[0]:
         return None
@@ -83,13 +86,15 @@ def get_gemv_config(num_slots: int, hidden: int, inter: int, group_size: int, pr
 
 
 def clamp_gemv_config(cfg: GemvConfig, hidden: int, inter: int, group_size: int) -> GemvConfig:
-    group_cap = group_size if group_size else 1 << 30
+    def whole_groups(block_k: int) -> int:  # a tile wider than a group must hold whole groups
+        return group_size if group_size and block_k > group_size and block_k % group_size else block_k
+
     return replace(
         cfg,
         gu_block_n=min(cfg.gu_block_n, max(16, next_pow2(inter))),
-        gu_block_k=min(cfg.gu_block_k, max(32, next_pow2(hidden)), group_cap),
+        gu_block_k=whole_groups(min(cfg.gu_block_k, max(32, next_pow2(hidden)))),
         dn_block_n=min(cfg.dn_block_n, max(16, next_pow2(hidden))),
-        dn_block_k=min(cfg.dn_block_k, max(32, next_pow2(inter)), group_cap),
+        dn_block_k=whole_groups(min(cfg.dn_block_k, max(32, next_pow2(inter)))),
     )
 
 

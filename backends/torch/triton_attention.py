@@ -34,6 +34,7 @@ import torch
 
 from backends.torch.triton_attention_kernels import _HAVE_TRITON, triton
 from backends.torch.triton_fp8 import capability_reason
+from backends.torch.triton_support import pdl_launch
 
 if _HAVE_TRITON:
     from backends.torch.triton_attention_kernels import (
@@ -200,7 +201,7 @@ def write_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), float(k_scale), float(v_scale),
         D=head_dim, BLOCK_D=_next_pow2(head_dim), BLOCK_S=block_s, FP8_CACHE=fp8_cache,
-        EMULATE_FP8=fp8_cache and _interpreting(), num_warps=4,
+        EMULATE_FP8=fp8_cache and _interpreting(), **pdl_launch(k), num_warps=4,
     )
 
 
@@ -222,7 +223,7 @@ def prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache
         out.stride(0), out.stride(1), out.stride(2), float(v_scale),
         GROUP=q_heads // k_cache.shape[1], D=head_dim, BLOCK_D=_next_pow2(head_dim), BLOCK_M=block_m,
         BLOCK_N=cfg.block_n, WINDOW=sliding_window > 0, PRECISION=_precision(q.dtype),
-        DOT_F32=_dot_in_f32(q.dtype), num_warps=cfg.warps, num_stages=cfg.stages,
+        DOT_F32=_dot_in_f32(q.dtype), **pdl_launch(q), num_warps=cfg.warps, num_stages=cfg.stages,
     )
 
 
@@ -253,14 +254,15 @@ def decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Ten
         GROUP=group, BLOCK_G=max(16, _next_pow2(group)), D=head_dim, BLOCK_D=_next_pow2(head_dim),
         BLOCK_N=cfg.block_n, SINGLE=splits == 1, WINDOW=window, PRECISION=_precision(q.dtype),
         DOT_F32=_dot_in_f32(q.dtype), FP8_CACHE=k_cache.dtype == FP8_CACHE_DTYPE,
-        EMULATE_FP8=k_cache.dtype == FP8_CACHE_DTYPE and _interpreting(), num_warps=cfg.warps, num_stages=cfg.stages,
+        EMULATE_FP8=k_cache.dtype == FP8_CACHE_DTYPE and _interpreting(), **pdl_launch(q), num_warps=cfg.warps,
+        num_stages=cfg.stages,
     )
     if splits > 1:
         _decode_combine_kernel[(batch * q_heads,)](
             part_acc, part_lse, cache_position, out, q_heads, sliding_window, out.stride(0), out.stride(2), splits,
             D=head_dim, BLOCK_D=_next_pow2(head_dim), BLOCK_N=cfg.block_n, SPLITS_P=_next_pow2(splits),
             WINDOW=window,
-            num_warps=4,
+            **pdl_launch(q), num_warps=4,
         )
 
 

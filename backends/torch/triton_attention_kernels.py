@@ -7,7 +7,7 @@ this module holds only the `@triton.jit` bodies, so the launch logic reads on it
 from __future__ import annotations
 
 from backends.torch.triton_support import HAVE_TRITON as _HAVE_TRITON
-from backends.torch.triton_support import tl, triton
+from backends.torch.triton_support import tl, triton, wait_for_producers
 
 if _HAVE_TRITON:
     from backends.torch.triton_fp8 import fp8_codes
@@ -38,7 +38,9 @@ if _HAVE_TRITON:
         BLOCK_S: tl.constexpr,
         FP8_CACHE: tl.constexpr = False,
         EMULATE_FP8: tl.constexpr = False,  # interpreter only: see triton_fp8.fp8_codes
+        USE_PDL: tl.constexpr = False,  # PDL launch (triton_support.pdl_launch)
     ):
+        wait_for_producers(USE_PDL)
         bh = tl.program_id(0)
         b = (bh // kv_heads).to(tl.int64)
         h = (bh % kv_heads).to(tl.int64)
@@ -142,7 +144,9 @@ if _HAVE_TRITON:
         WINDOW: tl.constexpr,
         PRECISION: tl.constexpr,
         DOT_F32: tl.constexpr,
+        USE_PDL: tl.constexpr = False,  # PDL launch (triton_support.pdl_launch)
     ):
+        wait_for_producers(USE_PDL)
         pid_m = tl.program_id(0)
         bh = tl.program_id(1)
         b = (bh // q_heads).to(tl.int64)
@@ -241,7 +245,9 @@ if _HAVE_TRITON:
         DOT_F32: tl.constexpr,
         FP8_CACHE: tl.constexpr = False,
         EMULATE_FP8: tl.constexpr = False,
+        USE_PDL: tl.constexpr = False,  # PDL launch (triton_support.pdl_launch)
     ):
+        wait_for_producers(USE_PDL)
         b = tl.program_id(0).to(tl.int64)
         kvh = tl.program_id(1).to(tl.int64)
         split = tl.program_id(2)
@@ -330,7 +336,9 @@ if _HAVE_TRITON:
         BLOCK_N: tl.constexpr,
         SPLITS_P: tl.constexpr,  # splits rounded up to a power of two (one tile of partial rows)
         WINDOW: tl.constexpr,
+        USE_PDL: tl.constexpr = False,  # PDL launch (triton_support.pdl_launch)
     ):
+        wait_for_producers(USE_PDL)
         bh = tl.program_id(0).to(tl.int64)
         b = bh // q_heads
         h = bh % q_heads

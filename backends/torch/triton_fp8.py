@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from backends.torch.triton_support import HAVE_TRITON as _HAVE_TRITON
-from backends.torch.triton_support import device_reason, interpreting, tl, triton
+from backends.torch.triton_support import device_reason, interpreting, pdl_launch, tl, triton, wait_for_producers
 from compiler.fp8 import FP8_DTYPE
 
 __all__ = ["ACTIVATION_DTYPES", "capability_reason", "linear", "linear_unsupported_reason", "quantize", "scale_tensor"]
@@ -81,7 +81,9 @@ if _HAVE_TRITON:
         return codes
 
     @triton.jit
-    def _quantize_kernel(x_ptr, out_ptr, scale, numel, BLOCK: tl.constexpr, EMULATE: tl.constexpr):
+    def _quantize_kernel(x_ptr, out_ptr, scale, numel, BLOCK: tl.constexpr, EMULATE: tl.constexpr,
+                         USE_PDL: tl.constexpr = False):
+        wait_for_producers(USE_PDL)
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         ok = offs < numel
         v = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32)
@@ -100,7 +102,7 @@ def quantize(x: torch.Tensor, scale: float) -> torch.Tensor:
     if numel:
         block = 1024
         _quantize_kernel[(triton.cdiv(numel, block),)](x, out, float(scale), numel, BLOCK=block,
-                                                       EMULATE=interpreting(), num_warps=4)
+                                                       EMULATE=interpreting(), **pdl_launch(x), num_warps=4)
     return out
 
 

@@ -60,7 +60,7 @@ from backends.torch.triton_quant import QUANT_CODES, STORAGE
 from compiler.fp8 import FP8_DTYPE
 
 from backends.torch.triton_support import HAVE_TRITON as _HAVE_TRITON
-from backends.torch.triton_support import device_reason, interpreting, tl, triton
+from backends.torch.triton_support import device_reason, interpreting, pdl_launch, tl, triton, wait_for_producers
 
 __all__ = ["SUPPORTED_DTYPES", "fused_moe", "is_available", "route", "route_unsupported_reason", "unsupported_reason"]
 
@@ -142,7 +142,9 @@ if _HAVE_TRITON:
         BLOCK_M: tl.constexpr,
         CHUNK: tl.constexpr,
         NB_CHUNK: tl.constexpr,
+        USE_PDL: tl.constexpr = False,  # PDL launch (triton_support.pdl_launch)
     ):
+        wait_for_producers(USE_PDL)
         experts = tl.arange(0, E_P)
         # Pass 1: per-expert histogram.  Slots past the end and slots of non-local experts become E_P,
         # which matches no column.
@@ -227,7 +229,9 @@ if _HAVE_TRITON:
         GROUP_SIZE: tl.constexpr = 1,  # K elements per scale, a multiple of BLOCK_K (unused with PER_ROW)
         PER_ROW: tl.constexpr = False,  # one scale per weight row
         EMULATE_FP8: tl.constexpr = False,  # interpreter only: see triton_fp8.fp8_codes
+        USE_PDL: tl.constexpr = False,  # PDL launch (triton_support.pdl_launch)
     ):
+        wait_for_producers(USE_PDL)
         pid = tl.program_id(0)
         num_pid_n = tl.cdiv(N, BLOCK_N)
         pid_m, pid_n = _tile_ids(pid, num_pid_m, num_pid_n, GROUP_M)
@@ -329,7 +333,9 @@ if _HAVE_TRITON:
         QUANT: tl.constexpr = 0,
         GROUP_SIZE: tl.constexpr = 1,
         PER_ROW: tl.constexpr = False,
+        USE_PDL: tl.constexpr = False,  # PDL launch (triton_support.pdl_launch)
     ):
+        wait_for_producers(USE_PDL)
         pid = tl.program_id(0)
         pid_k = tl.program_id(1)
         num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -401,7 +407,9 @@ if _HAVE_TRITON:
         TOPK: tl.constexpr,
         SPLIT_K: tl.constexpr,
         BLOCK_H: tl.constexpr,
+        USE_PDL: tl.constexpr = False,  # PDL launch (triton_support.pdl_launch)
     ):
+        wait_for_producers(USE_PDL)
         t = tl.program_id(0).to(tl.int64)
         offs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
         acc = tl.zeros([BLOCK_H], dtype=tl.float32)
@@ -433,7 +441,9 @@ if _HAVE_TRITON:
         TOPK: tl.constexpr,
         RENORMALIZE: tl.constexpr,
         BLOCK_H: tl.constexpr,
+        USE_PDL: tl.constexpr = False,  # PDL launch (triton_support.pdl_launch)
     ):
+        wait_for_producers(USE_PDL)
         t = tl.program_id(0).to(tl.int64)
         experts = tl.arange(0, E_P)
         cols = tl.arange(0, BLOCK_H)
@@ -505,7 +515,7 @@ def route(
             E=num_experts, E_P=e_p, TOPK=top_k, RENORMALIZE=normalization == "renormalize",
             # The whole [E, H] router in as few loads as fit in registers: a decode step's one program is latency-bound,
             # so each round trip to memory counts (8 x 512 tiles took ~10 us for H = 4096, measured).
-            BLOCK_H=max(16, min(next_pow2(hidden), 16384 // e_p)), num_warps=8,
+            BLOCK_H=max(16, min(next_pow2(hidden), 16384 // e_p)), **pdl_launch(x), num_warps=8,
         )
     return ids, weights
 
@@ -669,7 +679,7 @@ def fused_moe(
         BLOCK_M=bm,
         CHUNK=chunk,
         NB_CHUNK=min(1024, max(16, next_pow2(nb_max))),
-        num_warps=4,
+        **pdl_launch(x), num_warps=4,
     )
 
     # 2. gate/up GEMM + SwiGLU.
@@ -707,7 +717,7 @@ def fused_moe(
         GROUP_SIZE=group_size or h,
         PER_ROW=group_size == 0 and not fp8,
         EMULATE_FP8=fp8 and interpreting(),
-        num_warps=cfg.gu_warps,
+        **pdl_launch(x), num_warps=cfg.gu_warps,
         num_stages=cfg.gu_stages,
     )
 
@@ -751,7 +761,7 @@ def fused_moe(
         QUANT=quant,
         GROUP_SIZE=group_size or inter,
         PER_ROW=group_size == 0 and not fp8,
-        num_warps=cfg.dn_warps,
+        **pdl_launch(x), num_warps=cfg.dn_warps,
         num_stages=cfg.dn_stages,
     )
 
@@ -770,7 +780,7 @@ def fused_moe(
         TOPK=topk,
         SPLIT_K=split,
         BLOCK_H=block_h,
-        num_warps=4,
+        **pdl_launch(x), num_warps=4,
     )
     return out
 
@@ -791,6 +801,7 @@ def _fused_moe_gemv(  # the kernels: triton_moe_decode.py
 ) -> torch.Tensor:
     """`fused_moe` on the CUDA-core decode kernels: gate/up GEMVs + SwiGLU, split-K down GEMVs, the combine."""
     from backends.torch.triton_moe_decode import _down_gemv_kernel, _gate_up_gemv_kernel
+    from backends.torch.triton_quant import tile_groups
 
     t, h = hidden_states.shape
     topk = topk_ids.shape[1]
@@ -806,7 +817,9 @@ def _fused_moe_gemv(  # the kernels: triton_moe_decode.py
         x, w13, s13, inter_act, ids, expert_offset, inter, h,
         x.stride(0), w13.stride(0), w13.stride(1), s13.stride(0), s13.stride(1), inter_act.stride(0),
         E=num_experts, TOPK=topk, BLOCK_N=cfg.gu_block_n, BLOCK_K=cfg.gu_block_k, EVEN_K=h % cfg.gu_block_k == 0,
-        QUANT=quant, GROUP_SIZE=group_size or h, PER_ROW=group_size == 0, num_warps=cfg.gu_warps,
+        QUANT=quant, GROUP_SIZE=group_size or h, PER_ROW=group_size == 0,
+        GROUPS=tile_groups(cfg.gu_block_k, group_size), PREFETCH=cfg.prefetch, **pdl_launch(x),
+        num_warps=cfg.gu_warps,
     )
     bk = cfg.dn_block_k
     k_per_split = triton.cdiv(triton.cdiv(inter, max(1, cfg.dn_split_k)), bk) * bk
@@ -817,11 +830,12 @@ def _fused_moe_gemv(  # the kernels: triton_moe_decode.py
         inter_act.stride(0), w2.stride(0), w2.stride(1), s2.stride(0), s2.stride(1), partial.stride(0),
         partial.stride(1),
         E=num_experts, BLOCK_N=cfg.dn_block_n, BLOCK_K=bk, EVEN_K=inter % k_per_split == 0 and k_per_split % bk == 0,
-        QUANT=quant, GROUP_SIZE=group_size or inter, PER_ROW=group_size == 0, num_warps=cfg.dn_warps,
+        QUANT=quant, GROUP_SIZE=group_size or inter, PER_ROW=group_size == 0,
+        GROUPS=tile_groups(bk, group_size), PREFETCH=cfg.prefetch, **pdl_launch(x), num_warps=cfg.dn_warps,
     )
     block_h = min(1024, next_pow2(h))
     _combine_kernel[(t, triton.cdiv(h, block_h))](
         partial, out, ids, expert_offset, num_experts, h, partial.stride(0), partial.stride(1), out.stride(0),
-        TOPK=topk, SPLIT_K=split, BLOCK_H=block_h, num_warps=4,
+        TOPK=topk, SPLIT_K=split, BLOCK_H=block_h, **pdl_launch(x), num_warps=4,
     )
     return out

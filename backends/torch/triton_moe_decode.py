@@ -3,9 +3,10 @@
 before: a decode step's few (token, expert) slots padded into 16-row tensor-core tiles of `_gate_up_kernel` /
         `_down_kernel`, every weight tile converted into a dot-operand layout through shared memory
 after:  one program per (slot, column tile[, K slice]): the slot's expert codes stream straight into registers
-        (`triton_quant.codes_gemv`), are widened there and multiplied by the slot's one activation row, with
-        elementwise float32 accumulators reduced once after the K loop; the gate/up kernel applies SwiGLU in its
-        epilogue, the down kernel the routing weight, and `triton_moe._combine_kernel` sums each token's slots.
+        (`triton_quant.gemv_load` / `gemv_products`), are widened there and multiplied by the slot's one activation
+        row, with elementwise float32 accumulators reduced once after the K loop (optionally with the next K tile's
+        loads in flight: `GemvConfig.prefetch`); the gate/up kernel applies SwiGLU in its epilogue, the down kernel
+        the routing weight, and `triton_moe._combine_kernel` sums each token's slots.
 
 No alignment launch: each program reads its slot's expert id itself and returns for another rank's expert (expert
 parallelism). The grid's first axis is the slot, so the programs of one column tile run together and slots that
@@ -13,10 +14,11 @@ share an expert read its tile from L2. Which precisions and slot counts take thi
 """
 
 from backends.torch.triton_support import HAVE_TRITON as _HAVE_TRITON
-from backends.torch.triton_support import tl, triton
+from backends.torch.triton_support import tl, triton, wait_for_producers
 
 if _HAVE_TRITON:
-    from backends.torch.triton_quant import codes_gemv
+    from backends.torch.triton_quant import (gemv_group_scales, gemv_code_index, gemv_lead, gemv_load, gemv_products, gemv_reduce,
+                                             gemv_rows)
 
     @triton.jit(do_not_specialize=["expert_offset"])
     def _gate_up_gemv_kernel(
@@ -42,7 +44,11 @@ if _HAVE_TRITON:
         QUANT: tl.constexpr,
         GROUP_SIZE: tl.constexpr,
         PER_ROW: tl.constexpr,
+        GROUPS: tl.constexpr = 1,  # scale groups per K tile (triton_quant.tile_groups)
+        PREFETCH: tl.constexpr = False,  # issue the next K tile's loads before multiplying this one
+        USE_PDL: tl.constexpr = False,  # PDL launch (triton_support.pdl_launch)
     ):
+        wait_for_producers(USE_PDL)
         slot = tl.program_id(0)
         pid_n = tl.program_id(1)
         expert = tl.load(topk_ids_ptr + slot).to(tl.int64) - expert_offset
@@ -52,29 +58,58 @@ if _HAVE_TRITON:
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ld = offs_n % N  # wrap: loads stay unmasked, wrapped columns are not stored
         PACK: tl.constexpr = 2 if QUANT == 2 else 1
-        offs_kw = tl.arange(0, BLOCK_K // PACK)
-        gate_ptrs = w_ptr + expert * stride_we + n_ld.to(tl.int64)[:, None] * stride_wn + offs_kw[None, :]
+        code_idx = gemv_code_index(BLOCK_K, PACK, GROUPS)
+        k_idx = code_idx * PACK
+        gate_ptrs = w_ptr + expert * stride_we + gemv_rows(n_ld.to(tl.int64) * stride_wn, GROUPS)
+        gate_ptrs += gemv_lead(code_idx, GROUPS)
         up_ptrs = gate_ptrs + N * stride_wn
         x_row = x_ptr + token * stride_xm
         gate_scales = s_ptr + expert * stride_se + n_ld.to(tl.int64) * stride_sn
         up_scales = gate_scales + N * stride_sn
-        # Elementwise accumulators, reduced over k once after the loop (triton_quant.codes_gemv).
-        gate_acc = tl.zeros([BLOCK_N, BLOCK_K // PACK], dtype=tl.float32)
-        up_acc = tl.zeros([BLOCK_N, BLOCK_K // PACK], dtype=tl.float32)
-        for kk in range(0, tl.cdiv(K, BLOCK_K)):
-            k0 = kk * BLOCK_K
-            part_gate = codes_gemv(x_row + k0, K - k0, gate_ptrs, QUANT, BLOCK_K, not EVEN_K)
-            part_up = codes_gemv(x_row + k0, K - k0, up_ptrs, QUANT, BLOCK_K, not EVEN_K)
-            if QUANT == 0 or PER_ROW:
-                gate_acc += part_gate
-                up_acc += part_up
-            else:
-                gate_acc += part_gate * tl.load(gate_scales + k0 // GROUP_SIZE).to(tl.float32)[:, None]
-                up_acc += part_up * tl.load(up_scales + k0 // GROUP_SIZE).to(tl.float32)[:, None]
-            gate_ptrs += BLOCK_K // PACK
-            up_ptrs += BLOCK_K // PACK
-        gate = tl.sum(gate_acc, axis=1)
-        up = tl.sum(up_acc, axis=1)
+        # Elementwise accumulators, reduced over k once after the loop (triton_quant.gemv_products).
+        gate_acc = tl.zeros(gate_ptrs.shape, dtype=tl.float32)
+        up_acc = tl.zeros(gate_ptrs.shape, dtype=tl.float32)
+        SCALED: tl.constexpr = QUANT != 0 and not PER_ROW
+        num_tiles = tl.cdiv(K, BLOCK_K)
+        if PREFETCH:  # tile kk + 1's loads go out before tile kk is multiplied (triton_quant._gemv_kernel)
+            gate_codes, x_a, x_b = gemv_load(x_row, K, gate_ptrs, k_idx, QUANT, not EVEN_K, GROUPS)
+            up_codes, x_a, x_b = gemv_load(x_row, K, up_ptrs, k_idx, QUANT, not EVEN_K, GROUPS)
+            if SCALED:
+                gate_sc = gemv_group_scales(gate_scales, 0, K, GROUP_SIZE, GROUPS, not EVEN_K)
+                up_sc = gemv_group_scales(up_scales, 0, K, GROUP_SIZE, GROUPS, not EVEN_K)
+            for kk in range(0, num_tiles):
+                k_next = tl.minimum(kk + 1, num_tiles - 1) * BLOCK_K
+                next_gate, next_a, next_b = gemv_load(x_row + k_next, K - k_next, gate_ptrs + k_next // PACK, k_idx,
+                                                      QUANT, not EVEN_K, GROUPS)
+                next_up, next_a, next_b = gemv_load(x_row + k_next, K - k_next, up_ptrs + k_next // PACK, k_idx,
+                                                    QUANT, not EVEN_K, GROUPS)
+                if SCALED:
+                    next_gate_sc = gemv_group_scales(gate_scales, k_next, K - k_next, GROUP_SIZE, GROUPS, not EVEN_K)
+                    next_up_sc = gemv_group_scales(up_scales, k_next, K - k_next, GROUP_SIZE, GROUPS, not EVEN_K)
+                    gate_acc += gemv_products(gate_codes, x_a, x_b, QUANT) * gate_sc
+                    up_acc += gemv_products(up_codes, x_a, x_b, QUANT) * up_sc
+                    gate_sc, up_sc = next_gate_sc, next_up_sc
+                else:
+                    gate_acc += gemv_products(gate_codes, x_a, x_b, QUANT)
+                    up_acc += gemv_products(up_codes, x_a, x_b, QUANT)
+                gate_codes, up_codes, x_a, x_b = next_gate, next_up, next_a, next_b
+        else:
+            for kk in range(0, num_tiles):
+                k0 = kk * BLOCK_K
+                gate_codes, x_a, x_b = gemv_load(x_row + k0, K - k0, gate_ptrs, k_idx, QUANT, not EVEN_K, GROUPS)
+                up_codes, x_a, x_b = gemv_load(x_row + k0, K - k0, up_ptrs, k_idx, QUANT, not EVEN_K, GROUPS)
+                if SCALED:
+                    gate_acc += gemv_products(gate_codes, x_a, x_b, QUANT) * gemv_group_scales(
+                        gate_scales, k0, K - k0, GROUP_SIZE, GROUPS, not EVEN_K)
+                    up_acc += gemv_products(up_codes, x_a, x_b, QUANT) * gemv_group_scales(
+                        up_scales, k0, K - k0, GROUP_SIZE, GROUPS, not EVEN_K)
+                else:
+                    gate_acc += gemv_products(gate_codes, x_a, x_b, QUANT)
+                    up_acc += gemv_products(up_codes, x_a, x_b, QUANT)
+                gate_ptrs += BLOCK_K // PACK
+                up_ptrs += BLOCK_K // PACK
+        gate = gemv_reduce(gate_acc, GROUPS)
+        up = gemv_reduce(up_acc, GROUPS)
         if QUANT != 0:
             if PER_ROW:
                 gate = gate * tl.load(gate_scales).to(tl.float32)
@@ -109,7 +144,11 @@ if _HAVE_TRITON:
         QUANT: tl.constexpr,
         GROUP_SIZE: tl.constexpr,
         PER_ROW: tl.constexpr,
+        GROUPS: tl.constexpr = 1,  # scale groups per K tile (triton_quant.tile_groups)
+        PREFETCH: tl.constexpr = False,  # issue the next K tile's loads before multiplying this one
+        USE_PDL: tl.constexpr = False,  # PDL launch (triton_support.pdl_launch)
     ):
+        wait_for_producers(USE_PDL)
         slot = tl.program_id(0)
         pid_n = tl.program_id(1)
         pid_k = tl.program_id(2)
@@ -120,20 +159,43 @@ if _HAVE_TRITON:
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ld = offs_n % N
         PACK: tl.constexpr = 2 if QUANT == 2 else 1
-        offs_kw = k0 // PACK + tl.arange(0, BLOCK_K // PACK)
-        w_ptrs = w_ptr + expert * stride_we + n_ld.to(tl.int64)[:, None] * stride_wn + offs_kw[None, :]
+        code_idx = gemv_code_index(BLOCK_K, PACK, GROUPS)
+        k_idx = code_idx * PACK
+        w_ptrs = w_ptr + expert * stride_we + gemv_rows(n_ld.to(tl.int64) * stride_wn, GROUPS) + k0 // PACK
+        w_ptrs += gemv_lead(code_idx, GROUPS)
         a_row = a_ptr + slot.to(tl.int64) * stride_am + k0
         s_rows = s_ptr + expert * stride_se + n_ld.to(tl.int64) * stride_sn
-        acc = tl.zeros([BLOCK_N, BLOCK_K // PACK], dtype=tl.float32)
+        acc = tl.zeros(w_ptrs.shape, dtype=tl.float32)
         k_end = tl.minimum(k0 + k_per_split, K)
-        for kk in range(0, tl.cdiv(k_end - k0, BLOCK_K)):
-            part = codes_gemv(a_row + kk * BLOCK_K, k_end - k0 - kk * BLOCK_K, w_ptrs, QUANT, BLOCK_K, not EVEN_K)
-            if QUANT == 0 or PER_ROW:
-                acc += part
-            else:
-                acc += part * tl.load(s_rows + (k0 + kk * BLOCK_K) // GROUP_SIZE).to(tl.float32)[:, None]
-            w_ptrs += BLOCK_K // PACK
-        out = tl.sum(acc, axis=1)
+        SCALED: tl.constexpr = QUANT != 0 and not PER_ROW
+        num_tiles = tl.cdiv(k_end - k0, BLOCK_K)
+        if PREFETCH:
+            codes, x_a, x_b = gemv_load(a_row, k_end - k0, w_ptrs, k_idx, QUANT, not EVEN_K, GROUPS)
+            if SCALED:
+                scales = gemv_group_scales(s_rows, k0, k_end - k0, GROUP_SIZE, GROUPS, not EVEN_K)
+            for kk in range(0, num_tiles):
+                rel_next = tl.minimum(kk + 1, num_tiles - 1) * BLOCK_K
+                left = k_end - k0 - rel_next
+                next_codes, next_a, next_b = gemv_load(a_row + rel_next, left, w_ptrs + rel_next // PACK, k_idx,
+                                                       QUANT, not EVEN_K, GROUPS)
+                if SCALED:
+                    next_scales = gemv_group_scales(s_rows, k0 + rel_next, left, GROUP_SIZE, GROUPS, not EVEN_K)
+                    acc += gemv_products(codes, x_a, x_b, QUANT) * scales
+                    scales = next_scales
+                else:
+                    acc += gemv_products(codes, x_a, x_b, QUANT)
+                codes, x_a, x_b = next_codes, next_a, next_b
+        else:
+            for kk in range(0, num_tiles):
+                k_left = k_end - k0 - kk * BLOCK_K
+                codes, x_a, x_b = gemv_load(a_row + kk * BLOCK_K, k_left, w_ptrs, k_idx, QUANT, not EVEN_K, GROUPS)
+                if SCALED:
+                    acc += gemv_products(codes, x_a, x_b, QUANT) * gemv_group_scales(
+                        s_rows, k0 + kk * BLOCK_K, k_left, GROUP_SIZE, GROUPS, not EVEN_K)
+                else:
+                    acc += gemv_products(codes, x_a, x_b, QUANT)
+                w_ptrs += BLOCK_K // PACK
+        out = gemv_reduce(acc, GROUPS)
         if QUANT != 0:
             if PER_ROW:
                 out = out * tl.load(s_rows).to(tl.float32)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from backends.torch.triton_support import HAVE_TRITON as _HAVE_TRITON
-from backends.torch.triton_support import device_reason, tl, triton
+from backends.torch.triton_support import device_reason, pdl_launch, tl, triton, wait_for_producers
 
 __all__ = ["add_rms_norm", "rms_norm", "rope", "rope_unsupported_reason", "unsupported_reason"]
 
@@ -49,7 +49,9 @@ if _HAVE_TRITON:
         eps,
         HAS_RESIDUAL: tl.constexpr,
         BLOCK: tl.constexpr,
+        USE_PDL: tl.constexpr = False,  # PDL launch (triton_support.pdl_launch)
     ):
+        wait_for_producers(USE_PDL)
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         mask = cols < n_cols
@@ -83,7 +85,7 @@ def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor
         block = triton.next_power_of_2(hidden)
         _rms_norm_kernel[(rows,)](
             x2, r2, weight.contiguous(), total, out, hidden, eps,
-            HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=min(16, max(1, block // 256)),
+            HAS_RESIDUAL=residual is not None, BLOCK=block, **pdl_launch(x), num_warps=min(16, max(1, block // 256)),
         )
     return total.view(x.shape), out.view(x.shape)
 
@@ -130,7 +132,9 @@ if _HAVE_TRITON:
         stride_cb, stride_cs,
         stride_ob, stride_oh, stride_os,
         HALF: tl.constexpr, BLOCK_H: tl.constexpr,
+        USE_PDL: tl.constexpr = False,  # PDL launch (triton_support.pdl_launch)
     ):
+        wait_for_producers(USE_PDL)
         pid = tl.program_id(0)
         b = (pid // S).to(tl.int64)
         s = (pid % S).to(tl.int64)
@@ -179,6 +183,6 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
             x.stride(0), x.stride(1), x.stride(2),
             cos.stride(0) if cos.shape[0] > 1 else 0, cos.stride(1),
             out.stride(0), out.stride(1), out.stride(2),
-            HALF=dim // 2, BLOCK_H=triton.next_power_of_2(heads), num_warps=4,
+            HALF=dim // 2, BLOCK_H=triton.next_power_of_2(heads), **pdl_launch(x), num_warps=4,
         )
     return out

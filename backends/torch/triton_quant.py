@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from backends.torch.triton_support import HAVE_TRITON as _HAVE_TRITON
-from backends.torch.triton_support import device_reason, interpreting, tl, triton
+from backends.torch.triton_support import device_reason, interpreting, pdl_launch, tl, triton, wait_for_producers
 
 __all__ = ["QUANT_CODES", "linear", "quantized_matmul", "unsupported_reason"]
 
@@ -126,50 +126,121 @@ if _HAVE_TRITON:
         return part
 
     @triton.jit
-    def codes_gemv(
+    def gemv_load(
         x_row,  # pointer at the tile's first k of the one activation row
         k_left,  # K elements left from the tile's first k
-        w_ptrs,  # [BN, BK] float or int8 weights, or [BN, BK/2] bytes of int4 code pairs; k contiguous
+        w_ptrs,  # [BN, ...] float or int8 weights, or bytes of int4 code pairs; k contiguous
+        k_idx,  # [...] tile-relative k of each column of w_ptrs (int4: of its low nibble): `gemv_code_index` * PACK
         QUANT: tl.constexpr,  # 0 float, 1 int8, 2 int4
-        BLOCK_K: tl.constexpr,
         MASKED: tl.constexpr,  # the tile may be ragged
+        GROUPS: tl.constexpr,  # the tile's shape: [BN, BK/PACK] (1) or [BN, GROUPS, BK/GROUPS/PACK]
     ):
-        """Products x[k] * w[n, k] of one activation row with a weight tile, float32 [BN, BK / PACK] (int4: the even
-        and odd k of a byte already added), on the CUDA cores. The caller accumulates these tiles elementwise and
-        reduces over k once, after its K loop: a reduction per tile would cross warps (shared memory and a barrier)
-        on every step. The weight tile goes from memory straight into registers, no shared-memory round trip into a
-        dot-operand layout (what bounds the tensor-core path with only a row or two to multiply). Quantized codes
-        stay unscaled. int4: a nibble v becomes the float32 2^23 + v by OR-ing it into the exponent bits of 2^23
-        (no int-to-float conversion), and one subtraction of 2^23 + 8 leaves the signed code."""
+        """One GEMV tile's loads, issued and not yet used: (weights or codes as stored, x at k_idx, x at k_idx + 1
+        for int4 (else x again)), x shaped [1, ...] against the tile. Apart from `gemv_products` so that a kernel
+        can issue the next tile's loads before it multiplies this one. x is loaded in the rank of `k_idx` and only
+        then given its leading axis: loaded as a [1, ...] tensor it got a layout of its own and a shared-memory
+        conversion per tile (int8 / int4 GEMVs 15-28% slower, measured)."""
         if QUANT == 2:
-            j = tl.arange(0, BLOCK_K // 2)
             if MASKED:
-                packed = tl.load(w_ptrs, mask=(2 * j)[None, :] < k_left, other=0x88)
-                x_even = tl.load(x_row + 2 * j, mask=2 * j < k_left, other=0.0)
-                x_odd = tl.load(x_row + 2 * j + 1, mask=2 * j + 1 < k_left, other=0.0)
+                codes = tl.load(w_ptrs, mask=gemv_lead(k_idx < k_left, GROUPS), other=0x88)
+                x_a = tl.load(x_row + k_idx, mask=k_idx < k_left, other=0.0)
+                x_b = tl.load(x_row + k_idx + 1, mask=k_idx + 1 < k_left, other=0.0)
             else:
-                packed = tl.load(w_ptrs)
-                x_even = tl.load(x_row + 2 * j)
-                x_odd = tl.load(x_row + 2 * j + 1)
-            bits = packed.to(tl.int32)
+                codes = tl.load(w_ptrs)
+                x_a = tl.load(x_row + k_idx)
+                x_b = tl.load(x_row + k_idx + 1)
+        else:
+            if MASKED:
+                codes = tl.load(w_ptrs, mask=gemv_lead(k_idx < k_left, GROUPS), other=0)
+                x_a = tl.load(x_row + k_idx, mask=k_idx < k_left, other=0.0)
+            else:
+                codes = tl.load(w_ptrs)
+                x_a = tl.load(x_row + k_idx)
+            x_b = x_a
+        return codes, gemv_lead(x_a, GROUPS), gemv_lead(x_b, GROUPS)
+
+    @triton.jit
+    def gemv_products(codes, x_a, x_b, QUANT: tl.constexpr):
+        """Products x[k] * w[n, k] of one activation row with a weight tile (`gemv_load`'s), float32 in the tile's
+        shape (int4: the even and odd k of a byte already added), on the CUDA cores. The caller accumulates these
+        tiles elementwise and reduces over k once, after its K loop: a reduction per tile would cross warps (shared
+        memory and a barrier) on every step. The weight tile goes from memory straight into registers, no
+        shared-memory round trip into a dot-operand layout (what bounds the tensor-core path with only a row or two
+        to multiply). Quantized codes stay unscaled. int4: a nibble v becomes the float32 2^23 + v by OR-ing it into
+        the exponent bits of 2^23 (no int-to-float conversion), and one subtraction of 2^23 + 8 leaves the signed
+        code."""
+        if QUANT == 2:
+            bits = codes.to(tl.int32)
             low = ((bits & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
             high = ((bits >> 4) | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
-            prod = low * x_even.to(tl.float32)[None, :] + high * x_odd.to(tl.float32)[None, :]
+            prod = low * x_a.to(tl.float32) + high * x_b.to(tl.float32)
         else:
-            kk = tl.arange(0, BLOCK_K)
-            if MASKED:
-                w = tl.load(w_ptrs, mask=kk[None, :] < k_left, other=0)
-                x = tl.load(x_row + kk, mask=kk < k_left, other=0.0)
-            else:
-                w = tl.load(w_ptrs)
-                x = tl.load(x_row + kk)
             if QUANT == 1:  # the same exponent trick: the byte of code c, XOR 0x80, is c + 128 in [0, 255]
-                bits = (w.to(tl.uint8, bitcast=True).to(tl.int32) ^ 0x80) | 0x4B000000
+                bits = (codes.to(tl.uint8, bitcast=True).to(tl.int32) ^ 0x80) | 0x4B000000
                 wf = bits.to(tl.float32, bitcast=True) - 8388736.0
             else:
-                wf = w.to(tl.float32)
-            prod = wf * x.to(tl.float32)[None, :]
+                wf = codes.to(tl.float32)
+            prod = wf * x_a.to(tl.float32)
         return prod
+
+    # A GEMV tile is [BLOCK_N, BLOCK_K / PACK] code elements, or, when scale groups are narrower than the K tile,
+    # [BLOCK_N, GROUPS, BLOCK_K / GROUPS / PACK]: one scale per (row, group) then multiplies a whole trailing row
+    # of products (a broadcast, no per-element scale gather), and the K tile is not capped at the group size (a
+    # 128-wide group would leave 64 bytes per row and step in flight). The helpers below shape both cases.
+
+    @triton.jit
+    def gemv_code_index(BLOCK_K: tl.constexpr, PACK: tl.constexpr, GROUPS: tl.constexpr):
+        """Tile-relative index of each code element (a byte of int4 pairs): [BK/PACK] or [GROUPS, BK/GROUPS/PACK]
+        (group g's elements at g * BK/GROUPS/PACK + j), contiguous along the last axis so that the weight loads
+        vectorize (an index derived as k // PACK would not be provably contiguous). Its k is PACK times it."""
+        if GROUPS == 1:
+            idx = tl.arange(0, BLOCK_K // PACK)
+        else:
+            WIDTH: tl.constexpr = BLOCK_K // GROUPS // PACK
+            idx = tl.arange(0, GROUPS)[:, None] * WIDTH + tl.arange(0, WIDTH)[None, :]
+        return idx
+
+    @triton.jit
+    def gemv_lead(v, GROUPS: tl.constexpr):
+        """A per-column tensor ([BK/PACK] or [GROUPS, ...]) given the tile's leading row axis: [1, ...]."""
+        if GROUPS == 1:
+            lead = v[None, :]
+        else:
+            lead = v[None, :, :]
+        return lead
+
+    @triton.jit
+    def gemv_rows(v, GROUPS: tl.constexpr):
+        """A per-row vector [BN] shaped against a tile: [BN, 1] or [BN, 1, 1]."""
+        if GROUPS == 1:
+            rows = v[:, None]
+        else:
+            rows = v[:, None, None]
+        return rows
+
+    @triton.jit
+    def gemv_group_scales(s_rows, k0, k_left, GROUP_SIZE: tl.constexpr, GROUPS: tl.constexpr, MASKED: tl.constexpr):
+        """float32 scales of the tile starting at k0, shaped to multiply its products: [BN, 1] (the tile inside one
+        group) or [BN, GROUPS, 1]. `s_rows` [BN] points at each row's first scale."""
+        if GROUPS == 1:
+            scales = tl.load(s_rows + k0 // GROUP_SIZE).to(tl.float32)[:, None]
+        else:
+            g = tl.arange(0, GROUPS)
+            ptrs = s_rows[:, None] + (k0 // GROUP_SIZE + g)[None, :]
+            if MASKED:  # groups past K: their products are 0, their scales are not read
+                scales = tl.load(ptrs, mask=(g * GROUP_SIZE < k_left)[None, :], other=0.0).to(tl.float32)[:, :, None]
+            else:
+                scales = tl.load(ptrs).to(tl.float32)[:, :, None]
+        return scales
+
+    @triton.jit
+    def gemv_reduce(acc, GROUPS: tl.constexpr):
+        """The elementwise accumulator summed over k: [BN]."""
+        if GROUPS == 1:
+            out = tl.sum(acc, axis=1)
+        else:
+            out = tl.sum(tl.sum(acc, axis=2), axis=1)
+        return out
 
     @triton.jit
     def _gemv_kernel(
@@ -189,25 +260,49 @@ if _HAVE_TRITON:
         BLOCK_K: tl.constexpr,
         EVEN_K: tl.constexpr,
         PER_ROW: tl.constexpr = False,
+        GROUPS: tl.constexpr = 1,  # scale groups per K tile (> 1: groups narrower than BLOCK_K)
+        PREFETCH: tl.constexpr = False,  # issue the next K tile's loads before multiplying this one
+        USE_PDL: tl.constexpr = False,  # PDL launch (triton_support.pdl_launch)
     ):
         """`_quantized_matmul_kernel` for one decode row: `codes_gemv` tiles on the CUDA cores, no tensor cores."""
+        wait_for_producers(USE_PDL)
         pid_n = tl.program_id(0)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_n_ld = offs_n % N
         PACK: tl.constexpr = 2 if QUANT == 2 else 1
-        offs_kw = tl.arange(0, BLOCK_K // PACK)
-        w_ptrs = w_ptr + offs_n_ld.to(tl.int64)[:, None] * stride_wn + offs_kw[None, :]
+        code_idx = gemv_code_index(BLOCK_K, PACK, GROUPS)
+        k_idx = code_idx * PACK
+        w_ptrs = w_ptr + gemv_rows(offs_n_ld.to(tl.int64) * stride_wn, GROUPS) + gemv_lead(code_idx, GROUPS)
         s_rows = s_ptr + offs_n_ld.to(tl.int64) * stride_sn
-        acc = tl.zeros([BLOCK_N, BLOCK_K // PACK], dtype=tl.float32)
-        for kk in range(0, tl.cdiv(K, BLOCK_K)):
-            k0 = kk * BLOCK_K
-            prod = codes_gemv(x_ptr + k0, K - k0, w_ptrs, QUANT, BLOCK_K, not EVEN_K)
-            if QUANT == 0 or PER_ROW:
-                acc += prod
-            else:  # every K tile inside one group: its scales multiply the tile's products
-                acc += prod * tl.load(s_rows + k0 // GROUP_SIZE).to(tl.float32)[:, None]
-            w_ptrs += BLOCK_K // PACK
-        out = tl.sum(acc, axis=1)
+        acc = tl.zeros(w_ptrs.shape, dtype=tl.float32)
+        SCALED: tl.constexpr = QUANT != 0 and not PER_ROW
+        num_tiles = tl.cdiv(K, BLOCK_K)
+        if PREFETCH:  # two tiles in flight per program: tile kk + 1's loads go out before tile kk is multiplied
+            codes, x_a, x_b = gemv_load(x_ptr, K, w_ptrs, k_idx, QUANT, not EVEN_K, GROUPS)
+            if SCALED:
+                scales = gemv_group_scales(s_rows, 0, K, GROUP_SIZE, GROUPS, not EVEN_K)
+            for kk in range(0, num_tiles):
+                k_next = tl.minimum(kk + 1, num_tiles - 1) * BLOCK_K  # the last step reloads its own tile (cached)
+                next_codes, next_a, next_b = gemv_load(x_ptr + k_next, K - k_next, w_ptrs + k_next // PACK, k_idx,
+                                                       QUANT, not EVEN_K, GROUPS)
+                if SCALED:
+                    next_scales = gemv_group_scales(s_rows, k_next, K - k_next, GROUP_SIZE, GROUPS, not EVEN_K)
+                    acc += gemv_products(codes, x_a, x_b, QUANT) * scales
+                    scales = next_scales
+                else:
+                    acc += gemv_products(codes, x_a, x_b, QUANT)
+                codes, x_a, x_b = next_codes, next_a, next_b
+        else:
+            for kk in range(0, num_tiles):
+                k0 = kk * BLOCK_K
+                codes, x_a, x_b = gemv_load(x_ptr + k0, K - k0, w_ptrs, k_idx, QUANT, not EVEN_K, GROUPS)
+                if SCALED:
+                    acc += gemv_products(codes, x_a, x_b, QUANT) * gemv_group_scales(s_rows, k0, K - k0, GROUP_SIZE,
+                                                                                     GROUPS, not EVEN_K)
+                else:
+                    acc += gemv_products(codes, x_a, x_b, QUANT)
+                w_ptrs += BLOCK_K // PACK
+        out = gemv_reduce(acc, GROUPS)
         if QUANT != 0:
             if PER_ROW:
                 out = out * tl.load(s_rows).to(tl.float32)
@@ -238,7 +333,9 @@ if _HAVE_TRITON:
         EVEN_K: tl.constexpr,
         DOT_F32: tl.constexpr,
         PER_ROW: tl.constexpr = False,  # one scale per output channel: applied once, in the epilogue
+        USE_PDL: tl.constexpr = False,  # PDL launch (triton_support.pdl_launch)
     ):
+        wait_for_producers(USE_PDL)
         pid_n = tl.program_id(0)
         pid_m = tl.program_id(1)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -304,27 +401,29 @@ LINEAR_TABLE: list[tuple[int, LinearConfig]] = [
 
 
 # One decode row on the CUDA cores (`_gemv_kernel`) instead of the tensor-core tiles above: (precision, grouped) ->
-# (max N, config) for M = 1; wider outputs, and M > 1, stay on the tiles. Measured with bench/quantized_kernels.py
-# --sweep on the H200 (BENCHMARKS.md): M = 1, qkv 6144x4096 / o 4096x4096 / lm_head 32000x4096.
+# (max N, config) for M = 1; wider outputs, and M > 1, stay on the tiles. For the GEMV, `stages` 2 means the next K
+# tile's loads are issued before this one is multiplied (PREFETCH; Triton's own pipeliner does not apply: the loads
+# feed no dot). Measured with bench/quantized_kernels.py --sweep on the H200 (BENCHMARKS.md, fourth session): M = 1,
+# qkv 6144x4096 / o 4096x4096 / lm_head 32000x4096, in a CUDA graph with PDL.
 GEMV_TABLE: dict[tuple[str | None, bool], tuple[int, LinearConfig]] = {
-    (None, False): (1 << 30, LinearConfig(1, 8, 512, 4, 1)),  # bf16: 14.8 / 11.2 us vs cuBLAS 18.1 / 12.8
-    ("int8", False): (16384, LinearConfig(1, 16, 512, 8, 1)),  # 11.5 / 9.7 us vs tiles 13.0 / 9.9 (lm_head: tiles)
-    ("int8", True): (16384, LinearConfig(1, 16, 512, 8, 1)),
-    ("int4", False): (1 << 30, LinearConfig(1, 8, 1024, 4, 1)),  # 12.0 / 8.2 / 42.1 us vs tiles 27.1 / 19.8 / 97.3
-    ("int4", True): (1 << 30, LinearConfig(1, 8, 1024, 4, 1)),  # g128: 19.1 / 18.0 / 56.8 vs 37.2 / 24.0 / 120.1
+    (None, False): (1 << 30, LinearConfig(1, 8, 512, 4, 1)),  # bf16: 14.0 / 11.3 / 63.4 us vs cuBLAS 17.9 / 12.7 / 64.3
+    ("int8", False): (16384, LinearConfig(1, 16, 512, 8, 2)),  # 8.9 / 8.8 us vs tiles 12.3 / 9.3 (lm_head: tiles)
+    ("int8", True): (16384, LinearConfig(1, 16, 512, 8, 2)),
+    ("int4", False): (1 << 30, LinearConfig(1, 8, 1024, 4, 2)),  # 10.3 / 7.5 / 42.7 us vs tiles 26.2 / 19.2 / 95.8
+    ("int4", True): (1 << 30, LinearConfig(1, 16, 1024, 8, 2)),  # g128 (8 groups per tile): 13.2 / 9.0 vs 36.2 / 23.3
 }
 
 
 def gemv_config(m: int, n: int, k: int, group_size: int, precision: str | None) -> LinearConfig | None:
-    """The CUDA-core config for M rows of this precision, or None where the tensor-core tiles are used. K tiles stay
-    inside one group."""
+    """The CUDA-core config for M rows of this precision, or None where the tensor-core tiles are used. A K tile
+    wider than a group holds whole groups (`tile_groups`); one narrower lies inside one."""
     entry = GEMV_TABLE.get((precision, group_size > 0))
     if m != 1 or entry is None or n > entry[0]:
         return None
     cfg = entry[1]
     block_k = min(cfg.block_k, max(32, _next_pow2(k)))
-    if group_size:
-        block_k = min(block_k, group_size)
+    if group_size and block_k > group_size and block_k % group_size:
+        block_k = group_size
     return LinearConfig(1, min(cfg.block_n, max(8, _next_pow2(n))), block_k, cfg.warps, cfg.stages)
 
 
@@ -411,7 +510,7 @@ def quantized_matmul(
         BLOCK_K=cfg.block_k,
         EVEN_K=k % cfg.block_k == 0,
         DOT_F32=x.dtype == torch.bfloat16 and interpreting(),
-        num_warps=cfg.warps,
+        **pdl_launch(x), num_warps=cfg.warps,
         num_stages=cfg.stages,
     )
     return out.reshape(*lead, n)
@@ -423,13 +522,24 @@ def _launch_gemv(x2: torch.Tensor, w: torch.Tensor, s: torch.Tensor, bias: torch
     n = out.shape[1]
     if m != 1:
         raise ValueError(f"the GEMV kernel takes one row, not {m}")
-    block_k = min(cfg.block_k, group_size) if group_size else cfg.block_k  # every K tile inside one group
+    block_k = cfg.block_k
     _gemv_kernel[(triton.cdiv(n, cfg.block_n),)](
         x2, w, s, bias if bias is not None else s, out, n, k, w.stride(0), s.stride(0),
         GROUP_SIZE=group_size or k, QUANT=quant, HAS_BIAS=bias is not None,
         BLOCK_N=cfg.block_n, BLOCK_K=block_k, EVEN_K=k % block_k == 0,
-        PER_ROW=group_size == 0, num_warps=cfg.warps, num_stages=cfg.stages,
+        PER_ROW=group_size == 0, GROUPS=tile_groups(block_k, group_size), PREFETCH=cfg.stages >= 2,
+        **pdl_launch(x2), num_warps=cfg.warps, num_stages=1,
     )
+
+
+def tile_groups(block_k: int, group_size: int) -> int:
+    """Scale groups per K tile of the GEMV kernels: 1 for per-channel scales or a tile inside one group, else
+    BLOCK_K / group_size (both powers of two: the tile then holds whole groups)."""
+    if not group_size or block_k <= group_size:
+        return 1
+    if block_k % group_size:
+        raise ValueError(f"a {block_k}-wide K tile does not hold whole groups of {group_size}")
+    return block_k // group_size
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -461,6 +571,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         x2.stride(0), w.stride(0), 0, out.stride(0),
         GROUP_SIZE=k, QUANT=0, HAS_BIAS=bias is not None,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=k % cfg.block_k == 0,
-        DOT_F32=x.dtype == torch.bfloat16 and interpreting(), num_warps=cfg.warps, num_stages=cfg.stages,
+        DOT_F32=x.dtype == torch.bfloat16 and interpreting(), **pdl_launch(x), num_warps=cfg.warps,
+        num_stages=cfg.stages,
     )
     return out.reshape(*lead, n)

@@ -2,6 +2,14 @@
 
 Triton is optional (CPU-only installs may lack it); without CUDA the kernels still run in Triton's interpreter when
 `TRITON_INTERPRET=1` (the CPU tests do this), which must be set before the kernels' `@triton.jit` decoration runs.
+
+Programmatic dependent launch (PDL, Hopper and later): a decode step is ~400 short kernels back to back, and each
+launch leaves the GPU idle for ~1.5 us between one kernel's last block and the next one's first (0.6 ms of a 7.6 ms
+step, measured). Kernels launched with `pdl_launch(...)` may be scheduled while their predecessor still runs; each
+one's first statement is `wait_for_producers(USE_PDL)`, which blocks until the predecessor has finished and its
+writes are visible, and then lets the next kernel launch. Nothing but the launch overlaps: every read of a
+predecessor's output still happens after it completed, so results are bit-identical with PDL on or off
+(`MOEC_PDL=0` turns it off, for comparisons).
 """
 
 from __future__ import annotations
@@ -20,7 +28,7 @@ except ImportError:  # pragma: no cover - exercised only without triton
     tl = None  # type: ignore[assignment]
     HAVE_TRITON = False
 
-__all__ = ["HAVE_TRITON", "device_reason", "interpreting", "tl", "triton"]
+__all__ = ["HAVE_TRITON", "device_reason", "interpreting", "pdl_launch", "tl", "triton", "wait_for_producers"]
 
 
 def interpreting() -> bool:
@@ -36,3 +44,54 @@ def device_reason(tensor: torch.Tensor, have_triton: bool) -> str | None:
     if not (tensor.is_cuda or interpreting()):
         return f"operands are on {tensor.device}, not CUDA (and TRITON_INTERPRET is off)"
     return None
+
+
+def _triton_has_pdl() -> bool:
+    """Whether this Triton exposes the grid-dependency intrinsics and the `launch_pdl` launch option (3.5+)."""
+    if not HAVE_TRITON or not hasattr(getattr(tl.extra, "cuda", None), "gdc_wait"):
+        return False
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+    except ImportError:  # pragma: no cover - a Triton without the NVIDIA backend
+        return False
+    return "launch_pdl" in getattr(CUDAOptions, "__dataclass_fields__", {})
+
+
+_TRITON_HAS_PDL = _triton_has_pdl()
+_PDL_DEVICES: dict[int, bool] = {}
+
+
+def pdl_launch(tensor: torch.Tensor) -> dict[str, bool]:
+    """Launch keywords for a kernel that takes `USE_PDL` and opens with `wait_for_producers(USE_PDL)`: PDL on CUDA
+    devices of compute capability 9.0+ when this Triton supports it and `MOEC_PDL` is not "0"; nothing otherwise
+    (the interpreter, older GPUs: the kernel's default USE_PDL=False, an ordinary launch)."""
+    if not (_TRITON_HAS_PDL and tensor.is_cuda) or interpreting() or os.environ.get("MOEC_PDL", "1") == "0":
+        return {}
+    index = tensor.device.index if tensor.device.index is not None else torch.cuda.current_device()
+    if index not in _PDL_DEVICES:
+        _PDL_DEVICES[index] = torch.cuda.get_device_capability(index) >= (9, 0)
+    return {"USE_PDL": True, "launch_pdl": True} if _PDL_DEVICES[index] else {}
+
+
+if HAVE_TRITON:
+    if _TRITON_HAS_PDL:
+
+        @triton.jit
+        def _grid_dependency_sync():
+            tl.extra.cuda.gdc_wait()  # the predecessor grid has completed and its writes are visible
+            tl.extra.cuda.gdc_launch_dependents()  # only now may the next kernel be scheduled: at most two overlap
+
+    else:  # pragma: no cover - a Triton without the intrinsics never launches with PDL
+
+        @triton.jit
+        def _grid_dependency_sync():
+            pass
+
+    @triton.jit
+    def wait_for_producers(USE_PDL: tl.constexpr):
+        """A PDL-launched kernel's first statement (before any read of a predecessor's output); nothing otherwise."""
+        if USE_PDL:
+            _grid_dependency_sync()
+
+else:  # pragma: no cover - exercised only without triton
+    wait_for_producers = None

@@ -10,6 +10,7 @@ allocated) and that a decode call is CUDA-graph capturable.
 """
 
 import importlib
+import itertools
 import os
 import sys
 import warnings
@@ -175,9 +176,10 @@ def test_unsupported_reasons_without_cuda(monkeypatch: pytest.MonkeyPatch) -> No
 
 @pytest.mark.parametrize("precision,group_size", [(None, 0), *SCHEMES])
 def test_gemv_moe_matches_dequantized_reference(precision: str | None, group_size: int) -> None:
-    """Forced onto the decode kernels: 1 and 3 tokens, a ragged K in the down GEMV (split 3 ways over I = 80... with
-    group sizes that divide it), and an expert-parallel slice whose other slots must contribute nothing."""
-    h, i, e = 128, 64 if group_size else 80, 4
+    """Forced onto the decode kernels: 1 and 3 tokens, a ragged K in the down GEMV (I = 80, or 96 for groups of 16
+    and 32: K tiles of 64 holding several groups, the last split half empty), tiles of several groups in the gate/up
+    GEMV, and an expert-parallel slice whose other slots must contribute nothing."""
+    h, i, e = 128, {0: 80, 16: 96, 32: 96}.get(group_size, 64), 4
     gen = torch.Generator(device=DEVICE).manual_seed(31)
     w13 = (torch.randn(e, 2 * i, h, generator=gen, device=DEVICE) / h**0.5).to(DTYPE)
     w2 = (torch.randn(e, h, i, generator=gen, device=DEVICE) / i**0.5).to(DTYPE)
@@ -187,8 +189,9 @@ def test_gemv_moe_matches_dequantized_reference(precision: str | None, group_siz
     else:
         (q13, s13), (q2, s2) = quantize(w13, precision, group_size), quantize(w2, precision, group_size)
         d13, d2 = (dequantize(q, sc, precision, group_size).float() for q, sc in ((q13, s13), (q2, s2)))
-    cfg = GemvConfig(16, 64, 4, 16, 32, 3, 4)
-    for t, (lo, hi) in ((1, (0, e)), (3, (0, e)), (3, (2, e))):
+    # prefetch: the next K tile's loads in flight before this one is multiplied
+    configs = (GemvConfig(16, 64, 4, 16, 64, 3, 4), GemvConfig(16, 64, 4, 16, 64, 3, 4, prefetch=True))
+    for cfg, (t, (lo, hi)) in itertools.product(configs, ((1, (0, e)), (3, (0, e)), (3, (2, e)))):
         x = torch.randn(t, h, generator=gen, device=DEVICE).to(DTYPE)
         ids, rw = _routing(t, e, 2, seed=t)
         kw = {} if precision is None else dict(precision=precision, w13_scales=s13[lo:hi], w2_scales=s2[lo:hi],
@@ -198,7 +201,7 @@ def test_gemv_moe_matches_dequantized_reference(precision: str | None, group_siz
         if ref.norm() == 0:
             assert out.abs().max() == 0
         else:
-            assert _rel(out, ref) < RTOL[DTYPE], f"{precision} g{group_size} T={t} experts {lo}:{hi}"
+            assert _rel(out, ref) < RTOL[DTYPE], f"{precision} g{group_size} T={t} experts {lo}:{hi} {cfg}"
 
 
 def test_gemv_tables_pick_the_decode_path_for_a_handful_of_slots() -> None:
@@ -208,10 +211,15 @@ def test_gemv_tables_pick_the_decode_path_for_a_handful_of_slots() -> None:
         group = 128 if grouped else 0
         assert get_gemv_config(max_slots, 4096, 14336, group, precision) is not None
         assert get_gemv_config(max_slots + 1, 4096, 14336, group, precision) is None
-    assert get_gemv_config(2, 4096, 14336, 128, "int4").gu_block_k <= 128  # K tiles stay inside a group
+    grouped = get_gemv_config(2, 4096, 14336, 128, "int4")
+    assert grouped.gu_block_k % 128 == 0 and grouped.dn_block_k % 128 == 0  # K tiles hold whole groups
     assert get_gemv_config(2, 4096, 14336, 0, "fp8") is None
     assert tq.gemv_config(1, 4096, 4096, 0, "int4") is not None and tq.gemv_config(2, 4096, 4096, 0, "int4") is None
-    assert tq.gemv_config(1, 4096, 4096, 64, "int4").block_k == 64
+    assert tq.gemv_config(1, 4096, 4096, 64, "int4").block_k % 64 == 0
+    assert tq.gemv_config(1, 4096, 4096, 96, "int4").block_k == 96  # no whole groups in a power of two: one group
+    assert [tq.tile_groups(bk, g) for bk, g in ((512, 0), (64, 128), (128, 128), (512, 128))] == [1, 1, 1, 4]
+    with pytest.raises(ValueError, match="a 256-wide K tile does not hold whole groups of 96"):
+        tq.tile_groups(256, 96)
     assert tq.gemv_config(1, 32000, 4096, 0, "int8") is None  # the lm_head-sized int8 GEMV lost to the tiles
     x = torch.zeros(1, 64, device=DEVICE).to(DTYPE)
     q, s = quantize(torch.randn(2, 32, 64, device=DEVICE).to(DTYPE), "int8", 0)
@@ -222,8 +230,10 @@ def test_gemv_tables_pick_the_decode_path_for_a_handful_of_slots() -> None:
 
 
 @pytest.mark.parametrize("precision,group_size", SCHEMES)
-@pytest.mark.parametrize("k", [128, 200, 256])
-def test_gemv_linear_matches_dequantized_reference(precision: str, group_size: int, k: int) -> None:
+@pytest.mark.parametrize("k,block_k", [(128, 64), (200, 64), (256, 64), (192, 128)])
+def test_gemv_linear_matches_dequantized_reference(precision: str, group_size: int, k: int, block_k: int) -> None:
+    """K tiles inside one group, holding several (64 over groups of 16/32), and ragged (200; 192 over 128-wide tiles
+    of 4 or 2 groups: the last tile half empty, its missing groups' scales not read)."""
     m = 1
     if group_size and k % group_size:
         pytest.skip("group does not divide k")
@@ -232,10 +242,11 @@ def test_gemv_linear_matches_dequantized_reference(precision: str, group_size: i
     q, s = quantize(w, precision, group_size)
     x = torch.randn(m, k, generator=gen, device=DEVICE).to(DTYPE)
     bias = torch.randn(40, generator=gen, device=DEVICE).to(DTYPE)
-    cfg = tq.LinearConfig(1, 16, 64, 4, 1)
-    out = tq.quantized_matmul(x, q, s, precision, group_size, bias, config=cfg, kernel="gemv")
     ref = x.float() @ dequantize(q, s, precision, group_size).float().T + bias.float()
-    assert _rel(out, ref) < RTOL[DTYPE]
+    for stages in (1, 2):  # 2: the next K tile's loads in flight (PREFETCH)
+        cfg = tq.LinearConfig(1, 16, block_k, 4, stages)
+        out = tq.quantized_matmul(x, q, s, precision, group_size, bias, config=cfg, kernel="gemv")
+        assert _rel(out, ref) < RTOL[DTYPE], f"stages={stages}"
     with pytest.raises(ValueError, match="the GEMV kernel takes one row, not 2"):
         tq.quantized_matmul(torch.cat([x] * 2), q, s, precision, group_size, config=cfg, kernel="gemv")
 
