@@ -173,6 +173,7 @@ def main() -> None:
     ap.add_argument("--profile-prefill", action="store_true",
                     help="profile one eager prefill of --prefill tokens per pipeline instead of a decode step")
     args = ap.parse_args()
+    user_pdl = os.environ.get("MOEC_PDL", "1")  # the main rows run as the caller set it
 
     from bench.generate import Timer, prefill_flops
     from bench.moe_kernel import measure_copy_bw, measure_gemm_rate
@@ -225,14 +226,16 @@ def main() -> None:
             position = torch.full((batch,), args.context, dtype=torch.int64, device="cuda")
             weights, kv = step_bytes(config, batch, args.context, name)
             floor = (weights + kv) / copy_bw
-            for pdl in (["1", "0"] if args.pdl_off_too else ["1"]):
-                os.environ["MOEC_PDL"] = pdl  # read at every launch; the graph is captured again below
-                executable._decode_graphs.pop(batch, None)
+            for pdl_off in ([False, True] if args.pdl_off_too else [False]):
+                if pdl_off:  # read at every launch: the graph is captured again with PDL off
+                    os.environ["MOEC_PDL"] = "0"
+                    executable._decode_graphs.pop(batch, None)
                 seconds = timer(lambda: executable.decode_graph_step(ids, position, caches), repeats=args.steps)
-                (cells if pdl == "1" else cells_off).append(f"{seconds * 1e3:.3f} ({seconds / floor:.2f})")
-                log(f"{name} decode batch {batch} (PDL {'on' if pdl == '1' else 'off'}): {seconds * 1e3:.3f} ms/step, "
+                (cells_off if pdl_off else cells).append(f"{seconds * 1e3:.3f} ({seconds / floor:.2f})")
+                log(f"{name} decode batch {batch}{' (PDL off)' if pdl_off else ''}: {seconds * 1e3:.3f} ms/step, "
                     f"floor {floor * 1e3:.3f} ms")
-            os.environ["MOEC_PDL"] = "1"
+            if args.pdl_off_too:
+                os.environ["MOEC_PDL"] = user_pdl
             executable._decode_graphs.pop(batch, None)
             del caches
             torch.cuda.empty_cache()

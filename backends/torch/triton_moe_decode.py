@@ -17,8 +17,8 @@ from backends.torch.triton_support import HAVE_TRITON as _HAVE_TRITON
 from backends.torch.triton_support import tl, triton, wait_for_producers
 
 if _HAVE_TRITON:
-    from backends.torch.triton_quant import (gemv_group_scales, gemv_code_index, gemv_lead, gemv_load, gemv_products, gemv_reduce,
-                                             gemv_rows)
+    from backends.torch.triton_quant import (gemv_accumulate, gemv_code_index, gemv_group_scales, gemv_lead,
+                                             gemv_load, gemv_products, gemv_reduce, gemv_rows)
 
     @triton.jit(do_not_specialize=["expert_offset"])
     def _gate_up_gemv_kernel(
@@ -167,34 +167,8 @@ if _HAVE_TRITON:
         s_rows = s_ptr + expert * stride_se + n_ld.to(tl.int64) * stride_sn
         acc = tl.zeros(w_ptrs.shape, dtype=tl.float32)
         k_end = tl.minimum(k0 + k_per_split, K)
-        SCALED: tl.constexpr = QUANT != 0 and not PER_ROW
-        num_tiles = tl.cdiv(k_end - k0, BLOCK_K)
-        if PREFETCH:
-            codes, x_a, x_b = gemv_load(a_row, k_end - k0, w_ptrs, k_idx, QUANT, not EVEN_K, GROUPS)
-            if SCALED:
-                scales = gemv_group_scales(s_rows, k0, k_end - k0, GROUP_SIZE, GROUPS, not EVEN_K)
-            for kk in range(0, num_tiles):
-                rel_next = tl.minimum(kk + 1, num_tiles - 1) * BLOCK_K
-                left = k_end - k0 - rel_next
-                next_codes, next_a, next_b = gemv_load(a_row + rel_next, left, w_ptrs + rel_next // PACK, k_idx,
-                                                       QUANT, not EVEN_K, GROUPS)
-                if SCALED:
-                    next_scales = gemv_group_scales(s_rows, k0 + rel_next, left, GROUP_SIZE, GROUPS, not EVEN_K)
-                    acc += gemv_products(codes, x_a, x_b, QUANT) * scales
-                    scales = next_scales
-                else:
-                    acc += gemv_products(codes, x_a, x_b, QUANT)
-                codes, x_a, x_b = next_codes, next_a, next_b
-        else:
-            for kk in range(0, num_tiles):
-                k_left = k_end - k0 - kk * BLOCK_K
-                codes, x_a, x_b = gemv_load(a_row + kk * BLOCK_K, k_left, w_ptrs, k_idx, QUANT, not EVEN_K, GROUPS)
-                if SCALED:
-                    acc += gemv_products(codes, x_a, x_b, QUANT) * gemv_group_scales(
-                        s_rows, k0 + kk * BLOCK_K, k_left, GROUP_SIZE, GROUPS, not EVEN_K)
-                else:
-                    acc += gemv_products(codes, x_a, x_b, QUANT)
-                w_ptrs += BLOCK_K // PACK
+        acc = gemv_accumulate(acc, a_row, w_ptrs, k_idx, s_rows, k0, k_end - k0, QUANT, GROUP_SIZE, GROUPS,
+                              QUANT != 0 and not PER_ROW, PREFETCH, not EVEN_K, BLOCK_K)
         out = gemv_reduce(acc, GROUPS)
         if QUANT != 0:
             if PER_ROW:

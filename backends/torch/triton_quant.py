@@ -243,6 +243,55 @@ if _HAVE_TRITON:
         return out
 
     @triton.jit
+    def gemv_accumulate(
+        acc,  # the elementwise float32 accumulator, in the tile's shape
+        x_row,  # pointer at x[k_first] of the one activation row
+        w_ptrs,  # the weight tile's pointers at k_first
+        k_idx,  # `gemv_code_index` * PACK
+        s_rows,  # [BN] pointers at each row's first scale (unused unless SCALED)
+        k_first,  # the span's first k (its scales' group index is counted from here)
+        k_len,  # the span's length: ceil(k_len / BLOCK_K) tiles
+        QUANT: tl.constexpr,
+        GROUP_SIZE: tl.constexpr,
+        GROUPS: tl.constexpr,
+        SCALED: tl.constexpr,  # group scales multiply each tile's products (else per-row scales come later)
+        PREFETCH: tl.constexpr,  # issue tile kk + 1's loads before tile kk is multiplied: two tiles in flight
+        MASKED: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):
+        """`acc` plus the products of one activation row with the weight columns [k_first, k_first + k_len), tile by
+        tile (`gemv_load` / `gemv_products`): the K loop of the GEMV kernels (`_gemv_kernel`, the MoE down GEMV)."""
+        PACK: tl.constexpr = 2 if QUANT == 2 else 1
+        num_tiles = tl.cdiv(k_len, BLOCK_K)
+        if PREFETCH:
+            codes, x_a, x_b = gemv_load(x_row, k_len, w_ptrs, k_idx, QUANT, MASKED, GROUPS)
+            if SCALED:
+                scales = gemv_group_scales(s_rows, k_first, k_len, GROUP_SIZE, GROUPS, MASKED)
+            for kk in range(0, num_tiles):
+                rel_next = tl.minimum(kk + 1, num_tiles - 1) * BLOCK_K  # the last step reloads its own tile (cached)
+                left = k_len - rel_next
+                next_codes, next_a, next_b = gemv_load(x_row + rel_next, left, w_ptrs + rel_next // PACK, k_idx, QUANT,
+                                                       MASKED, GROUPS)
+                if SCALED:
+                    next_scales = gemv_group_scales(s_rows, k_first + rel_next, left, GROUP_SIZE, GROUPS, MASKED)
+                    acc += gemv_products(codes, x_a, x_b, QUANT) * scales
+                    scales = next_scales
+                else:
+                    acc += gemv_products(codes, x_a, x_b, QUANT)
+                codes, x_a, x_b = next_codes, next_a, next_b
+        else:
+            for kk in range(0, num_tiles):
+                rel = kk * BLOCK_K
+                codes, x_a, x_b = gemv_load(x_row + rel, k_len - rel, w_ptrs + rel // PACK, k_idx, QUANT, MASKED,
+                                            GROUPS)
+                if SCALED:
+                    acc += gemv_products(codes, x_a, x_b, QUANT) * gemv_group_scales(
+                        s_rows, k_first + rel, k_len - rel, GROUP_SIZE, GROUPS, MASKED)
+                else:
+                    acc += gemv_products(codes, x_a, x_b, QUANT)
+        return acc
+
+    @triton.jit
     def _gemv_kernel(
         x_ptr,  # [1, K]
         w_ptr,  # [N, K] float or int8, or [N, K/2] uint8
@@ -264,7 +313,7 @@ if _HAVE_TRITON:
         PREFETCH: tl.constexpr = False,  # issue the next K tile's loads before multiplying this one
         USE_PDL: tl.constexpr = False,  # PDL launch (triton_support.pdl_launch)
     ):
-        """`_quantized_matmul_kernel` for one decode row: `codes_gemv` tiles on the CUDA cores, no tensor cores."""
+        """`_quantized_matmul_kernel` for one decode row: `gemv_accumulate` on the CUDA cores, no tensor cores."""
         wait_for_producers(USE_PDL)
         pid_n = tl.program_id(0)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -275,33 +324,8 @@ if _HAVE_TRITON:
         w_ptrs = w_ptr + gemv_rows(offs_n_ld.to(tl.int64) * stride_wn, GROUPS) + gemv_lead(code_idx, GROUPS)
         s_rows = s_ptr + offs_n_ld.to(tl.int64) * stride_sn
         acc = tl.zeros(w_ptrs.shape, dtype=tl.float32)
-        SCALED: tl.constexpr = QUANT != 0 and not PER_ROW
-        num_tiles = tl.cdiv(K, BLOCK_K)
-        if PREFETCH:  # two tiles in flight per program: tile kk + 1's loads go out before tile kk is multiplied
-            codes, x_a, x_b = gemv_load(x_ptr, K, w_ptrs, k_idx, QUANT, not EVEN_K, GROUPS)
-            if SCALED:
-                scales = gemv_group_scales(s_rows, 0, K, GROUP_SIZE, GROUPS, not EVEN_K)
-            for kk in range(0, num_tiles):
-                k_next = tl.minimum(kk + 1, num_tiles - 1) * BLOCK_K  # the last step reloads its own tile (cached)
-                next_codes, next_a, next_b = gemv_load(x_ptr + k_next, K - k_next, w_ptrs + k_next // PACK, k_idx,
-                                                       QUANT, not EVEN_K, GROUPS)
-                if SCALED:
-                    next_scales = gemv_group_scales(s_rows, k_next, K - k_next, GROUP_SIZE, GROUPS, not EVEN_K)
-                    acc += gemv_products(codes, x_a, x_b, QUANT) * scales
-                    scales = next_scales
-                else:
-                    acc += gemv_products(codes, x_a, x_b, QUANT)
-                codes, x_a, x_b = next_codes, next_a, next_b
-        else:
-            for kk in range(0, num_tiles):
-                k0 = kk * BLOCK_K
-                codes, x_a, x_b = gemv_load(x_ptr + k0, K - k0, w_ptrs, k_idx, QUANT, not EVEN_K, GROUPS)
-                if SCALED:
-                    acc += gemv_products(codes, x_a, x_b, QUANT) * gemv_group_scales(s_rows, k0, K - k0, GROUP_SIZE,
-                                                                                     GROUPS, not EVEN_K)
-                else:
-                    acc += gemv_products(codes, x_a, x_b, QUANT)
-                w_ptrs += BLOCK_K // PACK
+        acc = gemv_accumulate(acc, x_ptr, w_ptrs, k_idx, s_rows, 0, K, QUANT, GROUP_SIZE, GROUPS,
+                              QUANT != 0 and not PER_ROW, PREFETCH, not EVEN_K, BLOCK_K)
         out = gemv_reduce(acc, GROUPS)
         if QUANT != 0:
             if PER_ROW:
