@@ -18,6 +18,8 @@ PIPELINES = {
     "fuse-qkv": ",fuse-qkv",
     "fuse-norm": ",fuse-norm",
     "fused": ",fuse-qkv,fuse-norm",
+    "fuse-rope": ",fuse-rope",
+    "fused-rope": ",fuse-qkv,fuse-norm,fuse-rope",
     "int8": ",fuse-qkv,fuse-norm,quantize-weights{precision=int8}",
 }
 

@@ -8,6 +8,7 @@ The ranges, per op kind, by role (absolute maxima over every calibration token):
 - `moec.moe`: `input` (x, w13's input) and `intermediate` (silu(gate) * up over the tokens routed to each expert this
   op holds: w2's input).
 - `moec.attention` / `moec.cached_attention`: `key` (after rope) and `value`: what a KV cache holds.
+  (`moec.rope_cached_attention` reads its keys before rope: `calibrate` refuses a program that has it.)
 The measured table is keyed by node name; `calibrate` re-keys it by module path (`compiler.ir.Calibration`).
 """
 

@@ -3,8 +3,8 @@
 Conventions every pass keeps:
 - A placeholder with `node.meta["weight"]` (a `WeightExpr`) is a weight; one with `node.meta["kv_cache"]` (a
   `KVCacheSpec`, added by the `kv-cache` pass) is a layer's key or value cache, which the runtime allocates and owns
-  and `moec.cached_attention` updates in place; every other placeholder is a runtime input (`input_ids`,
-  `cache_position`). Weights are never tensors: backends materialize them.
+  and `moec.cached_attention` (or `fuse-rope`'s `moec.rope_cached_attention`) updates in place; every other
+  placeholder is a runtime input (`input_ids`, `cache_position`). Weights are never tensors: backends materialize them.
 - `node.meta["val"]` is a fake tensor (meta device, symbolic batch/seq) giving each value's shape and dtype.
 - `node.meta["moec_rule"]` names the rule or pass that created a node.
 - `Program.calibration` (filled by `calibrate`) holds the activation ranges measured per op, keyed by the op's module

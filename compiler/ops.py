@@ -17,6 +17,12 @@ Conventions (shared by every pass and backend):
   `k_scale=1.0, v_scale=1.0` (`quantize-fp8{kv_cache=true}` sets them, with float8_e4m3fn caches): the cache holds
   k / k_scale and v / v_scale (computed in float32; saturated to ±448 in an fp8 cache) and reads back
   cache * scale in q's dtype.
+- `rope_cached_attention(q[B,Hq,S,D], k[B,Hkv,S,D], v, k_cache!, v_cache!, cache_position[B], cos[B,S,D],
+  sin[B,S,D], scale, sliding_window=0, k_scale=1.0, v_scale=1.0) -> [B,S,Hq,D]`: exactly
+  `cached_attention(rope(q, cos, sin), rope(k, cos, sin), v, k_cache, v_cache, cache_position, scale,
+  sliding_window, k_scale, v_scale)` (the `fuse-rope` pass emits it), so a decode kernel can rotate q as it loads it
+  and the step's k before it writes it into the cache. The cache operands keep `cached_attention`'s positions (3, 4,
+  5). cos/sin may be [1,S,D] (shared by the batch).
 - `rms_norm(x, weight, eps)`: Hugging Face semantics (normalize in float32, cast back, then multiply by weight).
 - `add_rms_norm(x, residual, weight, eps) -> (sum, normed)`: a residual add and the RMSNorm of its sum (the
   `fuse-norm` pass emits it). x and residual have one shape and one dtype; sum = x + residual in that dtype, rounded
@@ -62,6 +68,11 @@ _library.define("attention(Tensor q, Tensor k, Tensor v, float scale, int slidin
 _library.define(
     "cached_attention(Tensor q, Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor cache_position,"
     " float scale, int sliding_window=0, float k_scale=1.0, float v_scale=1.0) -> Tensor"
+)
+_library.define(
+    "rope_cached_attention(Tensor q, Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache,"
+    " Tensor cache_position, Tensor cos, Tensor sin, float scale, int sliding_window=0, float k_scale=1.0,"
+    " float v_scale=1.0) -> Tensor"
 )
 _library.define("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor")
 _library.define("rope(Tensor x, Tensor cos, Tensor sin) -> Tensor")
@@ -190,8 +201,48 @@ def check_moe_signature(
         raise ValueError(f"moe: activation {activation!r} is not one of {MOE_ACTIVATIONS}")
 
 
+@torch.library.register_fake("moec::rope_cached_attention")
+def _rope_cached_attention_fake(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_position: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    scale: float,
+    sliding_window: int = 0,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
+):
+    torch._check(
+        cos.dim() == 3 and cos.shape == sin.shape and cos.shape[-1] == q.shape[-1],
+        lambda: f"rope_cached_attention: cos {tuple(cos.shape)} / sin {tuple(sin.shape)} are not [batch, seq, D]",
+    )
+    rotated_q, rotated_k = _rope_fake(q, cos, sin), _rope_fake(k, cos, sin)
+    return _cached_attention_fake(
+        rotated_q, rotated_k, v, k_cache, v_cache, cache_position, scale, sliding_window, k_scale, v_scale
+    )
+
+
+def named_arguments(target: torch._ops.OpOverload, args: tuple, kwargs: dict) -> dict[str, object]:
+    """An op call's arguments by their schema names, defaults filled in (whether given positionally or by keyword)."""
+    values: dict[str, object] = {}
+    for index, argument in enumerate(target._schema.arguments):
+        if index < len(args):
+            values[argument.name] = args[index]
+        elif argument.name in kwargs:
+            values[argument.name] = kwargs[argument.name]
+        elif argument.has_default_value():
+            values[argument.name] = argument.default_value
+    return values
+
+
 attention = torch.ops.moec.attention.default
 cached_attention = torch.ops.moec.cached_attention.default
+rope_cached_attention = torch.ops.moec.rope_cached_attention.default
+CACHED_ATTENTIONS = (cached_attention, rope_cached_attention)  # the ops that read (and write) KV caches
 rms_norm = torch.ops.moec.rms_norm.default
 rope = torch.ops.moec.rope.default
 linear = torch.ops.moec.linear.default
@@ -337,6 +388,6 @@ FP8_OPS = (fp8_linear, fp8_moe)
 QUANTIZED_OPS = (*WEIGHT_ONLY_OPS, *FP8_OPS)  # every op whose weights are quantized
 
 CANONICAL_OPS = (
-    attention, cached_attention, rms_norm, rope, linear, moe, quantized_linear, quantized_moe, add_rms_norm,
-    fp8_linear, fp8_moe,
+    attention, cached_attention, rope_cached_attention, rms_norm, rope, linear, moe, quantized_linear, quantized_moe,
+    add_rms_norm, fp8_linear, fp8_moe,
 )

@@ -101,7 +101,7 @@ class _NodeError(Exception):
         super().__init__(f"node %{node.name} ({op_name(node)}): {reason}")
 
 
-_CACHE_OPERANDS = {3: "key", 4: "value"}  # positions of k_cache / v_cache in moec.cached_attention
+_CACHE_OPERANDS = {3: "key", 4: "value"}  # positions of k_cache / v_cache in both ops.CACHED_ATTENTIONS
 
 
 def _check_caches(program: Program) -> None:
@@ -114,12 +114,12 @@ def _check_caches(program: Program) -> None:
         if not typed or tuple(value.shape[1:]) != spec.shape_per_sequence or value.dtype != spec.dtype:
             raise _NodeError(node, f"kv cache spec ({spec.describe()}, {spec.dtype}) disagrees with its recorded type")
         uses = [(user, index) for user in node.users for index, arg in enumerate(user.args) if arg is node]
-        if len(uses) != 1 or uses[0][0].target != ops.cached_attention or _CACHE_OPERANDS.get(uses[0][1]) != spec.kind:
+        if len(uses) != 1 or uses[0][0].target not in ops.CACHED_ATTENTIONS or _CACHE_OPERANDS.get(uses[0][1]) != spec.kind:
             raise _NodeError(
                 node, f"a {spec.kind} cache must be the {spec.kind} cache operand of exactly one cached_attention"
             )
     for node in program.graph.nodes:
-        if node.target != ops.cached_attention:
+        if node.target not in ops.CACHED_ATTENTIONS:
             continue
         for index, kind in _CACHE_OPERANDS.items():
             operand = node.args[index]

@@ -19,6 +19,7 @@ ground truth), with its weights materialized on the CPU (it needs the memory of 
 forward pass over samples x seq_len tokens. The pass reaches the backend and the builtin text only through
 `compiler.calibration`, which the driver fills (passes know only the IR core).
 
+Order: before `fuse-rope` (which it refuses: the fused op's key operand is not yet rotated).
 Sharding: calibrate measures the unsharded program, so it runs before `shard` (a rank inherits the ranges: its
 activation is a slice of, or equal to, the unsharded one, so a scale from the whole covers it).
 """
@@ -56,7 +57,8 @@ class Calibrate(Pass):
     dataset=builtin (the bundled calibration text: tiny's validation split, not the held-out eval.txt) or a UTF-8
     text file; samples sequences of seq_len tokens of it (clipped to what the text holds, with a note). Needs the
     program's tokenizer. It materializes the float weights on the CPU and runs one forward pass over the samples.
-    Runs before shard (ranks inherit the ranges) and before any quantization; quantize-fp8 reads the ranges.
+    Runs before shard (ranks inherit the ranges), before any quantization and before fuse-rope; quantize-fp8 reads
+    the ranges.
     """
 
     name: ClassVar[str] = "calibrate"
@@ -100,6 +102,11 @@ class Calibrate(Pass):
             raise PreconditionError("needs canonicalize first: the graph has ATen linears, not moec.linear")
         if counts.get("aten.topk"):
             raise PreconditionError("needs fuse-moe first: a router (softmax -> topk) is not fused into moec.moe")
+        if counts.get("moec.rope_cached_attention"):
+            raise PreconditionError(
+                "calibrate must run before fuse-rope: it records each attention's keys after rope (what the KV cache "
+                "holds), and moec.rope_cached_attention rotates them inside the op"
+            )
         try:
             calibration.support()
         except MoecError as error:

@@ -2,7 +2,7 @@
 
 before (per layer, after canonicalize):
     %q = moec.linear(%x, %wq[Nq,H]); %k = moec.linear(%x, %wk[Nk,H]); %v = moec.linear(%x, %wv[Nv,H])
-    ... views/transposes/rope ... moec.attention(%q', %k', %v', ...)   (or moec.cached_attention)
+    ... views/transposes/rope ... moec.attention(%q', %k', %v', ...)   (or moec.(rope_)cached_attention)
 after:
     %qkv = moec.linear(%x, %wqkv[Nq+Nk+Nv,H])        # %wqkv = weight concat(wq, wk, wv, dim=0): lazy, no copy
     %split = aten.split_with_sizes(%qkv, [Nq, Nk, Nv], -1); %q = getitem(%split, 0); %k = ...; %v = ...
@@ -33,7 +33,7 @@ from compiler.weights import concat_weights, dtype_name
 aten = torch.ops.aten
 RULE = "fuse-qkv"
 ROLES = ("q", "k", "v")
-_ATTENTIONS = (ops.attention, ops.cached_attention)
+_ATTENTIONS = (ops.attention, *ops.CACHED_ATTENTIONS)  # fuse-rope's op reads q and k before their rope
 # What canonical graphs put between a projection and attention's operand (head views, transposes, the rotary).
 _HEAD_LAYOUT_OPS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.transpose.int, ops.rope)
 

@@ -51,7 +51,7 @@ class RotarySourceError(PreconditionError):
 
 
 def _is_cached(program: Program) -> bool:
-    return bool(program.cache_nodes()) or any(n.target == ops.cached_attention for n in program.graph.nodes)
+    return bool(program.cache_nodes()) or any(n.target in ops.CACHED_ATTENTIONS for n in program.graph.nodes)
 
 
 def _attentions(program: Program) -> list[torch.fx.Node]:

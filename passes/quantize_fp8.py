@@ -17,7 +17,8 @@ compile time); activation and cache scales are static, amax / 448 of the ranges 
 without them). The router (inside the moe op), the norms and the embedding stay float; `lm_head` is kept unless
 `quantize_lm_head=true`; `exclude` names more, as in `quantize-weights`.
 
-Order: after calibrate; kv_cache=true after kv-cache too. Sharding: after `shard` (each rank computes its weight
+Order: after calibrate; kv_cache=true after kv-cache too (before or after fuse-rope: `moec.rope_cached_attention`
+takes the same cache scales, calibrated on the cached_attention it replaced). Sharding: after `shard` (each rank computes its weight
 scales from its own slices, like `quantize-weights`; activation scales come from the unsharded calibration, which
 covers every rank's slice). `shard` refuses a quantized program; quantizing twice (fp8 after quantize-weights or
 after itself) is an error.
@@ -40,7 +41,6 @@ from compiler.pass_manager import NumericsBudget, Pass, PassResult, register_pas
 from compiler.rewrite import Rewriter, is_weight
 from passes.quantize import OpSelection, module_path
 
-ATTENTIONS = (ops.attention, ops.cached_attention)
 
 
 def _sites(program: Program) -> list[torch.fx.Node]:
@@ -48,7 +48,8 @@ def _sites(program: Program) -> list[torch.fx.Node]:
 
 
 def _cached_attentions(program: Program) -> list[torch.fx.Node]:
-    return [node for node in program.graph.nodes if node.target == ops.cached_attention]
+    # fuse-rope's op too: its keys' range was calibrated (after rope) on the cached_attention it replaced, same module.
+    return [node for node in program.graph.nodes if node.target in ops.CACHED_ATTENTIONS]
 
 
 @register_pass

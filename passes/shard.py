@@ -95,7 +95,7 @@ class Shard(Pass):
         if program.ranks:
             raise PreconditionError(f"the program is already sharded over {len(program.ranks)} ranks")
         counts = program.op_counts()
-        if counts.get("moec.cached_attention"):
+        if counts.get("moec.cached_attention") or counts.get("moec.rope_cached_attention"):
             raise PreconditionError(
                 "shard must run before kv-cache: the graph already attends over KV caches (moec.cached_attention), "
                 "whose heads and layers a rank could not split"

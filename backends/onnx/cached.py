@@ -17,7 +17,8 @@ arange(seq)`) takes the input's value, so left-padded prompts get positions 0.. 
 Hugging Face. `cache_position` becomes `past_seq` for every sequence (the slots already cached); nothing else reads
 it. Attention is opset-23 `Attention` with `past_key`/`past_value` inputs and `present_key`/`present_value` outputs
 and a boolean mask (onnxruntime 1.32 runs it on the CPU, GQA included), or, with `decompose=("attention",)`,
-Concat + MatMul + Softmax (what TensorRT parses).
+Concat + MatMul + Softmax (what TensorRT parses). `moec.rope_cached_attention` (`fuse-rope`) is `moec.rope`'s
+lowering of q and of k (canonical_ops.emit_rope, in every mode), then the same attention.
 """
 
 from __future__ import annotations
@@ -27,11 +28,11 @@ import onnx_graphsurgeon as gs
 import torch
 import torch.fx
 
-from backends.onnx.canonical_ops import repeat_heads
+from backends.onnx.canonical_ops import emit_rope, repeat_heads
 from backends.onnx.context import ConversionContext, DecoderIO, OnnxExportError, dtype_of, onnx_dtype, value_of
-from backends.onnx.converters import converter, node_arg, out_dtype
+from backends.onnx.converters import converter, out_dtype
 from compiler import ops
-from compiler.ir import KVCacheSpec, Program
+from compiler.ir import KVCacheSpec, Program, op_name
 
 ATTENTION_MASK = "attention_mask"
 POSITION_IDS = "position_ids"
@@ -57,7 +58,7 @@ def _runtime_inputs(program: Program) -> tuple[torch.fx.Node, torch.fx.Node, tor
     offsets = [user for user in cache_position.users if user.target == torch.ops.aten.unsqueeze.default]
     positions = [user for offset in offsets for user in offset.users if user.target == torch.ops.aten.add.Tensor]
     others = [
-        user for user in cache_position.users if user not in offsets and user.target != ops.cached_attention
+        user for user in cache_position.users if user not in offsets and user.target not in ops.CACHED_ATTENTIONS
     ]
     if len(positions) != 1 or others:
         raise OnnxExportError(
@@ -136,11 +137,30 @@ def _visible(ctx: ConversionContext, sliding_window: int) -> gs.Tensor:
     return visible
 
 
+def _arguments(node: torch.fx.Node) -> dict[str, object]:
+    return ops.named_arguments(node.target, node.args, node.kwargs)
+
+
+def _key_dtype(node: torch.fx.Node) -> torch.dtype:
+    """The dtype of the keys the attention attends: k's, or rope(k)'s for the op that rotates k itself."""
+    arguments = _arguments(node)
+    dtype = dtype_of(arguments["k"])
+    if node.target == ops.rope_cached_attention:
+        dtype = torch.promote_types(dtype, dtype_of(arguments["cos"]))
+    return dtype
+
+
 def _operands(ctx: ConversionContext, node: torch.fx.Node) -> tuple[gs.Tensor, ...]:
-    """q, and k/v rounded through the cache dtype as torch's kernel reads them back; past k/v in k's dtype."""
-    q_node, k_node, v_node, k_cache, v_cache = node.args[:5]
-    cache_dtype, kv_dtype = dtype_of(k_cache), dtype_of(k_node)
-    q, k, v = (ctx.tensor(a) for a in (q_node, k_node, v_node))
+    """q, and k/v rounded through the cache dtype as torch's kernel reads them back; past k/v in k's dtype. The
+    rotating op's q and k are rotated first, as its semantics (rope, then cached_attention) say."""
+    arguments = _arguments(node)
+    q_node, k_node, v_node, k_cache, v_cache = (arguments[name] for name in ("q", "k", "v", "k_cache", "v_cache"))
+    if node.target == ops.rope_cached_attention:
+        q, k = (emit_rope(ctx, operand, arguments["cos"], arguments["sin"]) for operand in (q_node, k_node))
+    else:
+        q, k = ctx.tensor(q_node), ctx.tensor(k_node)
+    v = ctx.tensor(v_node)
+    cache_dtype, kv_dtype = dtype_of(k_cache), _key_dtype(node)
     past_k, past_v = ctx.tensor(k_cache), ctx.tensor(v_cache)
     if cache_dtype != kv_dtype:
         k, v = (ctx.cast(ctx.cast(t, cache_dtype), kv_dtype) for t in (k, v))
@@ -150,32 +170,37 @@ def _operands(ctx: ConversionContext, node: torch.fx.Node) -> tuple[gs.Tensor, .
 
 def _record_presents(ctx: ConversionContext, node: torch.fx.Node, key: gs.Tensor, value: gs.Tensor) -> None:
     assert ctx.decoder is not None
-    for cache, tensor in ((node.args[3], key), (node.args[4], value)):
+    arguments = _arguments(node)
+    for cache, tensor in ((arguments["k_cache"], key), (arguments["v_cache"], value)):
         spec: KVCacheSpec = cache.meta["kv_cache"]
-        if dtype_of(cache) != dtype_of(node.args[1]):
+        if dtype_of(cache) != _key_dtype(node):
             tensor = ctx.cast(tensor, spec.dtype)
         ctx.decoder.presents[present_name(spec)] = tensor
 
 
 def _needs_decoder(ctx: ConversionContext, node: torch.fx.Node) -> None:
     if ctx.decoder is None:
-        raise OnnxExportError(f"{node.name} (moec.cached_attention) reads KV caches that are not program inputs")
+        raise OnnxExportError(f"{node.name} ({op_name(node)}) reads KV caches that are not program inputs")
 
 
-@converter("moec.cached_attention", when=lambda ctx, node: "attention" not in ctx.options.decompose)
+_ATTENTION_OPS = ("moec.cached_attention", "moec.rope_cached_attention")
+
+
+@converter(*_ATTENTION_OPS, when=lambda ctx, node: "attention" not in ctx.options.decompose)
 def _cached_attention(ctx: ConversionContext, node: torch.fx.Node) -> gs.Tensor:
     _needs_decoder(ctx, node)
     q, k, v, past_k, past_v = _operands(ctx, node)
-    attrs = {"scale": float(node.args[6])}
+    arguments = _arguments(node)
+    attrs = {"scale": float(arguments["scale"])}
     if out_dtype(node) != torch.float32:
         attrs["softmax_precision"] = onnx_dtype(torch.float32)
-    mask = _visible(ctx, int(node_arg(node, 7, "sliding_window", 0)))
+    mask = _visible(ctx, int(arguments["sliding_window"]))
     out, present_k, present_v = ctx.op("Attention", [q, k, v, mask, past_k, past_v], attrs, outputs=3)
     _record_presents(ctx, node, present_k, present_v)
     return ctx.op("Transpose", [out], {"perm": [0, 2, 1, 3]})
 
 
-@converter("moec.cached_attention", when=lambda ctx, node: "attention" in ctx.options.decompose)
+@converter(*_ATTENTION_OPS, when=lambda ctx, node: "attention" in ctx.options.decompose)
 def _cached_attention_decomposed(ctx: ConversionContext, node: torch.fx.Node) -> gs.Tensor:
     """present = Concat(past, new); softmax(q·presentᵀ·scale where visible, else float32 min) · present. Masking
     with the smallest float instead of -inf keeps a fully masked row (a padding token's query) finite."""
@@ -185,13 +210,14 @@ def _cached_attention_decomposed(ctx: ConversionContext, node: torch.fx.Node) ->
     present_v = ctx.op("Concat", [past_v, v], {"axis": 2})
     _record_presents(ctx, node, present_k, present_v)
     dtype = out_dtype(node)
-    groups = value_of(node.args[0]).shape[1] // value_of(node.args[1]).shape[1]
+    arguments = _arguments(node)
+    groups = value_of(arguments["q"]).shape[1] // value_of(arguments["k"]).shape[1]
     keys, values = present_k, present_v
     if groups > 1:
         keys, values = (repeat_heads(ctx, t, groups) for t in (keys, values))
     scores = ctx.op("MatMul", [q, ctx.op("Transpose", [keys], {"perm": [0, 1, 3, 2]})])
-    scores = ctx.op("Mul", [ctx.cast(scores, torch.float32), ctx.scalar(float(node.args[6]), torch.float32)])
-    mask = _visible(ctx, int(node_arg(node, 7, "sliding_window", 0)))
+    scores = ctx.op("Mul", [ctx.cast(scores, torch.float32), ctx.scalar(float(arguments["scale"]), torch.float32)])
+    mask = _visible(ctx, int(arguments["sliding_window"]))
     lowest = ctx.scalar(float(np.finfo(np.float32).min), torch.float32)
     probs = ctx.cast(ctx.op("Softmax", [ctx.op("Where", [mask, scores, lowest])], {"axis": -1}), dtype)
     return ctx.op("Transpose", [ctx.op("MatMul", [probs, values])], {"perm": [0, 2, 1, 3]})

@@ -172,23 +172,40 @@ def _duplicated_halves(node: Any) -> bool:
     return False
 
 
-def _rope_fused(ctx: ConversionContext, node: torch.fx.Node) -> bool:
+def _rotary_embedding_applies(
+    ctx: ConversionContext, x: torch.fx.Node, cos: torch.fx.Node, sin: torch.fx.Node, dtype: torch.dtype
+) -> bool:
     if "rope" in ctx.options.decompose:
         return False
-    x, cos, sin = node.args
     cos_value = value_of(cos)
     return (
         cos_value.dim() == 3
         and cos_value.shape[0] == 1
-        and dtype_of(cos) == dtype_of(x) == out_dtype(node)
+        and dtype_of(cos) == dtype_of(x) == dtype
         and _duplicated_halves(cos)
         and _duplicated_halves(sin)
     )
 
 
-@converter("moec.rope", when=_rope_fused)
+def emit_rope(
+    ctx: ConversionContext, x_node: torch.fx.Node, cos_node: torch.fx.Node, sin_node: torch.fx.Node
+) -> gs.Tensor:
+    """`moec.rope(x, cos, sin)`'s lowering (see the module docstring), for the rope op and for the ops that rotate
+    their operands themselves (`moec.rope_cached_attention`)."""
+    dtype = torch.promote_types(dtype_of(x_node), dtype_of(cos_node))  # the rope op's result type
+    if _rotary_embedding_applies(ctx, x_node, cos_node, sin_node, dtype):
+        return _rotary_embedding(ctx, x_node, cos_node, sin_node)
+    return _rope_elementary(ctx, x_node, cos_node, sin_node, dtype)
+
+
+@converter("moec.rope")
 def _rope(ctx: ConversionContext, node: torch.fx.Node) -> gs.Tensor:
-    x_node, cos_node, sin_node = node.args
+    return emit_rope(ctx, *node.args)
+
+
+def _rotary_embedding(
+    ctx: ConversionContext, x_node: torch.fx.Node, cos_node: torch.fx.Node, sin_node: torch.fx.Node
+) -> gs.Tensor:
     half = value_of(x_node).shape[-1] // 2
 
     def cache(arg: torch.fx.Node) -> gs.Tensor:
@@ -204,10 +221,9 @@ def _rope(ctx: ConversionContext, node: torch.fx.Node) -> gs.Tensor:
     return ctx.op("RotaryEmbedding", [x, cache(cos_node), cache(sin_node), positions], {"interleaved": 0})
 
 
-@converter("moec.rope", when=lambda ctx, node: not _rope_fused(ctx, node))
-def _rope_decomposed(ctx: ConversionContext, node: torch.fx.Node) -> gs.Tensor:
-    x_node, cos_node, sin_node = node.args
-    dtype = out_dtype(node)
+def _rope_elementary(
+    ctx: ConversionContext, x_node: torch.fx.Node, cos_node: torch.fx.Node, sin_node: torch.fx.Node, dtype: torch.dtype
+) -> gs.Tensor:
     half = value_of(x_node).shape[-1] // 2
     x = ctx.cast_to(x_node, dtype)
     cos = ctx.op("Unsqueeze", [ctx.cast_to(cos_node, dtype), ctx.ints([1])])

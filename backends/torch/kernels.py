@@ -58,13 +58,11 @@ def cached_attention(
     CUDA graph. On CUDA the Triton kernels run unscaled float caches and e4m3 caches (any scales); a scaled cache of
     a float dtype stays here.
     """
-    kernel_cache = (k_scale == 1.0 and v_scale == 1.0) or k_cache.dtype == fp8.FP8_DTYPE
-    if q.is_cuda and kernel_cache:  # CUDA runs the Triton kernels; `unsupported_reason` is the rule for the rest
+    if _attention_on_triton(q, k, k_cache, cache_position, k_scale, v_scale):
         from backends.torch import triton_attention
 
-        if triton_attention.unsupported_reason(q, k, k_cache, cache_position) is None:
-            return triton_attention.cached_attention(q, k, v, k_cache, v_cache, cache_position, scale, sliding_window,
-                                                     k_scale=k_scale, v_scale=v_scale)
+        return triton_attention.cached_attention(q, k, v, k_cache, v_cache, cache_position, scale, sliding_window,
+                                                 k_scale=k_scale, v_scale=v_scale)
     batch, kv_heads, seq, head_dim = k.shape
     max_seq = k_cache.shape[2]
     # slots[b, i]: the absolute position (and cache slot) of sequence b's i-th new token.
@@ -93,6 +91,51 @@ def cached_attention(
     values = torch.where(written, values, torch.zeros((), dtype=values.dtype, device=values.device))
     out = torch.matmul(probs.view(batch, kv_heads, groups * seq, visible), values)
     return out.view(batch, kv_heads * groups, seq, v.shape[-1]).transpose(1, 2).contiguous()
+
+
+def _attention_on_triton(q: torch.Tensor, k: torch.Tensor, k_cache: torch.Tensor, cache_position: torch.Tensor,
+                         k_scale: float, v_scale: float) -> bool:
+    """Whether a cached attention runs on the Triton kernels: CUDA operands that `unsupported_reason` accepts, with
+    unscaled float caches or e4m3 caches (any scales)."""
+    if not q.is_cuda or not ((k_scale == 1.0 and v_scale == 1.0) or k_cache.dtype == fp8.FP8_DTYPE):
+        return False
+    from backends.torch import triton_attention
+
+    return triton_attention.unsupported_reason(q, k, k_cache, cache_position) is None
+
+
+@torch.library.impl("moec::rope_cached_attention", "CompositeExplicitAutograd")
+def rope_cached_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_position: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    scale: float,
+    sliding_window: int = 0,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
+) -> torch.Tensor:
+    """`moec.rope_cached_attention`: exactly `rope` of q and of k, then `cached_attention` (bit-identical to the
+    unfused ops on the CPU). On CUDA, where the unfused program would run both ropes and the attention on their Triton
+    kernels, the Triton attention rotates q and k itself (decode: inside its kernel; prefill: the rope kernel, then
+    the prefill); anywhere else the two ops run as they would unfused, each with its own dispatch."""
+    if _attention_on_triton(q, k, k_cache, cache_position, k_scale, v_scale):
+        from backends.torch import triton_norm
+
+        if triton_norm.rope_unsupported_reason(q, cos, sin) is None and \
+                triton_norm.rope_unsupported_reason(k, cos, sin) is None:
+            from backends.torch import triton_attention
+
+            return triton_attention.cached_attention(q, k, v, k_cache, v_cache, cache_position, scale, sliding_window,
+                                                     k_scale=k_scale, v_scale=v_scale, rotary=(cos, sin))
+    # Through the dispatcher: the decorated functions of this module are not callable by name.
+    rotated_q, rotated_k = compiler.ops.rope(q, cos, sin), compiler.ops.rope(k, cos, sin)
+    return compiler.ops.cached_attention(rotated_q, rotated_k, v, k_cache, v_cache, cache_position, scale,
+                                         sliding_window, k_scale, v_scale)
 
 
 def _write_cache(cache: torch.Tensor, index: torch.Tensor, new: torch.Tensor, scale: float) -> None:

@@ -20,6 +20,12 @@ Three kernels, none of which reads anything back to the host, so a whole step ca
    split writes its normalized partial output and log-sum-exp in float32; the combine kernel merges the splits
    that sequence used. With one split the decode kernel writes the output itself.
 
+`moec.rope_cached_attention` (``rotary=(cos, sin)``) is the same op on q and k rotated first. Decode rotates inside
+``_decode_kernel`` (ROPE): q as it is loaded, the step's k before it is written and attended, with the rope kernel's
+arithmetic (``triton_norm.rope_rotate``), so the two rope launches of a decode step disappear and the result is the
+unfused one's. Prefill runs the rope kernel on q and k, then the write and prefill kernels (no gain, no loss: two
+launches among a prefill's heavy ones).
+
 Softmax runs in float32 with exp2 (scale folded with log2 e); the probabilities are rounded to the value dtype
 for the P @ V product (as flash attention does); accumulators are float32. float32 inputs use IEEE-precision
 dots (not tf32). Launch parameters come from small explicit tables below, not from run-time autotuning.
@@ -32,6 +38,7 @@ from dataclasses import dataclass
 
 import torch
 
+from backends.torch import triton_norm
 from backends.torch.triton_attention_kernels import _HAVE_TRITON, triton
 from backends.torch.triton_fp8 import capability_reason
 from backends.torch.triton_support import pdl_launch
@@ -178,12 +185,16 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Ten
         raise ValueError(f"cache_position must be [B={batch}] int32/int64, got {tuple(cache_position.shape)}")
 
 
+def _interpreter_precasts(kv_dtype: torch.dtype, cache_dtype: torch.dtype) -> bool:
+    # Triton's CPU interpreter (seen with 3.9.0) truncates float32 -> bf16 instead of rounding to nearest even as
+    # compiled kernels do; k/v are cast on the host so the interpreted cache holds what a GPU would write.
+    return _interpreting() and cache_dtype == torch.bfloat16 and kv_dtype != torch.bfloat16
+
+
 def _precast_for_interpreter(
     k: torch.Tensor, v: torch.Tensor, cache_dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    # Triton's CPU interpreter (seen with 3.9.0) truncates float32 -> bf16 instead of rounding to nearest even as
-    # compiled kernels do; cast on the host so the interpreted cache holds what a GPU would write.
-    if _interpreting() and cache_dtype == torch.bfloat16 and k.dtype != torch.bfloat16:
+    if _interpreter_precasts(k.dtype, cache_dtype):
         return k.to(torch.bfloat16), v.to(torch.bfloat16)
     return k, v
 
@@ -230,8 +241,14 @@ def prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache
 def decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
            cache_position: torch.Tensor, scale: float, sliding_window: int, out: torch.Tensor,
            config: DecodeConfig | None = None, splits: int | None = None, k_scale: float = 1.0,
-           v_scale: float = 1.0) -> None:
-    """Split-K flash decoding of one query row per sequence; writes the step's k/v into the caches and out."""
+           v_scale: float = 1.0, rotary: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+    """Split-K flash decoding of one query row per sequence; writes the step's k/v into the caches and out. With
+    `rotary` = (cos, sin) the kernel rotates q and k first (`moec.rope_cached_attention`)."""
+    if rotary is not None and _interpreter_precasts(k.dtype, k_cache.dtype):
+        # The interpreter's host-side cast must see the rotated k: rotate on the host (interpreter only; a compiled
+        # kernel rotates and casts in registers).
+        q, k = (triton_norm.rope(t, *rotary) for t in (q, k))
+        rotary = None
     batch, q_heads, _, head_dim = q.shape
     kv_heads, max_seq = k_cache.shape[1], k_cache.shape[2]
     cfg = config if config is not None else decode_config(batch, kv_heads, q.device)
@@ -245,17 +262,18 @@ def decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Ten
         part_acc = part_lse = out  # unused
     window = sliding_window > 0
     k, v = _precast_for_interpreter(k, v, k_cache.dtype)
+    cos, sin, rotary_batch_stride = triton_norm.rotary_operands(*rotary) if rotary is not None else (q, q, 0)
     _decode_kernel[(batch, kv_heads, splits)](
         q, k, v, k_cache, v_cache, cache_position, out, part_acc, part_lse, sliding_window,
         scale * _LOG2E * k_scale,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        out.stride(0), out.stride(2), splits, float(k_scale), float(v_scale),
+        out.stride(0), out.stride(2), splits, float(k_scale), float(v_scale), cos, sin, rotary_batch_stride,
         GROUP=group, BLOCK_G=max(16, _next_pow2(group)), D=head_dim, BLOCK_D=_next_pow2(head_dim),
         BLOCK_N=cfg.block_n, SINGLE=splits == 1, WINDOW=window, PRECISION=_precision(q.dtype),
         DOT_F32=_dot_in_f32(q.dtype), FP8_CACHE=k_cache.dtype == FP8_CACHE_DTYPE,
-        EMULATE_FP8=k_cache.dtype == FP8_CACHE_DTYPE and _interpreting(), **pdl_launch(q), num_warps=cfg.warps,
-        num_stages=cfg.stages,
+        EMULATE_FP8=k_cache.dtype == FP8_CACHE_DTYPE and _interpreting(), ROPE=rotary is not None, **pdl_launch(q),
+        num_warps=cfg.warps, num_stages=cfg.stages,
     )
     if splits > 1:
         _decode_combine_kernel[(batch * q_heads,)](
@@ -280,13 +298,20 @@ def cached_attention(
     prefill_config: PrefillConfig | None = None,
     k_scale: float = 1.0,
     v_scale: float = 1.0,
+    rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """`moec.cached_attention` (semantics in compiler/ops.py): writes the caches in place, returns [B,S,Hq,D].
-    Scales (`k_scale`, `v_scale`) other than 1 need e4m3 caches (`quantize-fp8{kv_cache=true}`).
+    Scales (`k_scale`, `v_scale`) other than 1 need e4m3 caches (`quantize-fp8{kv_cache=true}`). With `rotary` =
+    (cos [B or 1,S,D], sin): `moec.rope_cached_attention`, the attention of rope(q) and rope(k).
 
     No host synchronisation and shape-only allocations: the call can be captured in a CUDA graph.
     """
     _check(q, k, v, k_cache, v_cache, cache_position)
+    if rotary is not None:
+        for operand in (q, k):
+            reason = triton_norm.rope_unsupported_reason(operand, *rotary)
+            if reason is not None:
+                raise ValueError(f"rope_cached_attention (triton): {reason}")
     if (k_scale != 1.0 or v_scale != 1.0) and k_cache.dtype != FP8_CACHE_DTYPE:
         raise ValueError(f"cache scales {k_scale}, {v_scale} need an e4m3 cache, not {k_cache.dtype}")
     if not (k_scale > 0 and v_scale > 0):
@@ -299,8 +324,10 @@ def cached_attention(
         return out
     if seq == 1:
         decode(q, k, v, k_cache, v_cache, cache_position, scale, sliding_window, out, decode_config,
-               k_scale=k_scale, v_scale=v_scale)
+               k_scale=k_scale, v_scale=v_scale, rotary=rotary)
     else:
+        if rotary is not None:  # the rope kernel, as unfused: a prefill gains nothing from rotating inside
+            q, k = (triton_norm.rope(t, *rotary) for t in (q, k))
         write_cache(k, v, k_cache, v_cache, cache_position, k_scale, v_scale)
         prefill(q, k_cache, v_cache, cache_position, scale, sliding_window, out, prefill_config, k_scale, v_scale)
     return out

@@ -1,4 +1,5 @@
-"""The Triton kernels of `moec.cached_attention` (cache write, flash prefill, split-K flash decoding, combine).
+"""The Triton kernels of `moec.cached_attention` (cache write, flash prefill, split-K flash decoding, combine), and
+of `moec.rope_cached_attention`'s decode (the decode kernel with ROPE).
 
 What each kernel computes, how they are launched and the launch tables are in `backends/torch/triton_attention.py`;
 this module holds only the `@triton.jit` bodies, so the launch logic reads on its own.
@@ -11,6 +12,7 @@ from backends.torch.triton_support import tl, triton, wait_for_producers
 
 if _HAVE_TRITON:
     from backends.torch.triton_fp8 import fp8_codes
+    from backends.torch.triton_norm import rope_rotate
 
     @triton.jit
     def _write_kernel(
@@ -234,6 +236,9 @@ if _HAVE_TRITON:
         splits,
         k_scale,
         v_scale,
+        cos_ptr,  # ROPE: the step's rotary rows cos/sin [B or 1, 1, D] (unread otherwise)
+        sin_ptr,
+        stride_rb,  # their batch stride (0: one row for every sequence)
         GROUP: tl.constexpr,
         BLOCK_G: tl.constexpr,
         D: tl.constexpr,
@@ -245,6 +250,7 @@ if _HAVE_TRITON:
         DOT_F32: tl.constexpr,
         FP8_CACHE: tl.constexpr = False,
         EMULATE_FP8: tl.constexpr = False,
+        ROPE: tl.constexpr = False,  # q and the step's k are unrotated: rotate them here (moec.rope_cached_attention)
         USE_PDL: tl.constexpr = False,  # PDL launch (triton_support.pdl_launch)
     ):
         wait_for_producers(USE_PDL)
@@ -266,11 +272,19 @@ if _HAVE_TRITON:
         heads = kvh * GROUP + offs_g
         offs_d = tl.arange(0, BLOCK_D)
         d_ok = offs_d < D
-        q = tl.load(
-            q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
-            mask=g_ok[:, None] & d_ok[None, :],
-            other=0.0,
-        )
+        q_rows = q_ptr + b * stride_qb + heads[:, None] * stride_qh
+        q = tl.load(q_rows + offs_d[None, :], mask=g_ok[:, None] & d_ok[None, :], other=0.0)
+        if ROPE:
+            # rotate_half(x)[d] = -x[d + D/2] for d < D/2, x[d - D/2] after: a second load of the row just read, at
+            # the partner offsets, then the rope kernel's arithmetic (rope_rotate), so q equals what it would store.
+            partner_d = (offs_d + D // 2) % D
+            first_half = offs_d < D // 2
+            rotary_row = b * stride_rb + offs_d
+            cos = tl.load(cos_ptr + rotary_row, mask=d_ok, other=0.0)
+            sin = tl.load(sin_ptr + rotary_row, mask=d_ok, other=0.0)
+            q_partner = tl.load(q_rows + partner_d[None, :], mask=g_ok[:, None] & d_ok[None, :], other=0.0)
+            q_partner = q_partner.to(tl.float32)
+            q = rope_rotate(q, tl.where(first_half[None, :], -q_partner, q_partner), cos[None, :], sin[None, :])
         # Every row sees every slot in [lo, hi): the causal bound is kv_len itself, the window's edge is start.
         q_pos = tl.zeros([BLOCK_G], dtype=tl.int64) + kv_len
         offs_n0 = tl.arange(0, BLOCK_N)
@@ -288,7 +302,11 @@ if _HAVE_TRITON:
             acc, m_i, l_i = _attend_block(q, kc_ptr + ptrs, vc_ptr + ptrs, acc, m_i, l_i, offs_n, q_pos, loop_hi,
                                           window, d_ok, scale_log2, True, False, PRECISION, DOT_F32)
         if is_last:
-            k_new = tl.load(k_ptr + b * stride_kb + kvh * stride_kh + offs_d, mask=d_ok)
+            k_row = k_ptr + b * stride_kb + kvh * stride_kh
+            k_new = tl.load(k_row + offs_d, mask=d_ok)
+            if ROPE:  # rotated before it is written and attended, as the separate rope kernel would have stored it
+                k_partner = tl.load(k_row + partner_d, mask=d_ok).to(tl.float32)
+                k_new = rope_rotate(k_new, tl.where(first_half, -k_partner, k_partner), cos, sin)
             v_new = tl.load(v_ptr + b * stride_vb + kvh * stride_vh + offs_d, mask=d_ok)
             if FP8_CACHE:
                 k_new = fp8_codes(k_new.to(tl.float32), k_scale, EMULATE_FP8)

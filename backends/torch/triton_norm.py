@@ -16,7 +16,7 @@ import torch
 from backends.torch.triton_support import HAVE_TRITON as _HAVE_TRITON
 from backends.torch.triton_support import device_reason, pdl_launch, tl, triton, wait_for_producers
 
-__all__ = ["add_rms_norm", "rms_norm", "rope", "rope_unsupported_reason", "unsupported_reason"]
+__all__ = ["add_rms_norm", "rms_norm", "rope", "rope_unsupported_reason", "rotary_operands", "unsupported_reason"]
 
 ACTIVATION_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 MAX_HIDDEN = 65536  # one row per program, held in registers
@@ -123,7 +123,27 @@ def rope_unsupported_reason(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
     return None
 
 
+def rotary_operands(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """cos and sin with unit stride along D and one layout (the kernels index both with one set of strides), and
+    their batch stride (0 for [1,S,D] rows that every sequence shares)."""
+    cos = cos if cos.stride(-1) == 1 else cos.contiguous()
+    sin = sin if sin.stride(-1) == 1 else sin.contiguous()
+    if sin.stride() != cos.stride():
+        cos, sin = cos.contiguous(), sin.contiguous()
+    return cos, sin, cos.stride(0) if cos.shape[0] > 1 else 0
+
+
 if _HAVE_TRITON:
+
+    @triton.jit
+    def rope_rotate(x, rotated, cos, sin):
+        """x*cos + rotated*sin (rotated = rotate_half(x) in float32, sign applied), rounded where the reference's
+        separate ops round: each product, then the sum, in x's dtype. The rope kernel and the fused rope of the
+        decode attention kernel (triton_attention_kernels.py) both compute it here, so their results agree bit for
+        bit."""
+        dtype = x.dtype
+        return ((x.to(tl.float32) * cos.to(tl.float32)).to(dtype).to(tl.float32)
+                + (rotated * sin.to(tl.float32)).to(dtype).to(tl.float32)).to(dtype)
 
     @triton.jit
     def _rope_kernel(
@@ -149,15 +169,12 @@ if _HAVE_TRITON:
         c2 = tl.load(cos_ptr + c_row + HALF + cols)
         s1 = tl.load(sin_ptr + c_row + cols)
         s2 = tl.load(sin_ptr + c_row + HALF + cols)
-        dtype = x_ptr.dtype.element_ty
         # rotate_half(x) = [-x2, x1]: first half x1*c1 + (-x2)*s1, second half x2*c2 + x1*s2.
-        first = (x1.to(tl.float32) * c1.to(tl.float32)).to(dtype).to(tl.float32) + \
-            (-(x2.to(tl.float32)) * s1.to(tl.float32)).to(dtype).to(tl.float32)
-        second = (x2.to(tl.float32) * c2.to(tl.float32)).to(dtype).to(tl.float32) + \
-            (x1.to(tl.float32) * s2.to(tl.float32)).to(dtype).to(tl.float32)
+        first = rope_rotate(x1, -(x2.to(tl.float32)), c1, s1)
+        second = rope_rotate(x2, x1.to(tl.float32), c2, s2)
         o_row = out_ptr + b * stride_ob + s * stride_os + heads * stride_oh
-        tl.store(o_row + cols, first.to(dtype), mask=mask)
-        tl.store(o_row + HALF + cols, second.to(dtype), mask=mask)
+        tl.store(o_row + cols, first, mask=mask)
+        tl.store(o_row + HALF + cols, second, mask=mask)
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -170,10 +187,7 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     batch, heads, seq, dim = x.shape
     if x.stride(-1) != 1:
         x = x.contiguous()
-    cos = cos if cos.stride(-1) == 1 else cos.contiguous()
-    sin = sin if sin.stride(-1) == 1 else sin.contiguous()
-    if sin.stride() != cos.stride():
-        cos, sin = cos.contiguous(), sin.contiguous()
+    cos, sin, cos_batch_stride = rotary_operands(cos, sin)
     out = torch.empty_like(x)
     if out.stride(-1) != 1:
         out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
@@ -181,7 +195,7 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         _rope_kernel[(batch * seq,)](
             x, cos, sin, out, seq, heads,
             x.stride(0), x.stride(1), x.stride(2),
-            cos.stride(0) if cos.shape[0] > 1 else 0, cos.stride(1),
+            cos_batch_stride, cos.stride(1),
             out.stride(0), out.stride(1), out.stride(2),
             HALF=dim // 2, BLOCK_H=triton.next_power_of_2(heads), **pdl_launch(x), num_warps=4,
         )

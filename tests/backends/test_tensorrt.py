@@ -637,3 +637,23 @@ def test_cli_build_with_the_recipe_quantization_flags(tmp_path: Path, capsys: py
     written = json.loads((tmp_path / "plugin" / "config.json").read_text())
     assert written["moe_lowering"] == "plugin" and "quantize-weights" in written["passes"]
     assert (tmp_path / "plugin" / "rank0.engine").stat().st_size > 0
+
+
+def test_decoder_engine_of_a_fuse_rope_program_builds_and_its_onnx_matches_torch(tmp_path: Path) -> None:
+    """`moec.rope_cached_attention` reaches TensorRT as the rope lowering, then the cached attention's."""
+    from backends.tensorrt.verify import onnxruntime_decoder
+    from tests.backends.test_onnx_decoder import torch_reference
+
+    config = TINY_CONFIGS[0]
+    program = run_pipeline(decoder_program(config, "float16"), parse_pipeline("fuse-rope")).program
+    assert program.op_counts()["moec.rope_cached_attention"] == config.layers
+    out = tmp_path / "engines"
+    options = BuildOptions(moe_plugin=False, targets=TARGETS, max_batch=2, max_seq=16, keep_onnx=True)
+    build_engines(program, out, options, progress=lambda line: None)
+    assert (out / "rank0.engine").stat().st_size > 100_000
+    prompts = [input_ids(config, 1, 6)[0].tolist(), input_ids(config, 1, 3, seed=2)[0].tolist()]
+    sequences, expected = torch_reference(program, prompts, steps=5)
+    assert sequences == torch_reference(decoder_program(config, "float16"), prompts, steps=5)[0]
+    actual = _teacher_forced_logits(onnxruntime_decoder(out / "onnx" / "rank0.onnx"), prompts, sequences)
+    for step, (got, want) in enumerate(zip(actual, expected, strict=True)):
+        assert max_rel_err(torch.from_numpy(got), want.float()) <= TOLERANCE["float16"], f"step {step}"

@@ -303,3 +303,117 @@ def test_mixtral_decode_cuda_graph():
         ref, ref_kc, _ = _reference(q, k, v, before_k, before_v, positions, scale, 0)
         assert ((out.double().cpu() - ref).norm() / ref.norm()).item() < RTOL[torch.bfloat16]
         assert torch.equal(k_cache.cpu(), ref_kc.cpu())
+
+
+# --- moec.rope_cached_attention: q and k rotated inside the decode kernel ------------------------------------------
+def _rotary(batch, seq, head_dim, dtype, seed, shared=False):
+    """cos/sin rows [B,S,D] (or [1,S,D] shared by the batch) of Hugging Face's duplicated-halves layout."""
+    gen = torch.Generator(device=DEVICE).manual_seed(seed)
+    angles = torch.rand(1 if shared else batch, seq, head_dim // 2, generator=gen, device=DEVICE) * 6
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def _check_rope(batch, q_heads, kv_heads, seq, head_dim, max_seq, pos, window, dtype, cache_dtype=None, seed=0,
+                shared=False, fp8=False, **kw):
+    """The fused op on the kernels equals the rope kernel + the unfused kernels: the caches bit for bit, the output bit
+    for bit in the interpreter and to the last place compiled; and the float64 reference of the rotated q and k."""
+    from backends.torch import triton_norm as tn
+
+    if fp8:
+        q, k, v, k_cache, v_cache, cache_position, k_scale, v_scale = _fp8_case(batch, q_heads, kv_heads, seq, head_dim,
+                                                                                max_seq, pos, seed, dtype)
+        kw.update(k_scale=k_scale, v_scale=v_scale)
+    else:
+        q, k, v, k_cache, v_cache, cache_position = _make(batch, q_heads, kv_heads, seq, head_dim, max_seq, pos, window,
+                                                          dtype, cache_dtype or dtype, seed)
+    cos, sin = _rotary(batch, seq, head_dim, dtype, seed, shared)
+    scale = 1 / math.sqrt(head_dim)
+    unfused_kc, unfused_vc = k_cache.clone(), v_cache.clone()
+    rotated_q, rotated_k = tn.rope(q, cos, sin), tn.rope(k, cos, sin)
+    unfused = ta.cached_attention(rotated_q, rotated_k, v, unfused_kc, unfused_vc, cache_position, scale, window, **kw)
+    reference_kc, reference_vc = k_cache.clone(), v_cache.clone()
+    out = ta.cached_attention(q, k, v, k_cache, v_cache, cache_position, scale, window, rotary=(cos, sin), **kw)
+    assert not torch.isnan(out).any()
+    if ON_GPU:
+        # The same q and k bits reach the attention (the caches are compared bit for bit below), but the two
+        # compiled decode kernels may round the dot and the softmax differently: on the H200 a few outputs in a
+        # hundred differ from the unfused kernels' by one unit in the last place (bf16 and fp16; seen 2026-12-02).
+        ulp = torch.finfo(dtype).eps
+        torch.testing.assert_close(out, unfused, rtol=ulp, atol=ulp * unfused.abs().max().item())
+    else:
+        assert torch.equal(out, unfused)
+    for fused_cache, unfused_cache in ((k_cache, unfused_kc), (v_cache, unfused_vc)):
+        assert torch.equal(fused_cache.view(torch.uint8), unfused_cache.view(torch.uint8))  # NaN poison included
+    if not fp8:
+        ref, _, _ = _reference(rotated_q, rotated_k, v, reference_kc, reference_vc, pos, scale, window)
+        err = ((out.double().cpu() - ref).norm() / ref.norm()).item()
+        assert err < RTOL[dtype], f"relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("config", [None, SMALL_DECODE], ids=["one-split", "splits"])
+def test_rope_decode_equals_rope_then_attention(config, dtype):
+    _check_rope(B, HQ, HKV, 1, D, M, [0, 21], 0, dtype, seed=50, decode_config=config)
+    _check_rope(B, HQ, HKV, 1, D, M, [31, 3], 7, dtype, seed=51, shared=True, decode_config=config)
+
+
+def test_rope_decode_mha_fp16_fp8_caches_and_prefill():
+    _check_rope(B, 2, 2, 1, D, M, [4, 17], 0, torch.float16, seed=52, decode_config=SMALL_DECODE)
+    _check_rope(B, HQ, HKV, 1, D, M, [31, 3], 0, torch.float16, seed=53, fp8=True, decode_config=SMALL_DECODE)
+    _check_rope(B, HQ, HKV, 1, D, M, [0, 21], 0, torch.bfloat16, seed=54, fp8=True)
+    _check_rope(B, HQ, HKV, 12, D, M, [0, 19], 6, torch.bfloat16, seed=55, prefill_config=SMALL_PREFILL)
+    # float32 q over a bf16 cache: the interpreter rotates on the host (a GPU rotates in the kernel).
+    _check_rope(B, HQ, HKV, 1, D, M, [12, 1], 0, torch.float32, torch.bfloat16, seed=56, decode_config=SMALL_DECODE)
+
+
+def test_rope_operands_the_kernels_cannot_take():
+    q, k, v, k_cache, v_cache, cache_position = _make(B, HQ, HKV, 1, D, M, [0, 1], 0, torch.float16, torch.float16, 57)
+    cos, sin = _rotary(B, 1, D, torch.float32, 57)
+    with pytest.raises(ValueError, match=r"^rope_cached_attention \(triton\): x torch.float16 / cos torch.float32"):
+        ta.cached_attention(q, k, v, k_cache, v_cache, cache_position, 0.25, rotary=(cos, sin))
+
+
+def test_rope_op_on_cpu_is_rope_then_the_reference(monkeypatch):
+    """The op on CPU tensors is the reference, bit-identical to the two unfused ops, and never the Triton kernels."""
+    def fail(*args, **kwargs):
+        raise AssertionError("the CPU op called the Triton kernels")
+
+    monkeypatch.setattr(ta, "cached_attention", fail)
+    for seq, pos in ((5, [0, 3]), (1, [9, 30])):
+        q, k, v, k_cache, v_cache, cache_position = (t.cpu() for t in _make(B, HQ, HKV, seq, D, M, pos, 0,
+                                                                               torch.float32, torch.float32, 58,
+                                                                               poison=False))
+        cos, sin = (t.cpu() for t in _rotary(B, seq, D, torch.float32, 58))
+        unfused_kc, unfused_vc = k_cache.clone(), v_cache.clone()
+        expected = ops.cached_attention(ops.rope(q, cos, sin), ops.rope(k, cos, sin), v, unfused_kc, unfused_vc,
+                                        cache_position, 0.25, 3)
+        out = ops.rope_cached_attention(q, k, v, k_cache, v_cache, cache_position, cos, sin, 0.25, 3)
+        assert torch.equal(out, expected) and torch.equal(k_cache, unfused_kc) and torch.equal(v_cache, unfused_vc)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs CUDA")
+def test_mixtral_rope_decode_on_cuda(monkeypatch):
+    """Mixtral-8x7B shapes (bf16, 32/8 heads, head_dim 128) at ~1000 tokens of context, split: the op runs the fused
+    decode kernel (no rope launch) and equals the rope kernel + the unfused kernels (`_check_rope`)."""
+    from backends.torch import triton_norm as tn
+
+    _check_rope(4, 32, 8, 1, 128, 2048, [1000, 997, 1023, 1], 0, torch.bfloat16, seed=60)
+    assert ta.decode_splits(4, 8, 2048, torch.device(DEVICE), ta.decode_config(4, 8, torch.device(DEVICE))) > 1
+    _check_rope(1, 32, 8, 1, 128, 4096, [999], 0, torch.bfloat16, seed=61, shared=True)
+    q, k, v, k_cache, v_cache, cache_position = _make(2, 32, 8, 1, 128, 2048, [1000, 5], 0, torch.bfloat16,
+                                                      torch.bfloat16, 62, poison=False)
+    cos, sin = _rotary(2, 1, 128, torch.bfloat16, 62)
+    unfused_kc = k_cache.clone()
+    expected = ops.cached_attention(ops.rope(q, cos, sin), ops.rope(k, cos, sin), v, unfused_kc, v_cache.clone(),
+                                    cache_position, 0.088, 0)
+
+    def no_rope_launch(*args, **kwargs):
+        raise AssertionError("a decode step of the fused op launched the rope kernel")
+
+    monkeypatch.setattr(tn, "rope", no_rope_launch)
+    out = ops.rope_cached_attention(q, k, v, k_cache, v_cache, cache_position, cos, sin, 0.088, 0)
+    eps = torch.finfo(torch.bfloat16).eps
+    torch.testing.assert_close(out, expected, rtol=eps, atol=eps * expected.abs().max().item())
+    assert torch.equal(k_cache, unfused_kc)
