@@ -11,6 +11,7 @@ exists on the GPU only while its codes are computed. Pipelines (each compiled an
 
 * `default`: moec's default pipeline, `canonicalize,fuse-moe,kv-cache{max_seq},dce`.
 * `fused`: the default plus `fuse-qkv,fuse-norm` (q/k/v as one projection; residual add + RMSNorm as one op).
+* `fused-rope`: `fused` plus `fuse-rope` (q/k rope inside the decode attention kernel: no rope launches).
 * `int8`, `int4`, `int4-g128`: `fused` plus `quantize-weights{precision,group_size}` (lm_head stays bf16).
 * `fp8`, `fp8-kv`: `fused` with `calibrate,quantize-fp8` (and FP8 KV caches) in the recipe's order; calibrate records
   synthetic ranges here (`synthetic_calibration`: random weights, no text).
@@ -37,6 +38,7 @@ import torch
 PIPELINES = {
     "default": "",
     "fused": ",fuse-qkv,fuse-norm",
+    "fused-rope": ",fuse-qkv,fuse-norm,fuse-rope",
     "int8": ",fuse-qkv,fuse-norm,quantize-weights{precision=int8}",
     "int4": ",fuse-qkv,fuse-norm,quantize-weights{precision=int4}",
     "int4-g128": ",fuse-qkv,fuse-norm,quantize-weights{precision=int4,group_size=128}",
@@ -47,7 +49,7 @@ PIPELINES = {
 CATEGORIES = [  # first match wins: attention's `_decode_combine_kernel` before the MoE's `_combine_kernel`
     ("attention", ("_decode_kernel", "_decode_combine_kernel", "_write_kernel", "_prefill_kernel")),
     ("moe experts", ("_gate_up_kernel", "_down_kernel", "_align_kernel", "_combine_kernel", "_gate_up_gemv_kernel",
-                     "_down_gemv_kernel")),
+                     "_down_gemv_kernel", "_gate_up_words_kernel", "_down_words_kernel")),
     ("router", ("_route_kernel",)),
     ("linears", ("gemv", "gemm", "cutlass", "xmma", "nvjet", "_quantized_matmul_kernel", "cublas", "sm90_xmma",
                  "_gemv_kernel")),

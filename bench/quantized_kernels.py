@@ -42,19 +42,31 @@ from compiler.quantization import dequantize, quantize
 H, I, E, K = 4096, 14336, 8, 2
 SCHEMES = [("bf16", None, 0), ("int8", "int8", 0), ("int4", "int4", 0), ("int4 g128", "int4", 128), ("fp8", "fp8", 0)]
 L2_BYTES = 60 << 20
-# --sweep candidates: (gu_block_n, gu_block_k, gu_warps, dn_block_n, dn_block_k, dn_split_k, dn_warps[, prefetch])
+# --sweep candidates: (gu_block_n, gu_block_k, gu_warps, dn_block_n, dn_block_k, dn_split_k, dn_warps[, prefetch,
+# words])
 MOE_GEMV_CANDIDATES = {
     None: [(16, 256, 4, 16, 256, 4, 4), (16, 256, 4, 16, 256, 4, 4, True), (8, 512, 4, 8, 512, 4, 4)],
     "int8": [(16, 256, 4, 16, 256, 4, 4), (8, 512, 4, 8, 512, 4, 4), (16, 256, 4, 16, 256, 4, 4, True)],
-    "int4": [(16, 256, 4, 16, 256, 4, 4), (32, 128, 8, 32, 128, 4, 8), (32, 512, 8, 32, 512, 4, 8),
-             (16, 256, 4, 16, 256, 4, 4, True), (16, 512, 4, 16, 512, 4, 4, True)],
+    "int4": [(16, 256, 4, 16, 256, 4, 4), (16, 256, 4, 16, 256, 4, 4, True)],
 }
-# (block_n, block_k, warps, stages): for the GEMV, stages 2 = the next K tile's loads in flight (PREFETCH)
+# word kernels (triton_gemv_words; their K tile follows from warps and words per thread): the last field is the
+# words per thread and row
+MOE_WORD_CANDIDATES = [(4, 256, 4, 8, 256, 2, 4, False, 1), (4, 256, 4, 8, 256, 2, 4, False, 2),
+                       (4, 256, 4, 4, 256, 2, 4, False, 4), (8, 256, 4, 8, 256, 2, 4, False, 2),
+                       (2, 256, 4, 4, 256, 2, 4, False, 4), (4, 256, 2, 8, 256, 4, 2, False, 2),
+                       (8, 256, 2, 8, 256, 4, 2, False, 2), (4, 256, 2, 4, 256, 4, 2, False, 4)]
+for _precision in ("int8", "int4"):
+    MOE_GEMV_CANDIDATES[_precision] += MOE_WORD_CANDIDATES
+# (block_n, block_k, warps, stages[, words]): for the GEMV, stages 2 = the next K tile's loads in flight (PREFETCH)
 LINEAR_GEMV_CANDIDATES = {
     None: [(8, 512, 4, 1), (8, 512, 4, 2), (8, 256, 4, 2)],
     "int8": [(16, 512, 8, 1), (16, 512, 8, 2), (8, 512, 4, 1)],
-    "int4": [(8, 1024, 4, 1), (8, 1024, 4, 2), (16, 1024, 8, 2), (16, 512, 4, 2), (8, 512, 4, 1)],
+    "int4": [(8, 1024, 4, 2), (16, 1024, 8, 2)],
 }
+LINEAR_WORD_CANDIDATES = [(8, 512, 4, 1, 1), (8, 512, 4, 1, 2), (4, 512, 4, 1, 4), (8, 512, 2, 1, 2),
+                          (4, 512, 2, 1, 4), (16, 512, 2, 1, 2)]
+for _precision in ("int8", "int4"):
+    LINEAR_GEMV_CANDIDATES[_precision] += LINEAR_WORD_CANDIDATES
 
 
 def routed_inputs(t: int, count: int, gen: torch.Generator) -> list[tuple[torch.Tensor, ...]]:

@@ -62,17 +62,23 @@ class GemvConfig:
     dn_split_k: int
     dn_warps: int
     prefetch: bool = False  # two K tiles in flight per program (the next one's loads before this one's products)
+    words: int = 0  # > 0: int8 / int4 codes as 32-bit words, this many per thread and row (triton_gemv_words): K
+    # tiles follow from warps and words; the block_k above are for operands that are not whole words (byte kernels)
 
 
 # (precision, grouped) -> (max slots = T * top_k, config): where the decode path beats the tensor-core tiles above
-# (bench/quantized_kernels.py --sweep on the H200, fourth session, BENCHMARKS.md, Mixtral-8x7B experts; us per call
-# in a CUDA graph); no entry: always the tiles.
+# (bench/quantized_kernels.py --sweep on the H200, fourth and fifth sessions, BENCHMARKS.md, Mixtral-8x7B experts;
+# us per call in a CUDA graph); no entry: always the tiles.
 GEMV_TABLE: dict[tuple[str | None, bool], tuple[int, GemvConfig]] = {
     (None, False): (2, GemvConfig(8, 512, 4, 8, 512, 4, 4)),  # bf16 T=1 168.3 vs tiles 172.2 (T=2: tiles, 269.8)
-    ("int8", False): (4, GemvConfig(16, 256, 4, 16, 256, 4, 4, prefetch=True)),  # T=1 106.0 vs 121.8, T=2 194 vs 210
+    # int8 on words, 4 per thread: T=1 95.7 / T=2 164.1 vs the byte GEMV 107.1 / 190.2 (fifth session); grouped int8
+    # was not swept on words and keeps the byte GEMV (fourth session: T=1 106.0 vs tiles 121.8)
+    ("int8", False): (4, GemvConfig(4, 256, 2, 4, 256, 4, 2, words=4)),
     ("int8", True): (4, GemvConfig(16, 256, 4, 16, 256, 4, 4, prefetch=True)),
-    ("int4", False): (4, GemvConfig(16, 256, 4, 16, 256, 4, 4)),  # T=1 109.3 vs tiles 162.5; T=2 200.4 vs 259.9
-    ("int4", True): (4, GemvConfig(16, 256, 4, 16, 256, 4, 4)),  # g128 (2 groups per tile): T=1 117.3 vs 180.7
+    # int4 on 32-bit words, 2 per thread and row (triton_gemv_words; fifth session): T=1 66.7 / T=2 122.6 vs the
+    # byte GEMV 107.5 / 200.5 and the tiles 162.5 / 273.1; g128: 77.5 / 142.0 vs 115.7 / 214.5
+    ("int4", False): (4, GemvConfig(4, 256, 2, 8, 256, 4, 2, words=2)),
+    ("int4", True): (4, GemvConfig(4, 256, 2, 8, 256, 4, 2, words=2)),
 }
 
 

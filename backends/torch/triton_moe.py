@@ -56,6 +56,7 @@ import torch
 
 from backends.torch.moe_tuning import GemvConfig, MoeConfig, clamp_gemv_config, get_config, get_gemv_config, next_pow2
 from backends.torch import triton_fp8
+from backends.torch.triton_gemv_words import words_block_k, words_unsupported_reason
 from backends.torch.triton_quant import QUANT_CODES, STORAGE
 from compiler.fp8 import FP8_DTYPE
 
@@ -813,6 +814,9 @@ def _fused_moe_gemv(  # the kernels: triton_moe_decode.py
     ids = topk_ids.reshape(-1).contiguous()
     rw = topk_weights.reshape(-1).contiguous()
     inter_act = torch.empty((num_slots, inter), dtype=hidden_states.dtype, device=dev)
+    if cfg.words and _moe_words_reason(x, inter_act, w13, w2, quant, group_size) is None:
+        return _fused_moe_words(x, ids, rw, w13, w2, s13, s2, inter_act, out, expert_offset, quant, group_size, cfg)
+    # Byte tiles: float experts, and codes or activations not laid out as whole 32-bit words.
     _gate_up_gemv_kernel[(num_slots, triton.cdiv(inter, cfg.gu_block_n))](
         x, w13, s13, inter_act, ids, expert_offset, inter, h,
         x.stride(0), w13.stride(0), w13.stride(1), s13.stride(0), s13.stride(1), inter_act.stride(0),
@@ -833,9 +837,59 @@ def _fused_moe_gemv(  # the kernels: triton_moe_decode.py
         QUANT=quant, GROUP_SIZE=group_size or inter, PER_ROW=group_size == 0,
         GROUPS=tile_groups(bk, group_size), PREFETCH=cfg.prefetch, **pdl_launch(x), num_warps=cfg.dn_warps,
     )
+    return _combine_slots(partial, out, ids, expert_offset, num_experts, topk)
+
+
+def _combine_slots(partial: torch.Tensor, out: torch.Tensor, ids: torch.Tensor, expert_offset: int,
+                   num_experts: int, topk: int) -> torch.Tensor:
+    """out[t] = the sum of token t's slots over the down GEMVs' K splits (`_combine_kernel`)."""
+    split, _, h = partial.shape
+    t = out.shape[0]
     block_h = min(1024, next_pow2(h))
     _combine_kernel[(t, triton.cdiv(h, block_h))](
         partial, out, ids, expert_offset, num_experts, h, partial.stride(0), partial.stride(1), out.stride(0),
-        TOPK=topk, SPLIT_K=split, BLOCK_H=block_h, **pdl_launch(x), num_warps=4,
+        TOPK=topk, SPLIT_K=split, BLOCK_H=block_h, **pdl_launch(partial), num_warps=4,
     )
     return out
+
+
+def _moe_words_reason(x: torch.Tensor, inter_act: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, quant: int,
+                      group_size: int) -> str | None:
+    """Why the experts cannot run on the word kernels (None when they can): both GEMVs' operands must be words."""
+    return (words_unsupported_reason(x, w13, x.shape[1], quant, group_size)
+            or words_unsupported_reason(inter_act, w2, inter_act.shape[1], quant, group_size))
+
+
+def _fused_moe_words(x: torch.Tensor, ids: torch.Tensor, rw: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+                     s13: torch.Tensor, s2: torch.Tensor, inter_act: torch.Tensor, out: torch.Tensor,
+                     expert_offset: int, quant: int, group_size: int, cfg: GemvConfig) -> torch.Tensor:
+    """`_fused_moe_gemv` on the word kernels (triton_gemv_words.py): gate/up + SwiGLU, split-K down, combine."""
+    from backends.torch.triton_gemv_words import _down_words_kernel, _gate_up_words_kernel, word_views
+
+    t, h = x.shape
+    num_slots, inter = inter_act.shape
+    num_experts = w13.shape[0]
+    fp16 = x.dtype == torch.float16
+    x_pairs, w13_words = word_views(x, w13)
+    gu_k = words_block_k(quant, cfg.gu_warps, cfg.words)
+    _gate_up_words_kernel[(num_slots, triton.cdiv(inter, cfg.gu_block_n))](
+        x_pairs, w13_words, s13, inter_act, ids, expert_offset, inter, h,
+        x_pairs.stride(0), w13_words.stride(0), w13_words.stride(1), s13.stride(0), s13.stride(1), inter_act.stride(0),
+        E=num_experts, TOPK=num_slots // t, BLOCK_N=cfg.gu_block_n, BLOCK_K=gu_k, EVEN_K=h % gu_k == 0,
+        QUANT=quant, GROUP_SIZE=group_size or h, PER_ROW=group_size == 0, FP16=fp16, ASM=not interpreting(),
+        WPT=cfg.words, **pdl_launch(x), num_warps=cfg.gu_warps, num_stages=1,
+    )
+    dn_k = words_block_k(quant, cfg.dn_warps, cfg.words)
+    k_per_split = triton.cdiv(triton.cdiv(inter, max(1, cfg.dn_split_k)), dn_k) * dn_k
+    split = triton.cdiv(inter, k_per_split)
+    partial = torch.empty((split, num_slots, h), dtype=torch.float32 if split > 1 else x.dtype, device=x.device)
+    a_pairs, w2_words = word_views(inter_act, w2)
+    _down_words_kernel[(num_slots, triton.cdiv(h, cfg.dn_block_n), split)](
+        a_pairs, w2_words, s2, partial, ids, rw, expert_offset, h, inter, k_per_split,
+        a_pairs.stride(0), w2_words.stride(0), w2_words.stride(1), s2.stride(0), s2.stride(1), partial.stride(0),
+        partial.stride(1),
+        E=num_experts, BLOCK_N=cfg.dn_block_n, BLOCK_K=dn_k, EVEN_K=inter % k_per_split == 0, QUANT=quant,
+        GROUP_SIZE=group_size or inter, PER_ROW=group_size == 0, FP16=fp16, ASM=not interpreting(),
+        WPT=cfg.words, **pdl_launch(x), num_warps=cfg.dn_warps, num_stages=1,
+    )
+    return _combine_slots(partial, out, ids, expert_offset, num_experts, num_slots // t)

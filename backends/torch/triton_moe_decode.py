@@ -10,7 +10,8 @@ after:  one program per (slot, column tile[, K slice]): the slot's expert codes 
 
 No alignment launch: each program reads its slot's expert id itself and returns for another rank's expert (expert
 parallelism). The grid's first axis is the slot, so the programs of one column tile run together and slots that
-share an expert read its tile from L2. Which precisions and slot counts take this path: `moe_tuning.GEMV_TABLE`.
+share an expert read its tile from L2. Which precisions and slot counts take this path: `moe_tuning.GEMV_TABLE`;
+int8 / int4 table entries with `words` run the same structure on 32-bit code words (`triton_gemv_words.py`).
 """
 
 from backends.torch.triton_support import HAVE_TRITON as _HAVE_TRITON

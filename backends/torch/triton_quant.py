@@ -14,10 +14,11 @@ register ops per weight element, amortized over BLOCK_M rows). Launch parameters
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
+from backends.torch.triton_gemv_words import launch_gemv_words, words_unsupported_reason
 from backends.torch.triton_support import HAVE_TRITON as _HAVE_TRITON
 from backends.torch.triton_support import device_reason, interpreting, pdl_launch, tl, triton, wait_for_producers
 
@@ -410,6 +411,8 @@ class LinearConfig:
     block_k: int
     warps: int
     stages: int
+    words: int = 0  # > 0: the GEMV on 32-bit code words, this many per thread and row (triton_gemv_words; its K
+    # tile follows from warps and words; block_k is the byte kernel's, for operands that are not whole words)
 
 
 # (max M, config). Decode rows stream the weight: 32-column tiles put even a [1024, 4096] projection on 32 programs
@@ -427,14 +430,19 @@ LINEAR_TABLE: list[tuple[int, LinearConfig]] = [
 # One decode row on the CUDA cores (`_gemv_kernel`) instead of the tensor-core tiles above: (precision, grouped) ->
 # (max N, config) for M = 1; wider outputs, and M > 1, stay on the tiles. For the GEMV, `stages` 2 means the next K
 # tile's loads are issued before this one is multiplied (PREFETCH; Triton's own pipeliner does not apply: the loads
-# feed no dot). Measured with bench/quantized_kernels.py --sweep on the H200 (BENCHMARKS.md, fourth session): M = 1,
+# feed no dot); `words` > 0 runs triton_gemv_words instead. Measured with bench/quantized_kernels.py --sweep on the
+# H200 (BENCHMARKS.md, fourth and fifth sessions): M = 1,
 # qkv 6144x4096 / o 4096x4096 / lm_head 32000x4096, in a CUDA graph with PDL.
 GEMV_TABLE: dict[tuple[str | None, bool], tuple[int, LinearConfig]] = {
     (None, False): (1 << 30, LinearConfig(1, 8, 512, 4, 1)),  # bf16: 14.0 / 11.3 / 63.4 us vs cuBLAS 17.9 / 12.7 / 64.3
-    ("int8", False): (16384, LinearConfig(1, 16, 512, 8, 2)),  # 8.9 / 8.8 us vs tiles 12.3 / 9.3 (lm_head: tiles)
-    ("int8", True): (16384, LinearConfig(1, 16, 512, 8, 2)),
-    ("int4", False): (1 << 30, LinearConfig(1, 8, 1024, 4, 2)),  # 10.3 / 7.5 / 42.7 us vs tiles 26.2 / 19.2 / 95.8
-    ("int4", True): (1 << 30, LinearConfig(1, 16, 1024, 8, 2)),  # g128 (8 groups per tile): 13.2 / 9.0 vs 36.2 / 23.3
+    # int8 / int4 on 32-bit words (triton_gemv_words; fifth session; per decode step 32 * (qkv + o) + lm_head):
+    # int8, 2 per thread: 9.7 / 7.2 / 35.0 us vs the byte GEMV 8.9 / 8.7 and the lm_head's tiles 38.1;
+    # int4, 4 per thread: 7.8 / 5.3 / 24.0 vs the byte GEMV 10.2 / 7.4 / 42.6;
+    # int4 g128, 2 per thread: 7.2 / 6.8 / 28.6 vs 13.2 / 9.0 / 56.2. Grouped int8 was not swept on words.
+    ("int8", False): (1 << 30, LinearConfig(1, 8, 512, 4, 1, words=2)),
+    ("int8", True): (16384, LinearConfig(1, 16, 512, 8, 2)),  # 8.9 / 8.8 us vs tiles 12.3 / 9.3 (lm_head: tiles)
+    ("int4", False): (1 << 30, LinearConfig(1, 4, 512, 2, 1, words=4)),
+    ("int4", True): (1 << 30, LinearConfig(1, 8, 512, 4, 1, words=2)),
 }
 
 
@@ -448,7 +456,7 @@ def gemv_config(m: int, n: int, k: int, group_size: int, precision: str | None) 
     block_k = min(cfg.block_k, max(32, _next_pow2(k)))
     if group_size and block_k > group_size and block_k % group_size:
         block_k = group_size
-    return LinearConfig(1, min(cfg.block_n, max(8, _next_pow2(n))), block_k, cfg.warps, cfg.stages)
+    return replace(cfg, block_n=min(cfg.block_n, max(8, _next_pow2(n))), block_k=block_k)
 
 
 def _next_pow2(n: int) -> int:
@@ -546,6 +554,10 @@ def _launch_gemv(x2: torch.Tensor, w: torch.Tensor, s: torch.Tensor, bias: torch
     n = out.shape[1]
     if m != 1:
         raise ValueError(f"the GEMV kernel takes one row, not {m}")
+    if cfg.words and words_unsupported_reason(x2, w, k, quant, group_size) is None:
+        launch_gemv_words(x2, w, s, bias, out, quant, group_size, cfg.block_n, cfg.warps, cfg.words)
+        return
+    # Byte tiles: float weights, and codes or activations not laid out as whole 32-bit words.
     block_k = cfg.block_k
     _gemv_kernel[(triton.cdiv(n, cfg.block_n),)](
         x2, w, s, bias if bias is not None else s, out, n, k, w.stride(0), s.stride(0),

@@ -189,8 +189,10 @@ def test_gemv_moe_matches_dequantized_reference(precision: str | None, group_siz
     else:
         (q13, s13), (q2, s2) = quantize(w13, precision, group_size), quantize(w2, precision, group_size)
         d13, d2 = (dequantize(q, sc, precision, group_size).float() for q, sc in ((q13, s13), (q2, s2)))
-    # prefetch: the next K tile's loads in flight before this one is multiplied
-    configs = (GemvConfig(16, 64, 4, 16, 64, 3, 4), GemvConfig(16, 64, 4, 16, 64, 3, 4, prefetch=True))
+    # prefetch: the next K tile's loads in flight before this one is multiplied; words: one-warp tiles of 2 words
+    # per thread (K tiles of 512 int4 / 256 int8 codes: masked here), float experts stay on the byte tiles
+    configs = (GemvConfig(16, 64, 4, 16, 64, 3, 4), GemvConfig(16, 64, 4, 16, 64, 3, 4, prefetch=True),
+               GemvConfig(8, 64, 1, 16, 64, 2, 1, words=2))
     for cfg, (t, (lo, hi)) in itertools.product(configs, ((1, (0, e)), (3, (0, e)), (3, (2, e)))):
         x = torch.randn(t, h, generator=gen, device=DEVICE).to(DTYPE)
         ids, rw = _routing(t, e, 2, seed=t)
@@ -202,6 +204,50 @@ def test_gemv_moe_matches_dequantized_reference(precision: str | None, group_siz
             assert out.abs().max() == 0
         else:
             assert _rel(out, ref) < RTOL[DTYPE], f"{precision} g{group_size} T={t} experts {lo}:{hi} {cfg}"
+
+
+@pytest.mark.parametrize("precision,group_size", [("int8", 0), ("int4", 32)])
+def test_word_moe_splits_k_and_skips_other_ranks(precision: str, group_size: int) -> None:
+    """The word kernels over an intermediate of 640: three K splits of one word per thread in the down GEMV (the
+    last ragged) for one token; one masked split of four words per thread for 3 tokens of an expert-parallel slice
+    whose other slots contribute nothing."""
+    h, i, e = 128, 640, 4
+    gen = torch.Generator(device=DEVICE).manual_seed(7)
+    w13 = (torch.randn(e, 2 * i, h, generator=gen, device=DEVICE) / h**0.5).to(DTYPE)
+    w2 = (torch.randn(e, h, i, generator=gen, device=DEVICE) / i**0.5).to(DTYPE)
+    (q13, s13), (q2, s2) = quantize(w13, precision, group_size), quantize(w2, precision, group_size)
+    d13, d2 = (dequantize(q, sc, precision, group_size).float() for q, sc in ((q13, s13), (q2, s2)))
+    for cfg, (t, (lo, hi)) in ((GemvConfig(16, 64, 1, 16, 64, 3, 1, words=1), (1, (0, e))),
+                               (GemvConfig(4, 64, 1, 8, 64, 2, 1, words=4), (3, (2, e)))):
+        x = torch.randn(t, h, generator=gen, device=DEVICE).to(DTYPE)
+        ids, rw = _routing(t, e, 2, seed=t)
+        out = tm.fused_moe(x, ids, rw, q13[lo:hi], q2[lo:hi], expert_offset=lo, config=cfg, precision=precision,
+                           w13_scales=s13[lo:hi], w2_scales=s2[lo:hi], group_size=group_size)
+        ref = moe_experts_reference(x.float(), ids - lo, rw, d13[lo:hi], d2[lo:hi])
+        assert _rel(out, ref) < RTOL[DTYPE], f"{precision} g{group_size} T={t} experts {lo}:{hi}"
+
+
+def test_words_need_whole_words() -> None:
+    """What keeps operands off the word kernels, and that the byte kernel then gives the same result."""
+    from backends.torch.triton_gemv_words import words_unsupported_reason
+
+    q, s = quantize(torch.randn(40, 128, device=DEVICE).to(DTYPE), "int4", 0)
+    x = torch.randn(1, 128, device=DEVICE).to(DTYPE)
+    assert words_unsupported_reason(x, q, 128, 2, 0) is None
+    assert words_unsupported_reason(x, q, 128, 0, 0) == "QUANT 0 has no word layout"
+    assert words_unsupported_reason(x, q, 124, 2, 0) == "K 124 / group 0 are not whole words of 8 codes"
+    assert words_unsupported_reason(x.float(), q, 128, 2, 0).startswith("activations torch.float32 [1, 128]")
+    odd_row = torch.randn(1, 129, device=DEVICE).to(DTYPE)[:, 1:]
+    assert words_unsupported_reason(odd_row, q, 128, 2, 0) == "activation rows do not start on a 32-bit pair"
+    wide = torch.zeros(40, 66, dtype=q.dtype, device=DEVICE)
+    wide[:, :64] = q
+    assert words_unsupported_reason(x, wide[:, :64], 128, 2, 0) == "code strides [66, 1] are not whole 32-bit words"
+    ref = x.float() @ dequantize(q, s, "int4", 0).float().T
+    words = tq.LinearConfig(1, 16, 64, 1, 1, words=2)
+    for codes in (q, wide[:, :64]):  # the second runs the byte kernel
+        assert _rel(tq.quantized_matmul(odd_row.clone(), codes, s, "int4", 0, config=words, kernel="gemv"),
+                    odd_row.float() @ dequantize(q, s, "int4", 0).float().T) < RTOL[DTYPE]
+    assert _rel(tq.quantized_matmul(x, q, s, "int4", 0, config=words, kernel="gemv"), ref) < RTOL[DTYPE]
 
 
 def test_gemv_tables_pick_the_decode_path_for_a_handful_of_slots() -> None:
@@ -220,7 +266,8 @@ def test_gemv_tables_pick_the_decode_path_for_a_handful_of_slots() -> None:
     assert [tq.tile_groups(bk, g) for bk, g in ((512, 0), (64, 128), (128, 128), (512, 128))] == [1, 1, 1, 4]
     with pytest.raises(ValueError, match="a 256-wide K tile does not hold whole groups of 96"):
         tq.tile_groups(256, 96)
-    assert tq.gemv_config(1, 32000, 4096, 0, "int8") is None  # the lm_head-sized int8 GEMV lost to the tiles
+    assert tq.gemv_config(1, 32000, 4096, 0, "int8").words == 2  # on words the lm_head-sized int8 GEMV wins
+    assert tq.gemv_config(1, 32000, 4096, 128, "int8") is None  # grouped int8's byte GEMV lost to the tiles there
     x = torch.zeros(1, 64, device=DEVICE).to(DTYPE)
     q, s = quantize(torch.randn(2, 32, 64, device=DEVICE).to(DTYPE), "int8", 0)
     with pytest.raises(ValueError, match="CUDA-core decode path takes float / int8 / int4 experts"):
@@ -243,10 +290,12 @@ def test_gemv_linear_matches_dequantized_reference(precision: str, group_size: i
     x = torch.randn(m, k, generator=gen, device=DEVICE).to(DTYPE)
     bias = torch.randn(40, generator=gen, device=DEVICE).to(DTYPE)
     ref = x.float() @ dequantize(q, s, precision, group_size).float().T + bias.float()
-    for stages in (1, 2):  # 2: the next K tile's loads in flight (PREFETCH)
-        cfg = tq.LinearConfig(1, 16, block_k, 4, stages)
+    # stages 2: the next K tile's loads in flight (PREFETCH); words: 1, 2 or 4 per thread on one or two warps
+    for cfg in (tq.LinearConfig(1, 16, block_k, 4, 1), tq.LinearConfig(1, 16, block_k, 4, 2),
+                tq.LinearConfig(1, 16, 64, 1, 1, words=1), tq.LinearConfig(1, 8, 64, 2, 1, words=2),
+                tq.LinearConfig(1, 8, 64, 1, 1, words=4)):
         out = tq.quantized_matmul(x, q, s, precision, group_size, bias, config=cfg, kernel="gemv")
-        assert _rel(out, ref) < RTOL[DTYPE], f"stages={stages}"
+        assert _rel(out, ref) < RTOL[DTYPE], f"{cfg}"
     with pytest.raises(ValueError, match="the GEMV kernel takes one row, not 2"):
         tq.quantized_matmul(torch.cat([x] * 2), q, s, precision, group_size, config=cfg, kernel="gemv")
 
