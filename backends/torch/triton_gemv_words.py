@@ -3,8 +3,9 @@
 before (`triton_quant.gemv_load` / `gemv_products`): byte tiles, 16 code bytes per thread and row; every byte is
         widened on its own (extract, mask, OR under a float's exponent, subtract), and the activation row, loaded at
         stride 2 (int4) or in a layout of its own, reaches the tile's layout through shared memory with a barrier per
-        tile: ~13 sm90 instructions per int4 byte, ~7 per int8 byte, 88 registers per thread (int4 gate/up GEMV: 5
-        programs per SM, DRAM 28% busy, the SMs 74%, under Nsight Compute; 2.6x / 1.27x the bytes floor).
+        tile: ~13 sm90 instructions per int4 byte, ~6 per int8 byte (bench/gemv_sass.py), 88 registers per thread
+        (int4 gate/up GEMV: 5 programs per SM, DRAM 28% busy, the SMs 74%, under Nsight Compute; 2.6x / 1.27x the
+        bytes floor).
 after:  each thread holds WPT consecutive 32-bit words per row and K tile (WPT * 8 int4 or * 4 int8 codes: one 4, 8
         or 16-byte load), the warps side by side along K, BLOCK_K = codes per word * WPT * 32 * num_warps. The
         thread's words are split in registers and each meets a [W / WPT, 4] load of 32-bit (even, odd) activation
@@ -12,8 +13,8 @@ after:  each thread holds WPT consecutive 32-bit words per row and K tile (WPT *
         byte permute (PRMT) that sets it under a float's exponent bits; int4's two nibbles per byte are split by two
         masks per word first, and int4's offset of 8 is removed once per word and row (the products are of 128 + v
         and the word's partial sum starts at -136 * its eight activations), so no nibble needs a subtraction; int8
-        keeps one exact subtraction per code (2^23 + c + 128 - (2^23 + 128)). ~6 instructions per int4 byte, ~4 per
-        int8 byte. One word per thread (4-byte loads) was no faster than the byte tiles: Nsight Compute put the
+        keeps one exact subtraction per code (2^23 + c + 128 - (2^23 + 128)). ~6.5 instructions per int4 byte, ~4
+        per int8 byte. One word per thread (4-byte loads) was no faster than the byte tiles: Nsight Compute put the
         memory pipeline 82% busy with DRAM at 28%; two or four words per thread are (BENCHMARKS.md, fifth session).
 
 Numerics: float32 products and sums as in `triton_quant`; int4 partial sums are exact up to float32 rounding of
