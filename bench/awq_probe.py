@@ -52,10 +52,6 @@ def best_scales(x: torch.Tensor, weights: list[torch.Tensor]) -> tuple[torch.Ten
     return best[1], best[2]
 
 
-def tokens(path, tokenizer) -> list[int]:
-    return tokenizer(path.read_text(encoding="utf-8"), verbose=False)["input_ids"]
-
-
 @torch.no_grad()
 def layer_activations(model, windows: torch.Tensor) -> list[dict[str, torch.Tensor]]:
     """Per layer: the input norm's output, o_proj's input, the post-attention norm's output (rows = tokens)."""

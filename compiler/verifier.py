@@ -114,7 +114,8 @@ def _check_caches(program: Program) -> None:
         if not typed or tuple(value.shape[1:]) != spec.shape_per_sequence or value.dtype != spec.dtype:
             raise _NodeError(node, f"kv cache spec ({spec.describe()}, {spec.dtype}) disagrees with its recorded type")
         uses = [(user, index) for user in node.users for index, arg in enumerate(user.args) if arg is node]
-        if len(uses) != 1 or uses[0][0].target not in ops.CACHED_ATTENTIONS or _CACHE_OPERANDS.get(uses[0][1]) != spec.kind:
+        reader = uses[0][0] if len(uses) == 1 else None
+        if reader is None or reader.target not in ops.CACHED_ATTENTIONS or _CACHE_OPERANDS.get(uses[0][1]) != spec.kind:
             raise _NodeError(
                 node, f"a {spec.kind} cache must be the {spec.kind} cache operand of exactly one cached_attention"
             )

@@ -18,9 +18,9 @@ without them). The router (inside the moe op), the norms and the embedding stay 
 `quantize_lm_head=true`; `exclude` names more, as in `quantize-weights`.
 
 Order: after calibrate; kv_cache=true after kv-cache too (before or after fuse-rope: `moec.rope_cached_attention`
-takes the same cache scales, calibrated on the cached_attention it replaced). Sharding: after `shard` (each rank computes its weight
-scales from its own slices, like `quantize-weights`; activation scales come from the unsharded calibration, which
-covers every rank's slice). `shard` refuses a quantized program; quantizing twice (fp8 after quantize-weights or
+takes the same cache scales, calibrated on the cached_attention it replaced). Sharding: after `shard` (each rank
+computes its weight scales from its own slices, like `quantize-weights`; activation scales come from the unsharded
+calibration, which covers every rank's slice). `shard` refuses a quantized program; quantizing twice (fp8 after quantize-weights or
 after itself) is an error.
 """
 
@@ -40,7 +40,6 @@ from compiler.ir import Program
 from compiler.pass_manager import NumericsBudget, Pass, PassResult, register_pass
 from compiler.rewrite import Rewriter, is_weight
 from passes.quantize import OpSelection, module_path
-
 
 
 def _sites(program: Program) -> list[torch.fx.Node]:

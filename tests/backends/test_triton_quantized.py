@@ -53,6 +53,19 @@ def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.float() - ref).norm() / ref.norm()).item()
 
 
+def _count_calls(monkeypatch: pytest.MonkeyPatch, module, name: str) -> list[str]:
+    """Calls of `module.name` from now on (it still runs): which kernels a dispatch chose."""
+    calls: list[str] = []
+    original = getattr(module, name)
+
+    def counted(*args, **kwargs):
+        calls.append(name)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, counted)
+    return calls
+
+
 def _experts(e: int, h: int, i: int, precision: str, group_size: int, seed: int):
     gen = torch.Generator(device=DEVICE).manual_seed(seed)
     w13 = (torch.randn(e, 2 * i, h, generator=gen, device=DEVICE) / h**0.5).to(DTYPE)
@@ -175,7 +188,8 @@ def test_unsupported_reasons_without_cuda(monkeypatch: pytest.MonkeyPatch) -> No
 
 
 @pytest.mark.parametrize("precision,group_size", [(None, 0), *SCHEMES])
-def test_gemv_moe_matches_dequantized_reference(precision: str | None, group_size: int) -> None:
+def test_gemv_moe_matches_dequantized_reference(precision: str | None, group_size: int,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """Forced onto the decode kernels: 1 and 3 tokens, a ragged K in the down GEMV (I = 80, or 96 for groups of 16
     and 32: K tiles of 64 holding several groups, the last split half empty), tiles of several groups in the gate/up
     GEMV, and an expert-parallel slice whose other slots must contribute nothing."""
@@ -193,12 +207,15 @@ def test_gemv_moe_matches_dequantized_reference(precision: str | None, group_siz
     # per thread (K tiles of 512 int4 / 256 int8 codes: masked here), float experts stay on the byte tiles
     configs = (GemvConfig(16, 64, 4, 16, 64, 3, 4), GemvConfig(16, 64, 4, 16, 64, 3, 4, prefetch=True),
                GemvConfig(8, 64, 1, 16, 64, 2, 1, words=2))
+    word_calls = _count_calls(monkeypatch, tm, "_fused_moe_words")
     for cfg, (t, (lo, hi)) in itertools.product(configs, ((1, (0, e)), (3, (0, e)), (3, (2, e)))):
         x = torch.randn(t, h, generator=gen, device=DEVICE).to(DTYPE)
         ids, rw = _routing(t, e, 2, seed=t)
         kw = {} if precision is None else dict(precision=precision, w13_scales=s13[lo:hi], w2_scales=s2[lo:hi],
                                                group_size=group_size)
+        before = len(word_calls)
         out = tm.fused_moe(x, ids, rw, q13[lo:hi], q2[lo:hi], expert_offset=lo, config=cfg, **kw)
+        assert len(word_calls) - before == (1 if cfg.words and precision is not None else 0)
         ref = moe_experts_reference(x.float(), ids - lo, rw, d13[lo:hi], d2[lo:hi])
         if ref.norm() == 0:
             assert out.abs().max() == 0
@@ -207,7 +224,8 @@ def test_gemv_moe_matches_dequantized_reference(precision: str | None, group_siz
 
 
 @pytest.mark.parametrize("precision,group_size", [("int8", 0), ("int4", 32)])
-def test_word_moe_splits_k_and_skips_other_ranks(precision: str, group_size: int) -> None:
+def test_word_moe_splits_k_and_skips_other_ranks(precision: str, group_size: int,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """The word kernels over an intermediate of 640: three K splits of one word per thread in the down GEMV (the
     last ragged) for one token; one masked split of four words per thread for 3 tokens of an expert-parallel slice
     whose other slots contribute nothing."""
@@ -217,6 +235,7 @@ def test_word_moe_splits_k_and_skips_other_ranks(precision: str, group_size: int
     w2 = (torch.randn(e, h, i, generator=gen, device=DEVICE) / i**0.5).to(DTYPE)
     (q13, s13), (q2, s2) = quantize(w13, precision, group_size), quantize(w2, precision, group_size)
     d13, d2 = (dequantize(q, sc, precision, group_size).float() for q, sc in ((q13, s13), (q2, s2)))
+    word_calls = _count_calls(monkeypatch, tm, "_fused_moe_words")
     for cfg, (t, (lo, hi)) in ((GemvConfig(16, 64, 1, 16, 64, 3, 1, words=1), (1, (0, e))),
                                (GemvConfig(4, 64, 1, 8, 64, 2, 1, words=4), (3, (2, e)))):
         x = torch.randn(t, h, generator=gen, device=DEVICE).to(DTYPE)
@@ -225,9 +244,10 @@ def test_word_moe_splits_k_and_skips_other_ranks(precision: str, group_size: int
                            w13_scales=s13[lo:hi], w2_scales=s2[lo:hi], group_size=group_size)
         ref = moe_experts_reference(x.float(), ids - lo, rw, d13[lo:hi], d2[lo:hi])
         assert _rel(out, ref) < RTOL[DTYPE], f"{precision} g{group_size} T={t} experts {lo}:{hi}"
+    assert len(word_calls) == 2  # both calls ran the word kernels, not the byte ones
 
 
-def test_words_need_whole_words() -> None:
+def test_words_need_whole_words(monkeypatch: pytest.MonkeyPatch) -> None:
     """What keeps operands off the word kernels, and that the byte kernel then gives the same result."""
     from backends.torch.triton_gemv_words import words_unsupported_reason
 
@@ -242,12 +262,15 @@ def test_words_need_whole_words() -> None:
     wide = torch.zeros(40, 66, dtype=q.dtype, device=DEVICE)
     wide[:, :64] = q
     assert words_unsupported_reason(x, wide[:, :64], 128, 2, 0) == "code strides [66, 1] are not whole 32-bit words"
-    ref = x.float() @ dequantize(q, s, "int4", 0).float().T
+    w = dequantize(q, s, "int4", 0).float()
     words = tq.LinearConfig(1, 16, 64, 1, 1, words=2)
-    for codes in (q, wide[:, :64]):  # the second runs the byte kernel
-        assert _rel(tq.quantized_matmul(odd_row.clone(), codes, s, "int4", 0, config=words, kernel="gemv"),
-                    odd_row.float() @ dequantize(q, s, "int4", 0).float().T) < RTOL[DTYPE]
-    assert _rel(tq.quantized_matmul(x, q, s, "int4", 0, config=words, kernel="gemv"), ref) < RTOL[DTYPE]
+    word_calls = _count_calls(monkeypatch, tq, "launch_gemv_words")
+    # whole words: the word kernel; an activation row off its pairs, or codes off their words: the byte kernel
+    for row, codes, on_words in ((x, q, True), (odd_row, q, False), (x, wide[:, :64], False)):
+        before = len(word_calls)
+        out = tq.quantized_matmul(row, codes, s, "int4", 0, config=words, kernel="gemv")
+        assert _rel(out, row.float() @ w.T) < RTOL[DTYPE]
+        assert len(word_calls) - before == int(on_words)
 
 
 def test_gemv_tables_pick_the_decode_path_for_a_handful_of_slots() -> None:
@@ -259,6 +282,7 @@ def test_gemv_tables_pick_the_decode_path_for_a_handful_of_slots() -> None:
         assert get_gemv_config(max_slots + 1, 4096, 14336, group, precision) is None
     grouped = get_gemv_config(2, 4096, 14336, 128, "int4")
     assert grouped.gu_block_k % 128 == 0 and grouped.dn_block_k % 128 == 0  # K tiles hold whole groups
+    assert grouped.words == 2 and get_gemv_config(2, 4096, 14336, 0, "int8").words == 4  # the word kernels
     assert get_gemv_config(2, 4096, 14336, 0, "fp8") is None
     assert tq.gemv_config(1, 4096, 4096, 0, "int4") is not None and tq.gemv_config(2, 4096, 4096, 0, "int4") is None
     assert tq.gemv_config(1, 4096, 4096, 64, "int4").block_k % 64 == 0
@@ -278,7 +302,8 @@ def test_gemv_tables_pick_the_decode_path_for_a_handful_of_slots() -> None:
 
 @pytest.mark.parametrize("precision,group_size", SCHEMES)
 @pytest.mark.parametrize("k,block_k", [(128, 64), (200, 64), (256, 64), (192, 128)])
-def test_gemv_linear_matches_dequantized_reference(precision: str, group_size: int, k: int, block_k: int) -> None:
+def test_gemv_linear_matches_dequantized_reference(precision: str, group_size: int, k: int, block_k: int,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """K tiles inside one group, holding several (64 over groups of 16/32), and ragged (200; 192 over 128-wide tiles
     of 4 or 2 groups: the last tile half empty, its missing groups' scales not read)."""
     m = 1
@@ -294,8 +319,11 @@ def test_gemv_linear_matches_dequantized_reference(precision: str, group_size: i
     for cfg in (tq.LinearConfig(1, 16, block_k, 4, 1), tq.LinearConfig(1, 16, block_k, 4, 2),
                 tq.LinearConfig(1, 16, 64, 1, 1, words=1), tq.LinearConfig(1, 8, 64, 2, 1, words=2),
                 tq.LinearConfig(1, 8, 64, 1, 1, words=4)):
+        word_calls = _count_calls(monkeypatch, tq, "launch_gemv_words")
         out = tq.quantized_matmul(x, q, s, precision, group_size, bias, config=cfg, kernel="gemv")
         assert _rel(out, ref) < RTOL[DTYPE], f"{cfg}"
+        assert len(word_calls) == (1 if cfg.words and k % (8 if precision == "int4" else 4) == 0 else 0), f"{cfg}"
+        monkeypatch.undo()
     with pytest.raises(ValueError, match="the GEMV kernel takes one row, not 2"):
         tq.quantized_matmul(torch.cat([x] * 2), q, s, precision, group_size, config=cfg, kernel="gemv")
 
