@@ -57,7 +57,7 @@ import torch
 from backends.torch.moe_tuning import GemvConfig, MoeConfig, clamp_gemv_config, get_config, get_gemv_config, next_pow2
 from backends.torch import triton_fp8
 from backends.torch.triton_gemv_words import words_block_k, words_unsupported_reason
-from backends.torch.triton_quant import QUANT_CODES, STORAGE
+from backends.torch.triton_quant import QUANT_CODES, STORAGE, scale_weights
 from compiler.fp8 import FP8_DTYPE
 
 from backends.torch.triton_support import HAVE_TRITON as _HAVE_TRITON
@@ -231,6 +231,7 @@ if _HAVE_TRITON:
         PER_ROW: tl.constexpr = False,  # one scale per weight row
         EMULATE_FP8: tl.constexpr = False,  # interpreter only: see triton_fp8.fp8_codes
         USE_PDL: tl.constexpr = False,  # PDL launch (triton_support.pdl_launch)
+        SCALE_WEIGHTS: tl.constexpr = False,  # grouped: scale the weight tile (triton_quant.scale_weights)
     ):
         wait_for_producers(USE_PDL)
         pid = tl.program_id(0)
@@ -278,11 +279,17 @@ if _HAVE_TRITON:
                 # 138 ms prefill, slower than bf16's 110 (BENCHMARKS.md), so it is not taken.
                 acc = tl.dot(a, b, acc)
             else:
-                part = codes_dot(x_rows + kk * BLOCK_K * stride_xk, row_ok[:, None], K - kk * BLOCK_K, stride_xk,
-                                 w_ptrs, QUANT, BLOCK_K, not EVEN_K, DOT_F32)
-                if PER_ROW:
-                    acc += part
+                if PER_ROW:  # the dots accumulate straight into acc; the scales multiply it once, at the end
+                    acc = codes_dot(x_rows + kk * BLOCK_K * stride_xk, row_ok[:, None], K - kk * BLOCK_K, stride_xk,
+                                    w_ptrs, QUANT, BLOCK_K, not EVEN_K, DOT_F32, acc, s_rows, False)
+                elif SCALE_WEIGHTS:  # group scales on the weight tile (triton_quant.scale_weights)
+                    acc = codes_dot(x_rows + kk * BLOCK_K * stride_xk, row_ok[:, None], K - kk * BLOCK_K, stride_xk,
+                                    w_ptrs, QUANT, BLOCK_K, not EVEN_K, DOT_F32, acc,
+                                    tl.load(s_rows + kk * BLOCK_K // GROUP_SIZE), True)
                 else:
+                    part = codes_dot(x_rows + kk * BLOCK_K * stride_xk, row_ok[:, None], K - kk * BLOCK_K, stride_xk,
+                                     w_ptrs, QUANT, BLOCK_K, not EVEN_K, DOT_F32,
+                                     tl.zeros([BLOCK_M, 2 * BLOCK_N], dtype=tl.float32), s_rows, False)
                     acc += part * tl.load(s_rows + kk * BLOCK_K // GROUP_SIZE).to(tl.float32)
             a_ptrs += BLOCK_K * stride_xk
             w_ptrs += BLOCK_K // PACK * stride_wk
@@ -335,6 +342,7 @@ if _HAVE_TRITON:
         GROUP_SIZE: tl.constexpr = 1,
         PER_ROW: tl.constexpr = False,
         USE_PDL: tl.constexpr = False,  # PDL launch (triton_support.pdl_launch)
+        SCALE_WEIGHTS: tl.constexpr = False,  # grouped: scale the weight tile (triton_quant.scale_weights)
     ):
         wait_for_producers(USE_PDL)
         pid = tl.program_id(0)
@@ -375,11 +383,17 @@ if _HAVE_TRITON:
                     b = b.to(tl.float32)
                 acc = tl.dot(a, b, acc)  # FP8: the sm90 default accumulation, as in _gate_up_kernel
             else:
-                part = codes_dot(a_rows + kk * BLOCK_K, row_ok[:, None], k_left, 1, w_ptrs, QUANT, BLOCK_K,
-                                 not EVEN_K, DOT_F32)
                 if PER_ROW:
-                    acc += part
+                    acc = codes_dot(a_rows + kk * BLOCK_K, row_ok[:, None], k_left, 1, w_ptrs, QUANT, BLOCK_K,
+                                    not EVEN_K, DOT_F32, acc, s_rows, False)
+                elif SCALE_WEIGHTS:
+                    acc = codes_dot(a_rows + kk * BLOCK_K, row_ok[:, None], k_left, 1, w_ptrs, QUANT, BLOCK_K,
+                                    not EVEN_K, DOT_F32, acc,
+                                    tl.load(s_rows + (k0 + kk * BLOCK_K) // GROUP_SIZE), True)
                 else:
+                    part = codes_dot(a_rows + kk * BLOCK_K, row_ok[:, None], k_left, 1, w_ptrs, QUANT, BLOCK_K,
+                                     not EVEN_K, DOT_F32, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), s_rows,
+                                     False)
                     acc += part * tl.load(s_rows + (k0 + kk * BLOCK_K) // GROUP_SIZE).to(tl.float32)
             a_ptrs += BLOCK_K
             w_ptrs += BLOCK_K // PACK * stride_wk
@@ -442,21 +456,32 @@ if _HAVE_TRITON:
         TOPK: tl.constexpr,
         RENORMALIZE: tl.constexpr,
         BLOCK_H: tl.constexpr,
+        ONE_TILE: tl.constexpr = False,  # H <= BLOCK_H: the router is read before the wait for x's producer
         USE_PDL: tl.constexpr = False,  # PDL launch (triton_support.pdl_launch)
     ):
-        wait_for_producers(USE_PDL)
         t = tl.program_id(0).to(tl.int64)
         experts = tl.arange(0, E_P)
         cols = tl.arange(0, BLOCK_H)
-        acc = tl.zeros([E_P, BLOCK_H], dtype=tl.float32)
-        for start in range(0, H, BLOCK_H):
-            c = start + cols
-            x = tl.load(x_ptr + t * stride_xm + c, mask=c < H, other=0.0).to(tl.float32)
-            w = tl.load(router_ptr + experts[:, None] * stride_re + c[None, :],
-                        mask=(experts[:, None] < E) & (c[None, :] < H), other=0.0).to(tl.float32)
-            acc += w * x[None, :]
+        logits = tl.zeros([E_P], dtype=tl.float32)
+        if ONE_TILE:
+            # The router's weights are no predecessor's output: under PDL this load is issued while the norm before
+            # it still runs (the weights come from HBM: a decode step streams every layer's through L2 and evicts
+            # them), and only x waits for the norm.
+            w = tl.load(router_ptr + experts[:, None] * stride_re + cols[None, :],
+                        mask=(experts[:, None] < E) & (cols[None, :] < H), other=0.0)
+            wait_for_producers(USE_PDL)
+            x = tl.load(x_ptr + t * stride_xm + cols, mask=cols < H, other=0.0).to(tl.float32)
+            logits += tl.sum(w.to(tl.float32) * x[None, :], axis=1)
+        else:
+            wait_for_producers(USE_PDL)
+            for start in range(0, H, BLOCK_H):
+                c = start + cols
+                x = tl.load(x_ptr + t * stride_xm + c, mask=c < H, other=0.0).to(tl.float32)
+                w = tl.load(router_ptr + experts[:, None] * stride_re + c[None, :],
+                            mask=(experts[:, None] < E) & (c[None, :] < H), other=0.0).to(tl.float32)
+                logits += tl.sum(w * x[None, :], axis=1)
         # The router linear's output is rounded to the activation dtype (as `F.linear` rounds it), then read in fp32.
-        logits = tl.sum(acc, axis=1).to(x_ptr.dtype.element_ty).to(tl.float32)
+        logits = logits.to(x_ptr.dtype.element_ty).to(tl.float32)
         logits = tl.where(experts < E, logits, float("-inf"))
         probs = tl.exp(logits - tl.max(logits, axis=0))
         probs = probs / tl.sum(probs, axis=0)
@@ -489,7 +514,8 @@ def route_unsupported_reason(x: torch.Tensor, router_weight: torch.Tensor) -> st
 
 
 def route(
-    x: torch.Tensor, router_weight: torch.Tensor, top_k: int, normalization: str
+    x: torch.Tensor, router_weight: torch.Tensor, top_k: int, normalization: str,
+    block_h: int | None = None, warps: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mixtral's router in one launch: (expert ids [T, k] int64, weights [T, k] float32), the semantics of the
     reference `backends.torch.kernels.route` (router logits rounded to the activation dtype, softmax in float32,
@@ -511,12 +537,15 @@ def route(
     weights = torch.empty((tokens, top_k), dtype=torch.float32, device=x.device)
     if tokens:
         e_p = max(2, next_pow2(num_experts))
+        # The whole [E, H] router in as few loads as fit in registers: a decode step's one program is latency-bound,
+        # so each round trip to memory counts. Mixtral's [8, 4096] in one tile on 16 warps: 3.36 us per call in a
+        # graph against 4.41 for two [8, 2048] tiles on 8 warps (bench/route_kernel.py, H200, 2026-12-03).
+        block = block_h or max(16, min(next_pow2(hidden), 32768 // e_p))
         _route_kernel[(tokens,)](
             x, router_weight, ids, weights, hidden, x.stride(0), router_weight.stride(0),
             E=num_experts, E_P=e_p, TOPK=top_k, RENORMALIZE=normalization == "renormalize",
-            # The whole [E, H] router in as few loads as fit in registers: a decode step's one program is latency-bound,
-            # so each round trip to memory counts (8 x 512 tiles took ~10 us for H = 4096, measured).
-            BLOCK_H=max(16, min(next_pow2(hidden), 16384 // e_p)), **pdl_launch(x), num_warps=8,
+            BLOCK_H=block, ONE_TILE=hidden <= block, **pdl_launch(x),
+            num_warps=warps or (16 if block * e_p >= 16384 else 4),
         )
     return ids, weights
 
@@ -718,6 +747,7 @@ def fused_moe(
         GROUP_SIZE=group_size or h,
         PER_ROW=group_size == 0 and not fp8,
         EMULATE_FP8=fp8 and interpreting(),
+        SCALE_WEIGHTS=scale_weights(group_size, bm, cfg.gu_block_k),
         **pdl_launch(x), num_warps=cfg.gu_warps,
         num_stages=cfg.gu_stages,
     )
@@ -762,6 +792,7 @@ def fused_moe(
         QUANT=quant,
         GROUP_SIZE=group_size or inter,
         PER_ROW=group_size == 0 and not fp8,
+        SCALE_WEIGHTS=scale_weights(group_size, bm, bk),
         **pdl_launch(x), num_warps=cfg.dn_warps,
         num_stages=cfg.dn_stages,
     )

@@ -76,12 +76,18 @@ if _HAVE_TRITON:
         BLOCK_K: tl.constexpr,
         MASKED: tl.constexpr,  # the tile may be ragged
         DOT_F32: tl.constexpr,
+        acc,  # [BM, BN] float32: the result is acc + the tile's sum
+        w_scale,  # [1, BN] scales of the tile's group in the activation dtype (read only when SCALED)
+        SCALED: tl.constexpr,  # the codes times w_scale, rounded to the activation dtype, are the dot's operand
     ):
-        """sum over the tile's k of x[m, k] * code[k, n], in float32 [BM, BN]: the integer codes, unscaled, on the
-        tensor cores (|code| <= 127 is exact in bf16/fp16), so the caller applies the scales to BM x BN partial sums
-        instead of BK x BN weights. int4 never interleaves nibbles in registers: the low nibbles (even k) multiply
-        the even activation columns and the high nibbles the odd ones, two dots of BK/2. Only float16/bfloat16
-        activations (the float32 interpreter path upcasts after the bit trick)."""
+        """acc + the sum over the tile's k of x[m, k] * w[k, n], in float32 [BM, BN], the dots accumulating straight
+        into acc (the MMA's own accumulator: no per-tile arithmetic on the [BM, BN] partial sums). w is the integer
+        code itself (|code| <= 127 is exact in bf16/fp16), the caller then applying per-channel scales to acc once;
+        or, SCALED, the code times its group's scale rounded to the activation dtype, the very weight the CPU
+        reference multiplies. int4 nibbles become exact codes in two integer ops and a subtraction and are never
+        interleaved: the low nibbles (even k) multiply the even activation columns and the high nibbles the odd ones,
+        two dots of BK/2 (interleaving them back into k order for one dot measured the same or slower). Only
+        float16/bfloat16 activations (the float32 interpreter path upcasts after the bit trick)."""
         act = x_rows.dtype.element_ty
         if QUANT == 1:
             kk = tl.arange(0, BLOCK_K)
@@ -92,10 +98,12 @@ if _HAVE_TRITON:
                 a = tl.load(x_rows + kk[None, :] * stride_xk, mask=row_ok, other=0.0)
                 codes = tl.load(w_ptrs)
             b = codes.to(act)
+            if SCALED:
+                b = b * w_scale
             if DOT_F32:
                 a = a.to(tl.float32)
                 b = b.to(tl.float32)
-            part = tl.dot(a, b)
+            part = tl.dot(a, b, acc)
         else:
             # Activations loaded contiguously and split into even / odd k in registers (a small [BM, BK] tile).
             kk = tl.arange(0, BLOCK_K)
@@ -106,10 +114,8 @@ if _HAVE_TRITON:
             else:
                 a = tl.load(x_rows + kk[None, :] * stride_xk, mask=row_ok, other=0.0)
                 packed = tl.load(w_ptrs)
-            a_even, a_odd = tl.split(tl.reshape(a, (a.shape[0], BLOCK_K // 2, 2)))
             # Nibble v (code + 8, in [0, 15]) to a float with no arithmetic: the bits of BASE + v, where BASE is the
-            # power of two whose unit in the last place is 1 (bf16 128 = 0x4300, fp16 1024 = 0x6400). The MMA then
-            # computes sum a * (BASE + v) and one [BM] row sum removes (BASE + 8) * sum a: sum a * code, in float32.
+            # power of two whose unit in the last place is 1 (bf16 128 = 0x4300, fp16 1024 = 0x6400).
             nibbles = packed.to(tl.uint16)
             if act == tl.bfloat16:
                 BITS: tl.constexpr = 0x4300
@@ -119,11 +125,17 @@ if _HAVE_TRITON:
                 BASE: tl.constexpr = 1032.0
             low = ((nibbles & 0xF) | BITS).to(act, bitcast=True)
             high = ((nibbles >> 4) | BITS).to(act, bitcast=True)
+            # (BASE + v) - (BASE + 8) is the code itself, exactly (small integers), so the dots chain into acc.
+            low = low - BASE
+            high = high - BASE
+            if SCALED:
+                low = low * w_scale
+                high = high * w_scale
+            a_even, a_odd = tl.split(tl.reshape(a, (a.shape[0], BLOCK_K // 2, 2)))
             if DOT_F32:
                 a_even, a_odd = a_even.to(tl.float32), a_odd.to(tl.float32)
                 low, high = low.to(tl.float32), high.to(tl.float32)
-            row_sum = tl.sum(a.to(tl.float32), axis=1)
-            part = tl.dot(a_odd, high, tl.dot(a_even, low)) - BASE * row_sum[:, None]
+            part = tl.dot(a_odd, high, tl.dot(a_even, low, acc))
         return part
 
     @triton.jit
@@ -359,6 +371,7 @@ if _HAVE_TRITON:
         DOT_F32: tl.constexpr,
         PER_ROW: tl.constexpr = False,  # one scale per output channel: applied once, in the epilogue
         USE_PDL: tl.constexpr = False,  # PDL launch (triton_support.pdl_launch)
+        SCALE_WEIGHTS: tl.constexpr = False,  # grouped: scale the weight tile (see `scale_weights`)
     ):
         wait_for_producers(USE_PDL)
         pid_n = tl.program_id(0)
@@ -389,10 +402,15 @@ if _HAVE_TRITON:
                     b = b.to(tl.float32)
                 acc = tl.dot(a, b, acc)
             else:
-                part = codes_dot(x_rows + k0, row_ok[:, None], K - k0, 1, w_ptrs, QUANT, BLOCK_K, not EVEN_K, DOT_F32)
-                if PER_ROW:
-                    acc += part
+                if PER_ROW:  # the dots accumulate straight into acc; the scales multiply it once, at the end
+                    acc = codes_dot(x_rows + k0, row_ok[:, None], K - k0, 1, w_ptrs, QUANT, BLOCK_K, not EVEN_K,
+                                    DOT_F32, acc, s_cols, False)
+                elif SCALE_WEIGHTS:  # group scales on the [BK, BN] weights: fewer than BM x BN partial sums
+                    acc = codes_dot(x_rows + k0, row_ok[:, None], K - k0, 1, w_ptrs, QUANT, BLOCK_K, not EVEN_K,
+                                    DOT_F32, acc, tl.load(s_cols + k0 // GROUP_SIZE), True)
                 else:
+                    part = codes_dot(x_rows + k0, row_ok[:, None], K - k0, 1, w_ptrs, QUANT, BLOCK_K, not EVEN_K,
+                                     DOT_F32, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), s_cols, False)
                     acc += part * tl.load(s_cols + k0 // GROUP_SIZE).to(tl.float32)
             w_ptrs += BLOCK_K // PACK
         if QUANT != 0:
@@ -542,6 +560,7 @@ def quantized_matmul(
         BLOCK_K=cfg.block_k,
         EVEN_K=k % cfg.block_k == 0,
         DOT_F32=x.dtype == torch.bfloat16 and interpreting(),
+        SCALE_WEIGHTS=scale_weights(group_size, cfg.block_m, cfg.block_k),
         **pdl_launch(x), num_warps=cfg.warps,
         num_stages=cfg.stages,
     )
@@ -566,6 +585,15 @@ def _launch_gemv(x2: torch.Tensor, w: torch.Tensor, s: torch.Tensor, bias: torch
         PER_ROW=group_size == 0, GROUPS=tile_groups(block_k, group_size), PREFETCH=cfg.stages >= 2,
         **pdl_launch(x2), num_warps=cfg.warps, num_stages=1,
     )
+
+
+def scale_weights(group_size: int, block_m: int, block_k: int) -> bool:
+    """Whether a grouped tile kernel scales its [BK, BN] weight tile (codes times their group's scale, rounded to the
+    activation dtype, as the CPU reference does) or its [BM, BN] partial sums (codes unscaled, `acc += part *
+    scale` per K tile): the weights when the tile has at least as many rows as K. Measured on the int4 g128 experts
+    (H200, 2026-12-03, BENCHMARKS.md): weights scaled at T = 256 / 2048 (64 / 128-row tiles, BK 64) 1252 / 5021 us
+    against 1728 / 8745; partial sums scaled at T = 8 / 32 (16 / 32 rows, BK 128) 355 / 541 us against 547 / 769."""
+    return group_size > 0 and block_m >= block_k
 
 
 def tile_groups(block_k: int, group_size: int) -> int:

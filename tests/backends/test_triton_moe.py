@@ -482,10 +482,12 @@ def test_route_kernel_matches_reference_router(normalization: str, dtype: torch.
     gen = torch.Generator(device=DEVICE).manual_seed(17)
     x = torch.randn(37, 96, generator=gen, device=DEVICE).to(dtype)
     router = torch.randn(6, 96, generator=gen, device=DEVICE).to(dtype)
-    ids, weights = tm.route(x, router, 2, normalization)
     ref_ids, ref_weights = kernels.route(x, router, 2, normalization)
-    assert ids.dtype == torch.int64 and weights.dtype == torch.float32
-    assert torch.equal(ids, ref_ids)
-    torch.testing.assert_close(weights, ref_weights, rtol=1e-5, atol=1e-6)
+    # the whole router in one tile, read before the wait for x (the default here), and 32-wide tiles in a loop
+    for block_h in (None, 32):
+        ids, weights = tm.route(x, router, 2, normalization, block_h=block_h)
+        assert ids.dtype == torch.int64 and weights.dtype == torch.float32
+        assert torch.equal(ids, ref_ids)
+        torch.testing.assert_close(weights, ref_weights, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="top_k=7"):
         tm.route(x, router, 7, normalization)

@@ -118,6 +118,24 @@ def test_quantized_moe_ragged_k_and_split_k() -> None:
         assert _rel(out, ref) < RTOL[DTYPE]
 
 
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_grouped_tiles_scale_the_weights_or_the_partial_sums(precision: str) -> None:
+    """Grouped tiles scale whichever is smaller, the [BK, BN] weight tile or the [BM, BN] partial sums (both match
+    the dequantized reference): 64-row tiles over 32-deep K tiles scale the weights, 16-row tiles the sums."""
+    assert tq.scale_weights(32, 64, 32) and tq.scale_weights(32, 32, 32)
+    assert not tq.scale_weights(32, 16, 32) and not tq.scale_weights(0, 128, 32)
+    (q13, s13), (q2, s2) = _experts(3, 128, 64, precision, 32, seed=12)
+    x = torch.randn(40, 128, device=DEVICE).to(DTYPE)
+    ids, rw = _routing(40, 3, 2, seed=13)
+    ref = moe_experts_reference(x.float(), ids, rw, dequantize(q13, s13, precision, 32).float(),
+                                dequantize(q2, s2, precision, 32).float())
+    for block_m in (64, 16):
+        cfg = tm.MoeConfig(block_m, 32, 32, 2, 4, 2, 32, 32, 1, 2, 4, 2)
+        out = tm.fused_moe(x, ids, rw, q13, q2, config=cfg, precision=precision, w13_scales=s13, w2_scales=s2,
+                           group_size=32)
+        assert _rel(out, ref) < RTOL[DTYPE], f"block_m {block_m}: {_rel(out, ref):.2e}"
+
+
 def test_int4_groups_of_16_stay_on_the_reference() -> None:
     (q13, s13), (q2, s2) = _experts(2, 64, 32, "int4", 16, seed=8)
     x = torch.zeros(1, 64, device=DEVICE).to(DTYPE)
