@@ -231,6 +231,48 @@ def test_streamer_gets_the_prompt_then_each_step() -> None:
     assert torch.equal(torch.stack(streamer.puts[1:], dim=1), tokens[:, 4:])
 
 
+class _ScriptedSession:
+    """Logits that make token `step % vocab` the argmax at each step; records the order of steps and host reads."""
+
+    def __init__(self, events: list[str], vocab: int) -> None:
+        self.events, self.vocab, self.steps = events, vocab, 0
+
+    def step(self, input_ids: torch.Tensor, cache_position: torch.Tensor) -> torch.Tensor:
+        self.events.append(f"step {self.steps}")
+        logits = torch.zeros(input_ids.shape[0], input_ids.shape[1], self.vocab)
+        logits[:, -1, (self.steps + 1) % self.vocab] = 1.0
+        self.steps += 1
+        return logits
+
+
+class _ScriptedDecoder:
+    vocab_size = 8
+    device = torch.device("cpu")
+    max_seq = 64
+
+    def __init__(self) -> None:
+        self.events: list[str] = []
+
+    def new_session(self, batch: int) -> _ScriptedSession:
+        return _ScriptedSession(self.events, self.vocab_size)
+
+
+def test_the_next_step_is_enqueued_before_the_host_reads_a_token() -> None:
+    decoder = _ScriptedDecoder()
+
+    class Streamer(_Recorder):
+        def put(self, value: torch.Tensor) -> None:
+            decoder.events.append(f"put {value.tolist()}")
+
+    # step 0 is the prefill (argmax 1); decode step i returns argmax i + 1; token 4 is EOS
+    tokens = generate(decoder, [[0, 0]], 10, eos_token_id=4, streamer=Streamer())
+    assert tokens == [[0, 0, 1, 2, 3, 4]]
+    # Each step's tokens reach the host (streamer, EOS check) only after the next step is enqueued; the step after
+    # the EOS token (step 4) is enqueued and discarded.
+    assert decoder.events == ["put [[0, 0]]", "step 0", "step 1", "put [1]", "step 2", "put [2]", "step 3",
+                              "put [3]", "step 4", "put [4]"]
+
+
 class _Spy:
     """A decoder that counts sessions, to show that bad arguments fail before anything runs."""
 
