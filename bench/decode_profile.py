@@ -18,9 +18,13 @@ exists on the GPU only while its codes are computed. Pipelines (each compiled an
 
 For each: GPU memory of the bound weights; one eager decode step (batch 1, context 1024) under the torch profiler,
 kernel time per category and kernels per layer; CUDA-graph decode steps at batch 1, 8, 32 (context 1024) against
-the bytes floor (weights read + K/V read, over the copy bandwidth measured in this run); an eager 2048-token
-prefill against the FLOP floor (bf16 GEMM rate measured in this run). `--pdl-off-too` times every decode batch a
-second time with programmatic dependent launch off (`MOEC_PDL=0`, backends/torch/triton_support.py).
+the bytes floor (weights read + K/V read, over the copy bandwidth measured in this run), timed two ways: steps
+enqueued back to back (as `generate` runs them: the next step is launched before the host reads a token, so the
+host's ~0.17 ms graph launch overlaps the GPU's work) and one synchronized step at a time (start event, inputs
+copied, graph launched, end event, sync: the host's launch is then on the clock); an eager 2048-token prefill
+against the FLOP floor (bf16 GEMM rate measured in this run). `--timeline` charges each replayed step's time to its
+kernels (`graph_timeline`). `--pdl-off-too` times every decode batch a second time with programmatic dependent
+launch off (`MOEC_PDL=0`, backends/torch/triton_support.py).
 """
 
 from __future__ import annotations
@@ -161,6 +165,74 @@ def profile_step(executable, caches, ids, position, layers: int) -> list[str]:
     return lines
 
 
+def graph_timeline(executable, caches, ids, position, layers: int, replays: int = 5) -> list[str]:
+    """Where the wall time of a replayed CUDA-graph decode step goes. Under PDL a kernel starts while its predecessor
+    still runs and waits on the device, so kernel durations overlap and do not add up; instead each kernel is charged
+    the time from its predecessor's end to its own end (the stream is serial: these add up to the step). Per kernel
+    name: the charged time per step and per layer, and the kernel's own duration."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(3):
+        executable.decode_graph_step(ids, position, caches)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(replays):
+            executable.decode_graph_step(ids, position, caches)
+            torch.cuda.synchronize()
+    kernels = sorted((e for e in prof.events() if e.device_type.name == "CUDA" and e.device_resource_id >= 0
+                      and e.time_range.elapsed_us() > 0), key=lambda e: e.time_range.start)
+    if not kernels:
+        return ["(the profiler recorded no kernels of the replayed graph)"]
+    charged: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0.0, 0])
+    previous_end = None
+    for event in kernels:
+        start, end = event.time_range.start, event.time_range.end
+        if previous_end is None or start - previous_end > 200:  # a replay's first kernel (replays are synced apart)
+            previous_end = start
+        entry = charged[event.name[:70]]
+        entry[0] += max(0.0, end - previous_end)
+        entry[1] += end - start
+        entry[2] += 1
+        previous_end = max(previous_end, end)
+    total = sum(v[0] for v in charged.values()) / replays
+    lines = [f"Replayed graph, batch {ids.shape[0]}: {total / 1e3:.3f} ms of kernel-charged time per step "
+             f"({len(kernels) / replays:.0f} kernels)", "",
+             "| kernel | category | charged us / step | us / layer | own duration us / call | calls / step |",
+             "|" + "---|" * 6]
+    for name, (charge, own, count) in sorted(charged.items(), key=lambda item: -item[1][0]):
+        lines.append(f"| `{name}` | {category(name)} | {charge / replays:.1f} | {charge / replays / layers:.2f} | "
+                     f"{own / count:.2f} | {count / replays:.0f} |")
+    return lines
+
+
+def back_to_back(executable, caches, ids, position, steps: int) -> tuple[float, float, float]:
+    """(device seconds per step with `steps` steps enqueued back to back, host seconds per `decode_graph_step` call,
+    host seconds per bare `replay()`): how much of a synchronized step is the host's. The synchronized timer
+    charges a step the host time of its input copies and graph launch; a loop that keeps the next token on the
+    device (or a busy GPU) hides it."""
+    import time
+
+    for _ in range(3):
+        executable.decode_graph_step(ids, position, caches)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    host_started = time.perf_counter()
+    for _ in range(steps):
+        executable.decode_graph_step(ids, position, caches)
+    host = (time.perf_counter() - host_started) / steps
+    end.record()
+    torch.cuda.synchronize()
+    graph = executable._decode_graphs[caches[0].shape[0]].graph
+    torch.cuda._sleep(int(50e6))  # keep the GPU busy so the replays below never wait on it
+    replay_started = time.perf_counter()
+    for _ in range(steps):
+        graph.replay()
+    replay = (time.perf_counter() - replay_started) / steps
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / 1e3 / steps, host, replay
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pipelines", default="default,fused,int8,int4-g128")
@@ -172,6 +244,8 @@ def main() -> None:
     ap.add_argument("--markdown", default=None)
     ap.add_argument("--pdl-off-too", action="store_true",
                     help="also time each decode batch with programmatic dependent launch off (MOEC_PDL=0)")
+    ap.add_argument("--timeline", action="store_true",
+                    help="charge each decode batch's replayed-graph wall time to its kernels (graph_timeline)")
     ap.add_argument("--profile-prefill", action="store_true",
                     help="profile one eager prefill of --prefill tokens per pipeline instead of a decode step")
     args = ap.parse_args()
@@ -193,7 +267,8 @@ def main() -> None:
     report = [f"Card: {torch.cuda.get_device_name()}; torch {torch.__version__}; date "
               f"{datetime.date.today().isoformat()}; {args.layers} layers of Mixtral-8x7B (random, drawn on the GPU); "
               f"copy {copy_bw / 1e12:.3f} TB/s, bf16 GEMM {gemm_rate / 1e12:.0f} TFLOP/s (measured in this run)", ""]
-    summary = ["| pipeline | weights GB (GPU) | " + " | ".join(f"decode b{b} ms (x floor)" for b in batches)
+    summary = ["| pipeline | weights GB (GPU) | " + " | ".join(f"decode b{b} ms (x floor): back to back; synchronized"
+                                                            for b in batches)
                + f" | prefill {args.prefill} ms (x FLOP floor) |", "|" + "---|" * (3 + len(batches))]
     for name in args.pipelines.split(","):
         passes = f"canonicalize,fuse-moe,kv-cache{{max_seq={max_seq}}}{PIPELINES[name]},dce"
@@ -233,7 +308,20 @@ def main() -> None:
                     os.environ["MOEC_PDL"] = "0"
                     executable._decode_graphs.pop(batch, None)
                 seconds = timer(lambda: executable.decode_graph_step(ids, position, caches), repeats=args.steps)
-                (cells_off if pdl_off else cells).append(f"{seconds * 1e3:.3f} ({seconds / floor:.2f})")
+                queued, host_s, replay_s = back_to_back(executable, caches, ids, position, args.steps)
+                report += [f"Batch {batch}{' (PDL off)' if pdl_off else ''}: synchronized step "
+                           f"{seconds * 1e3:.3f} ms; {args.steps} steps back to back {queued * 1e3:.3f} ms each; "
+                           f"host {host_s * 1e6:.0f} us per decode_graph_step, {replay_s * 1e6:.0f} us per bare graph "
+                           "replay", ""]
+                log(report[-2])
+                if args.timeline and not pdl_off:
+                    try:
+                        report += graph_timeline(executable, caches, ids, position, args.layers) + [""]
+                    except Exception as exc:  # a profiler that cannot see graph kernels: say so, keep the run
+                        report += [f"(timeline failed: {type(exc).__name__}: {exc})", ""]
+                    log("\n".join(report[-40:]))
+                (cells_off if pdl_off else cells).append(
+                    f"{queued * 1e3:.3f} ({queued / floor:.2f}); synced {seconds * 1e3:.3f} ({seconds / floor:.2f})")
                 log(f"{name} decode batch {batch}{' (PDL off)' if pdl_off else ''}: {seconds * 1e3:.3f} ms/step, "
                     f"floor {floor * 1e3:.3f} ms")
             if args.pdl_off_too:
@@ -241,17 +329,20 @@ def main() -> None:
             executable._decode_graphs.pop(batch, None)
             del caches
             torch.cuda.empty_cache()
-        caches = executable.allocate_caches(1)
-        ids = torch.randint(0, config.vocab_size, (1, args.prefill), device="cuda", generator=gen)
-        zero = torch.zeros(1, dtype=torch.int64, device="cuda")
-        prefill = timer(lambda: executable.step(ids, zero, caches), repeats=5, warmup=1)
-        flop_floor = prefill_flops(config, args.prefill) / gemm_rate
-        log(f"{name} prefill {args.prefill}: {prefill * 1e3:.2f} ms, FLOP floor {flop_floor * 1e3:.2f} ms")
-        summary.append(f"| {name} | {weights_gb:.2f} | " + " | ".join(cells)
-                       + f" | {prefill * 1e3:.2f} ({prefill / flop_floor:.2f}) |")
+        prefill_cell = "-"
+        if args.prefill > 0:
+            caches = executable.allocate_caches(1)
+            ids = torch.randint(0, config.vocab_size, (1, args.prefill), device="cuda", generator=gen)
+            zero = torch.zeros(1, dtype=torch.int64, device="cuda")
+            prefill = timer(lambda: executable.step(ids, zero, caches), repeats=5, warmup=1)
+            flop_floor = prefill_flops(config, args.prefill) / gemm_rate
+            log(f"{name} prefill {args.prefill}: {prefill * 1e3:.2f} ms, FLOP floor {flop_floor * 1e3:.2f} ms")
+            prefill_cell = f"{prefill * 1e3:.2f} ({prefill / flop_floor:.2f})"
+            del caches
+        summary.append(f"| {name} | {weights_gb:.2f} | " + " | ".join(cells) + f" | {prefill_cell} |")
         if cells_off:
             summary.append(f"| {name}, PDL off | | " + " | ".join(cells_off) + " | |")
-        del caches, executable, compiled
+        del executable, compiled
         torch.cuda.empty_cache()
         text = "\n".join(report[:2] + summary + [""] + report[2:])
         if args.markdown:  # after every pipeline: a run cut short keeps what it measured
