@@ -185,6 +185,51 @@ if _HAVE_TRITON:
         return acc
 
     @triton.jit
+    def words_load(w_ptrs, left, QUANT: tl.constexpr, MASKED: tl.constexpr, WPT: tl.constexpr,
+                   BLOCK_K: tl.constexpr):
+        """One K tile's code words [BN, W] as uint32 (`left` codes remain from the tile's first k)."""
+        PER_WORD: tl.constexpr = 8 if QUANT == 2 else 4
+        w_idx = word_index(BLOCK_K // PER_WORD, WPT)
+        if MASKED:
+            words = tl.load(w_ptrs, mask=(w_idx * PER_WORD < left)[None, :], other=0)
+        else:
+            words = tl.load(w_ptrs)
+        return words.to(tl.uint32, bitcast=True)
+
+    @triton.jit
+    def words_tile(acc, words, x_tile, left, s_rows, k_tile, QUANT: tl.constexpr, GROUP_SIZE: tl.constexpr,
+                   SCALED: tl.constexpr, FP16: tl.constexpr, MASKED: tl.constexpr, ASM: tl.constexpr,
+                   WPT: tl.constexpr, BLOCK_K: tl.constexpr):
+        """`acc` plus one K tile: `words` (`words_load`'s) against the activation pairs at `x_tile`. A thread's WPT
+        words of a row are split in registers; word p of each group then meets its own [WG, 4] activation load,
+        which lies in the split's layout (four pairs per thread), so nothing is converted."""
+        PER_WORD: tl.constexpr = 8 if QUANT == 2 else 4
+        W: tl.constexpr = BLOCK_K // PER_WORD
+        group_idx = tl.arange(0, W // WPT) * WPT  # the first word of each thread's group
+        if WPT == 1:
+            acc = _word_term(acc, words, group_idx, x_tile, left, s_rows, k_tile, QUANT, GROUP_SIZE, SCALED, FP16,
+                             MASKED, ASM)
+        elif WPT == 2:
+            w0, w1 = tl.split(tl.reshape(words, (words.shape[0], W // 2, 2)))
+            acc = _word_term(acc, w0, group_idx, x_tile, left, s_rows, k_tile, QUANT, GROUP_SIZE, SCALED, FP16,
+                             MASKED, ASM)
+            acc = _word_term(acc, w1, group_idx + 1, x_tile, left, s_rows, k_tile, QUANT, GROUP_SIZE, SCALED,
+                             FP16, MASKED, ASM)
+        else:
+            first, second = tl.split(tl.reshape(words, (words.shape[0], W // 4, 2, 2)))  # words (0, 2), (1, 3)
+            w0, w2 = tl.split(first)
+            w1, w3 = tl.split(second)
+            acc = _word_term(acc, w0, group_idx, x_tile, left, s_rows, k_tile, QUANT, GROUP_SIZE, SCALED, FP16,
+                             MASKED, ASM)
+            acc = _word_term(acc, w1, group_idx + 1, x_tile, left, s_rows, k_tile, QUANT, GROUP_SIZE, SCALED,
+                             FP16, MASKED, ASM)
+            acc = _word_term(acc, w2, group_idx + 2, x_tile, left, s_rows, k_tile, QUANT, GROUP_SIZE, SCALED,
+                             FP16, MASKED, ASM)
+            acc = _word_term(acc, w3, group_idx + 3, x_tile, left, s_rows, k_tile, QUANT, GROUP_SIZE, SCALED,
+                             FP16, MASKED, ASM)
+        return acc
+
+    @triton.jit
     def words_accumulate(
         acc,  # [BN, W / WPT] float32 elementwise accumulator
         x_pairs,  # int32 pairs of the one activation row, at k_first
@@ -201,44 +246,14 @@ if _HAVE_TRITON:
         WPT: tl.constexpr,  # consecutive words per thread and row: one 4 / 8 / 16-byte load each
         BLOCK_K: tl.constexpr,
     ):
-        """`acc` plus the products of one activation row with the weight words of k in [k_first, k_first + k_len).
-        A thread's WPT words of a row are split in registers; word p of each group then meets its own [WG, 4]
-        activation load, which lies in the split's layout (four pairs per thread), so nothing is converted."""
+        """`acc` plus the products of one activation row with the weight words of k in [k_first, k_first + k_len),
+        tile by tile (`words_load`, `words_tile`); no tiles when k_len <= 0."""
         PER_WORD: tl.constexpr = 8 if QUANT == 2 else 4
-        W: tl.constexpr = BLOCK_K // PER_WORD
-        w_idx = word_index(W, WPT)
-        group_idx = tl.arange(0, W // WPT) * WPT  # the first word of each thread's group
         for kk in range(0, tl.cdiv(k_len, BLOCK_K)):
             rel = kk * BLOCK_K
-            left = k_len - rel
-            if MASKED:
-                words = tl.load(w_ptrs + rel // PER_WORD, mask=(w_idx * PER_WORD < left)[None, :], other=0)
-            else:
-                words = tl.load(w_ptrs + rel // PER_WORD)
-            words = words.to(tl.uint32, bitcast=True)
-            x_tile = x_pairs + rel // 2
-            k_tile = k_first + rel
-            if WPT == 1:
-                acc = _word_term(acc, words, group_idx, x_tile, left, s_rows, k_tile, QUANT, GROUP_SIZE, SCALED, FP16,
-                                 MASKED, ASM)
-            elif WPT == 2:
-                w0, w1 = tl.split(tl.reshape(words, (words.shape[0], W // 2, 2)))
-                acc = _word_term(acc, w0, group_idx, x_tile, left, s_rows, k_tile, QUANT, GROUP_SIZE, SCALED, FP16,
-                                 MASKED, ASM)
-                acc = _word_term(acc, w1, group_idx + 1, x_tile, left, s_rows, k_tile, QUANT, GROUP_SIZE, SCALED,
-                                 FP16, MASKED, ASM)
-            else:
-                first, second = tl.split(tl.reshape(words, (words.shape[0], W // 4, 2, 2)))  # words (0, 2), (1, 3)
-                w0, w2 = tl.split(first)
-                w1, w3 = tl.split(second)
-                acc = _word_term(acc, w0, group_idx, x_tile, left, s_rows, k_tile, QUANT, GROUP_SIZE, SCALED, FP16,
-                                 MASKED, ASM)
-                acc = _word_term(acc, w1, group_idx + 1, x_tile, left, s_rows, k_tile, QUANT, GROUP_SIZE, SCALED,
-                                 FP16, MASKED, ASM)
-                acc = _word_term(acc, w2, group_idx + 2, x_tile, left, s_rows, k_tile, QUANT, GROUP_SIZE, SCALED,
-                                 FP16, MASKED, ASM)
-                acc = _word_term(acc, w3, group_idx + 3, x_tile, left, s_rows, k_tile, QUANT, GROUP_SIZE, SCALED,
-                                 FP16, MASKED, ASM)
+            words = words_load(w_ptrs + rel // PER_WORD, k_len - rel, QUANT, MASKED, WPT, BLOCK_K)
+            acc = words_tile(acc, words, x_pairs + rel // 2, k_len - rel, s_rows, k_first + rel, QUANT, GROUP_SIZE,
+                             SCALED, FP16, MASKED, ASM, WPT, BLOCK_K)
         return acc
 
     @triton.jit
@@ -271,8 +286,8 @@ if _HAVE_TRITON:
         WPT: tl.constexpr,
         USE_PDL: tl.constexpr = False,  # PDL launch (triton_support.pdl_launch)
     ):
-        """`triton_quant._gemv_kernel` on words."""
-        wait_for_producers(USE_PDL)
+        """`triton_quant._gemv_kernel` on words; as there, the first K tile's weights are loaded before the wait for
+        the activation's producer (under PDL, while it still runs)."""
         pid_n = tl.program_id(0)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ld = offs_n % N  # wrap: loads stay unmasked, wrapped columns are not stored
@@ -281,8 +296,12 @@ if _HAVE_TRITON:
         w_ptrs = w_words + n_ld.to(tl.int64)[:, None] * stride_wn + w_idx[None, :]
         s_rows = s_ptr + n_ld.to(tl.int64) * stride_sn
         acc = tl.zeros((w_ptrs.shape[0], BLOCK_K // PER_WORD // WPT), dtype=tl.float32)
-        acc = words_accumulate(acc, x_pairs, w_ptrs, s_rows, 0, K, QUANT, GROUP_SIZE, not PER_ROW, FP16, not EVEN_K,
-                               ASM, WPT, BLOCK_K)
+        first = words_load(w_ptrs, K, QUANT, not EVEN_K, WPT, BLOCK_K)
+        wait_for_producers(USE_PDL)
+        acc = words_tile(acc, first, x_pairs, K, s_rows, 0, QUANT, GROUP_SIZE, not PER_ROW, FP16, not EVEN_K, ASM,
+                         WPT, BLOCK_K)
+        acc = words_accumulate(acc, x_pairs + BLOCK_K // 2, w_ptrs + BLOCK_K // PER_WORD, s_rows, BLOCK_K,
+                               K - BLOCK_K, QUANT, GROUP_SIZE, not PER_ROW, FP16, not EVEN_K, ASM, WPT, BLOCK_K)
         out = tl.sum(acc, axis=1)
         if PER_ROW:
             out = out * tl.load(s_rows).to(tl.float32)

@@ -153,24 +153,37 @@ if _HAVE_TRITON:
         can issue the next tile's loads before it multiplies this one. x is loaded in the rank of `k_idx` and only
         then given its leading axis: loaded as a [1, ...] tensor it got a layout of its own and a shared-memory
         conversion per tile (int8 / int4 GEMVs 15-28% slower, measured)."""
+        codes = gemv_load_codes(k_left, w_ptrs, k_idx, QUANT, MASKED, GROUPS)
+        x_a, x_b = gemv_load_x(x_row, k_left, k_idx, QUANT, MASKED, GROUPS)
+        return codes, x_a, x_b
+
+    @triton.jit
+    def gemv_load_codes(k_left, w_ptrs, k_idx, QUANT: tl.constexpr, MASKED: tl.constexpr, GROUPS: tl.constexpr):
+        """`gemv_load`'s weight (or code) tile alone."""
+        if MASKED:
+            if QUANT == 2:
+                codes = tl.load(w_ptrs, mask=gemv_lead(k_idx < k_left, GROUPS), other=0x88)
+            else:
+                codes = tl.load(w_ptrs, mask=gemv_lead(k_idx < k_left, GROUPS), other=0)
+        else:
+            codes = tl.load(w_ptrs)
+        return codes
+
+    @triton.jit
+    def gemv_load_x(x_row, k_left, k_idx, QUANT: tl.constexpr, MASKED: tl.constexpr, GROUPS: tl.constexpr):
+        """`gemv_load`'s activations alone: (x at k_idx, x at k_idx + 1 for int4, else x again), shaped [1, ...]."""
+        if MASKED:
+            x_a = tl.load(x_row + k_idx, mask=k_idx < k_left, other=0.0)
+        else:
+            x_a = tl.load(x_row + k_idx)
         if QUANT == 2:
             if MASKED:
-                codes = tl.load(w_ptrs, mask=gemv_lead(k_idx < k_left, GROUPS), other=0x88)
-                x_a = tl.load(x_row + k_idx, mask=k_idx < k_left, other=0.0)
                 x_b = tl.load(x_row + k_idx + 1, mask=k_idx + 1 < k_left, other=0.0)
             else:
-                codes = tl.load(w_ptrs)
-                x_a = tl.load(x_row + k_idx)
                 x_b = tl.load(x_row + k_idx + 1)
         else:
-            if MASKED:
-                codes = tl.load(w_ptrs, mask=gemv_lead(k_idx < k_left, GROUPS), other=0)
-                x_a = tl.load(x_row + k_idx, mask=k_idx < k_left, other=0.0)
-            else:
-                codes = tl.load(w_ptrs)
-                x_a = tl.load(x_row + k_idx)
             x_b = x_a
-        return codes, gemv_lead(x_a, GROUPS), gemv_lead(x_b, GROUPS)
+        return gemv_lead(x_a, GROUPS), gemv_lead(x_b, GROUPS)
 
     @triton.jit
     def gemv_products(codes, x_a, x_b, QUANT: tl.constexpr):
@@ -326,8 +339,9 @@ if _HAVE_TRITON:
         PREFETCH: tl.constexpr = False,  # issue the next K tile's loads before multiplying this one
         USE_PDL: tl.constexpr = False,  # PDL launch (triton_support.pdl_launch)
     ):
-        """`_quantized_matmul_kernel` for one decode row: `gemv_accumulate` on the CUDA cores, no tensor cores."""
-        wait_for_producers(USE_PDL)
+        """`_quantized_matmul_kernel` for one decode row: `gemv_accumulate` on the CUDA cores, no tensor cores.
+        Without PREFETCH the first K tile's weights are loaded before the wait for the activation's producer: they are
+        no predecessor's output, so under PDL the load is in flight while the norm or attention before it runs."""
         pid_n = tl.program_id(0)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_n_ld = offs_n % N
@@ -337,8 +351,22 @@ if _HAVE_TRITON:
         w_ptrs = w_ptr + gemv_rows(offs_n_ld.to(tl.int64) * stride_wn, GROUPS) + gemv_lead(code_idx, GROUPS)
         s_rows = s_ptr + offs_n_ld.to(tl.int64) * stride_sn
         acc = tl.zeros(w_ptrs.shape, dtype=tl.float32)
-        acc = gemv_accumulate(acc, x_ptr, w_ptrs, k_idx, s_rows, 0, K, QUANT, GROUP_SIZE, GROUPS,
-                              QUANT != 0 and not PER_ROW, PREFETCH, not EVEN_K, BLOCK_K)
+        SCALED: tl.constexpr = QUANT != 0 and not PER_ROW
+        if PREFETCH:
+            wait_for_producers(USE_PDL)
+            acc = gemv_accumulate(acc, x_ptr, w_ptrs, k_idx, s_rows, 0, K, QUANT, GROUP_SIZE, GROUPS, SCALED, True,
+                                  not EVEN_K, BLOCK_K)
+        else:
+            first = gemv_load_codes(K, w_ptrs, k_idx, QUANT, not EVEN_K, GROUPS)
+            wait_for_producers(USE_PDL)
+            x_a, x_b = gemv_load_x(x_ptr, K, k_idx, QUANT, not EVEN_K, GROUPS)
+            if SCALED:
+                acc += gemv_products(first, x_a, x_b, QUANT) * gemv_group_scales(s_rows, 0, K, GROUP_SIZE, GROUPS,
+                                                                                 not EVEN_K)
+            else:
+                acc += gemv_products(first, x_a, x_b, QUANT)
+            acc = gemv_accumulate(acc, x_ptr + BLOCK_K, w_ptrs + BLOCK_K // PACK, k_idx, s_rows, BLOCK_K, K - BLOCK_K,
+                                  QUANT, GROUP_SIZE, GROUPS, SCALED, False, not EVEN_K, BLOCK_K)
         out = gemv_reduce(acc, GROUPS)
         if QUANT != 0:
             if PER_ROW:
