@@ -232,7 +232,8 @@ def test_streamer_gets_the_prompt_then_each_step() -> None:
 
 
 class _ScriptedSession:
-    """Logits that make token `step % vocab` the argmax at each step; records the order of steps and host reads."""
+    """Logits whose argmax is token (i + 1) % vocab at its i-th step (the prefill is step 0); records the order of
+    steps and host reads."""
 
     def __init__(self, events: list[str], vocab: int) -> None:
         self.events, self.vocab, self.steps = events, vocab, 0
