@@ -28,9 +28,6 @@ class MoeConfig:
     dn_group_m: int
     dn_warps: int
     dn_stages: int
-    # An expert's last row block only 1/4, 1/2 or all of block_m high, the first that holds its rows
-    # (triton_moe._align_kernel): fewer padding rows through the tensor cores where experts own a few blocks each.
-    sub_tiles: bool = False
 
 
 # Explicit tuning table: (max T, config).  Chosen for Mixtral-8x7B shapes (H=4096,

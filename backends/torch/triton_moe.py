@@ -138,15 +138,12 @@ if _HAVE_TRITON:
         num_slots,  # S = T * k
         num_blocks_max,  # NB_MAX
         expert_offset,  # first local expert: ids are global, columns local
-        block_row_ptr,  # [NB_MAX] int32 out (SUB_TILES): first row of each block in sorted_slots
-        block_height_ptr,  # [NB_MAX] int32 out (SUB_TILES): its rows, BLOCK_M, BLOCK_M // 2 or BLOCK_M // 4
         E: tl.constexpr,  # local experts
         E_P: tl.constexpr,  # E rounded up to a power of two
         BLOCK_M: tl.constexpr,
         CHUNK: tl.constexpr,
         NB_CHUNK: tl.constexpr,
         USE_PDL: tl.constexpr = False,  # PDL launch (triton_support.pdl_launch)
-        SUB_TILES: tl.constexpr = False,  # an expert's last block only as tall as its rows need (see below)
     ):
         wait_for_producers(USE_PDL)
         experts = tl.arange(0, E_P)
@@ -157,15 +154,7 @@ if _HAVE_TRITON:
             offs = start + tl.arange(0, CHUNK)
             ids = _local_ids(topk_ids_ptr, offs, num_slots, expert_offset, E, E_P)
             counts += tl.sum((ids[:, None] == experts[None, :]).to(tl.int32), axis=0)
-        if SUB_TILES:
-            # The rows past an expert's last full block fill a block of BLOCK_M // 4, BLOCK_M // 2 or BLOCK_M rows,
-            # the first that holds them: padding rows cost tensor-core work like real ones, and with BLOCK_M-high
-            # blocks only they are 23% of the rows at T = 1024 (random top-2 of 8), 6% with the three heights.
-            rem = counts % BLOCK_M
-            tail = tl.where(rem > BLOCK_M // 2, BLOCK_M, tl.where(rem > BLOCK_M // 4, BLOCK_M // 2, BLOCK_M // 4))
-            padded = counts - rem + tl.where(rem > 0, tail, 0)
-        else:
-            padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+        padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
         seg_end = tl.cumsum(padded, axis=0)  # inclusive prefix sum: end of each expert's segment
         seg_start = seg_end - padded
 
@@ -190,19 +179,9 @@ if _HAVE_TRITON:
 
         # Owner of each row block: number of segments ending at or before the block's first row.
         # Empty experts have zero-length segments and are skipped by the same count.
-        blocks_end = tl.cumsum((counts + BLOCK_M - 1) // BLOCK_M, axis=0)  # blocks of experts <= e
         for bstart in range(0, num_blocks_max, NB_CHUNK):
             b = bstart + tl.arange(0, NB_CHUNK)
-            if SUB_TILES:  # blocks are counted, not rows: each expert's last one may be shorter
-                owner = tl.sum((blocks_end[None, :] <= b[:, None]).to(tl.int32), axis=1)
-                mine = (experts[None, :] == owner[:, None]).to(tl.int32)  # [NB_CHUNK, E_P], all zero past the end
-                first_block = tl.sum(mine * (blocks_end - (counts + BLOCK_M - 1) // BLOCK_M)[None, :], axis=1)
-                row = tl.sum(mine * seg_start[None, :], axis=1) + (b - first_block) * BLOCK_M
-                height = tl.minimum(tl.sum(mine * seg_end[None, :], axis=1) - row, BLOCK_M)
-                tl.store(block_row_ptr + b, row, mask=b < num_blocks_max)
-                tl.store(block_height_ptr + b, height, mask=b < num_blocks_max)
-            else:
-                owner = tl.sum((seg_end[None, :] <= (b * BLOCK_M)[:, None]).to(tl.int32), axis=1)
+            owner = tl.sum((seg_end[None, :] <= (b * BLOCK_M)[:, None]).to(tl.int32), axis=1)
             owner = tl.where(owner < E, owner, -1)
             tl.store(block_expert_ptr + b, owner, mask=b < num_blocks_max)
 
@@ -219,16 +198,15 @@ if _HAVE_TRITON:
         return pid_m, pid_n
 
     @triton.jit
-    def _gate_up_tile(
-        row0,
-        pid_n,
-        expert,
+    def _gate_up_kernel(
         x_ptr,  # [T, H]
         w_ptr,  # [E, 2I, H] float, int8 codes, or [E, 2I, H/2] packed int4 codes
         s_ptr,  # [E, 2I, G] scales of quantized weights (unused for float weights)
         inter_ptr,  # [S, I] out: silu(gate) * up
         sorted_slots_ptr,
+        block_expert_ptr,
         num_slots,
+        num_pid_m,
         N,  # I
         K,  # H
         stride_xm,
@@ -245,16 +223,24 @@ if _HAVE_TRITON:
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
+        GROUP_M: tl.constexpr,
         EVEN_K: tl.constexpr,
         DOT_F32: tl.constexpr,  # interpreter only: see _dot_in_f32
         QUANT: tl.constexpr = 0,  # 0 float weights, 1 int8, 2 int4, 3 fp8 (triton_quant.QUANT_CODES)
         GROUP_SIZE: tl.constexpr = 1,  # K elements per scale, a multiple of BLOCK_K (unused with PER_ROW)
         PER_ROW: tl.constexpr = False,  # one scale per weight row
         EMULATE_FP8: tl.constexpr = False,  # interpreter only: see triton_fp8.fp8_codes
+        USE_PDL: tl.constexpr = False,  # PDL launch (triton_support.pdl_launch)
         SCALE_WEIGHTS: tl.constexpr = False,  # grouped: scale the weight tile (triton_quant.scale_weights)
     ):
-        # One [BLOCK_M, ...] tile of `_gate_up_kernel` whose rows start at row0 of sorted_slots.
-        offs_m = row0 + tl.arange(0, BLOCK_M)
+        wait_for_producers(USE_PDL)
+        pid = tl.program_id(0)
+        num_pid_n = tl.cdiv(N, BLOCK_N)
+        pid_m, pid_n = _tile_ids(pid, num_pid_m, num_pid_n, GROUP_M)
+        expert = tl.load(block_expert_ptr + pid_m)
+        if expert < 0:  # block past the last expert's segment (the grid is an upper bound)
+            return
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         slot = tl.load(sorted_slots_ptr + offs_m)
         row_ok = slot < num_slots
         token = tl.where(row_ok, slot // TOPK, 0).to(tl.int64)
@@ -323,92 +309,17 @@ if _HAVE_TRITON:
         out_ptrs = inter_ptr + slot.to(tl.int64)[:, None] * stride_im + offs_n[None, :]
         tl.store(out_ptrs, act_out, mask=row_ok[:, None] & (offs_n[None, :] < N))
 
-
     @triton.jit
-    def _gate_up_kernel(
-        x_ptr,  # [T, H]
-        w_ptr,  # [E, 2I, H] float, int8 codes, or [E, 2I, H/2] packed int4 codes
-        s_ptr,  # [E, 2I, G] scales of quantized weights (unused for float weights)
-        inter_ptr,  # [S, I] out: silu(gate) * up
-        sorted_slots_ptr,
-        block_expert_ptr,
-        block_row_ptr,  # [NB_MAX] first sorted row of each block (read with SUB_TILES)
-        block_height_ptr,  # [NB_MAX] its rows: BLOCK_M, BLOCK_M // 2 or BLOCK_M // 4 (SUB_TILES)
-        num_slots,
-        num_pid_m,
-        N,  # I
-        K,  # H
-        stride_xm,
-        stride_xk,
-        stride_we,
-        stride_wn,
-        stride_wk,
-        stride_se,
-        stride_sn,
-        stride_im,
-        a_scale,  # fp8: the scale of x's codes (unused otherwise)
-        out_scale,  # fp8: the static scale the intermediate is quantized with for w2 (unused otherwise)
-        TOPK: tl.constexpr,
-        BLOCK_M: tl.constexpr,
-        BLOCK_N: tl.constexpr,
-        BLOCK_K: tl.constexpr,
-        GROUP_M: tl.constexpr,
-        EVEN_K: tl.constexpr,
-        DOT_F32: tl.constexpr,  # interpreter only: see _dot_in_f32
-        QUANT: tl.constexpr = 0,  # 0 float weights, 1 int8, 2 int4, 3 fp8 (triton_quant.QUANT_CODES)
-        GROUP_SIZE: tl.constexpr = 1,  # K elements per scale, a multiple of BLOCK_K (unused with PER_ROW)
-        PER_ROW: tl.constexpr = False,  # one scale per weight row
-        EMULATE_FP8: tl.constexpr = False,  # interpreter only: see triton_fp8.fp8_codes
-        USE_PDL: tl.constexpr = False,  # PDL launch (triton_support.pdl_launch)
-        SCALE_WEIGHTS: tl.constexpr = False,  # grouped: scale the weight tile (triton_quant.scale_weights)
-        SUB_TILES: tl.constexpr = False,  # blocks of 1, 1/2 or 1/4 BLOCK_M rows (_align_kernel)
-    ):
-        wait_for_producers(USE_PDL)
-        pid = tl.program_id(0)
-        num_pid_n = tl.cdiv(N, BLOCK_N)
-        pid_m, pid_n = _tile_ids(pid, num_pid_m, num_pid_n, GROUP_M)
-        expert = tl.load(block_expert_ptr + pid_m)
-        if expert < 0:  # block past the last expert's segment (the grid is an upper bound)
-            return
-        if SUB_TILES:  # an expert's last block is as tall as its rows need, in steps of BLOCK_M // 4
-            row0 = tl.load(block_row_ptr + pid_m)
-            height = tl.load(block_height_ptr + pid_m)
-            if height == BLOCK_M:
-                _gate_up_tile(row0, pid_n, expert, x_ptr, w_ptr, s_ptr, inter_ptr, sorted_slots_ptr, num_slots, N, K,
-                    stride_xm, stride_xk, stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_im, a_scale,
-                    out_scale, TOPK, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, DOT_F32, QUANT, GROUP_SIZE, PER_ROW,
-                    EMULATE_FP8, SCALE_WEIGHTS)
-            elif height == BLOCK_M // 2:
-                _gate_up_tile(row0, pid_n, expert, x_ptr, w_ptr, s_ptr, inter_ptr, sorted_slots_ptr, num_slots, N, K,
-                    stride_xm, stride_xk, stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_im, a_scale,
-                    out_scale, TOPK, BLOCK_M // 2, BLOCK_N, BLOCK_K, EVEN_K, DOT_F32, QUANT, GROUP_SIZE, PER_ROW,
-                    EMULATE_FP8, SCALE_WEIGHTS)
-            else:
-                _gate_up_tile(row0, pid_n, expert, x_ptr, w_ptr, s_ptr, inter_ptr, sorted_slots_ptr, num_slots, N, K,
-                    stride_xm, stride_xk, stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_im, a_scale,
-                    out_scale, TOPK, BLOCK_M // 4, BLOCK_N, BLOCK_K, EVEN_K, DOT_F32, QUANT, GROUP_SIZE, PER_ROW,
-                    EMULATE_FP8, SCALE_WEIGHTS)
-        else:
-            row0 = pid_m * BLOCK_M
-            _gate_up_tile(row0, pid_n, expert, x_ptr, w_ptr, s_ptr, inter_ptr, sorted_slots_ptr, num_slots, N, K,
-                stride_xm, stride_xk, stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_im, a_scale,
-                out_scale, TOPK, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, DOT_F32, QUANT, GROUP_SIZE, PER_ROW, EMULATE_FP8,
-                SCALE_WEIGHTS)
-
-
-    @triton.jit
-    def _down_tile(
-        row0,
-        pid_n,
-        expert,
-        pid_k,
+    def _down_kernel(
         a_ptr,  # [S, I] intermediate
         w_ptr,  # [E, H, I] float, int8 codes, or [E, H, I/2] packed int4 codes
         s_ptr,  # [E, H, G] scales of quantized weights (unused for float weights)
         partial_ptr,  # [SPLIT_K, S, H] out
         sorted_slots_ptr,
+        block_expert_ptr,
         topk_weights_ptr,  # [S] flattened
         num_slots,
+        num_pid_m,
         N,  # H
         K,  # I
         k_per_split,  # multiple of BLOCK_K
@@ -424,15 +335,24 @@ if _HAVE_TRITON:
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
+        GROUP_M: tl.constexpr,
         EVEN_K: tl.constexpr,  # K % BLOCK_K == 0 and every split is full
         DOT_F32: tl.constexpr,
         QUANT: tl.constexpr = 0,
         GROUP_SIZE: tl.constexpr = 1,
         PER_ROW: tl.constexpr = False,
+        USE_PDL: tl.constexpr = False,  # PDL launch (triton_support.pdl_launch)
         SCALE_WEIGHTS: tl.constexpr = False,  # grouped: scale the weight tile (triton_quant.scale_weights)
     ):
-        # One [BLOCK_M, ...] tile of `_down_kernel` whose rows start at row0 of sorted_slots.
-        offs_m = row0 + tl.arange(0, BLOCK_M)
+        wait_for_producers(USE_PDL)
+        pid = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        num_pid_n = tl.cdiv(N, BLOCK_N)
+        pid_m, pid_n = _tile_ids(pid, num_pid_m, num_pid_n, GROUP_M)
+        expert = tl.load(block_expert_ptr + pid_m)
+        if expert < 0:
+            return
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         slot = tl.load(sorted_slots_ptr + offs_m)
         row_ok = slot < num_slots
         row = tl.where(row_ok, slot, 0).to(tl.int64)
@@ -487,79 +407,6 @@ if _HAVE_TRITON:
         acc = acc * rw[:, None]
         out_ptrs = partial_ptr + pid_k * stride_ps + row[:, None] * stride_pm + offs_n[None, :]
         tl.store(out_ptrs, acc.to(partial_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_n[None, :] < N))
-
-
-    @triton.jit
-    def _down_kernel(
-        a_ptr,  # [S, I] intermediate
-        w_ptr,  # [E, H, I] float, int8 codes, or [E, H, I/2] packed int4 codes
-        s_ptr,  # [E, H, G] scales of quantized weights (unused for float weights)
-        partial_ptr,  # [SPLIT_K, S, H] out
-        sorted_slots_ptr,
-        block_expert_ptr,
-        block_row_ptr,  # [NB_MAX] first sorted row of each block (read with SUB_TILES)
-        block_height_ptr,  # [NB_MAX] its rows: BLOCK_M, BLOCK_M // 2 or BLOCK_M // 4 (SUB_TILES)
-        topk_weights_ptr,  # [S] flattened
-        num_slots,
-        num_pid_m,
-        N,  # H
-        K,  # I
-        k_per_split,  # multiple of BLOCK_K
-        stride_am,
-        stride_we,
-        stride_wn,
-        stride_wk,
-        stride_se,
-        stride_sn,
-        stride_ps,  # partial: stride between splits
-        stride_pm,
-        a_scale,  # fp8: the scale of the intermediate's codes (unused otherwise)
-        BLOCK_M: tl.constexpr,
-        BLOCK_N: tl.constexpr,
-        BLOCK_K: tl.constexpr,
-        GROUP_M: tl.constexpr,
-        EVEN_K: tl.constexpr,  # K % BLOCK_K == 0 and every split is full
-        DOT_F32: tl.constexpr,
-        QUANT: tl.constexpr = 0,
-        GROUP_SIZE: tl.constexpr = 1,
-        PER_ROW: tl.constexpr = False,
-        USE_PDL: tl.constexpr = False,  # PDL launch (triton_support.pdl_launch)
-        SCALE_WEIGHTS: tl.constexpr = False,  # grouped: scale the weight tile (triton_quant.scale_weights)
-        SUB_TILES: tl.constexpr = False,  # blocks of 1, 1/2 or 1/4 BLOCK_M rows (_align_kernel)
-    ):
-        wait_for_producers(USE_PDL)
-        pid = tl.program_id(0)
-        pid_k = tl.program_id(1)
-        num_pid_n = tl.cdiv(N, BLOCK_N)
-        pid_m, pid_n = _tile_ids(pid, num_pid_m, num_pid_n, GROUP_M)
-        expert = tl.load(block_expert_ptr + pid_m)
-        if expert < 0:
-            return
-        if SUB_TILES:  # an expert's last block is as tall as its rows need, in steps of BLOCK_M // 4
-            row0 = tl.load(block_row_ptr + pid_m)
-            height = tl.load(block_height_ptr + pid_m)
-            if height == BLOCK_M:
-                _down_tile(row0, pid_n, expert, pid_k, a_ptr, w_ptr, s_ptr, partial_ptr, sorted_slots_ptr,
-                    topk_weights_ptr, num_slots, N, K, k_per_split, stride_am, stride_we, stride_wn, stride_wk,
-                    stride_se, stride_sn, stride_ps, stride_pm, a_scale, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, DOT_F32,
-                    QUANT, GROUP_SIZE, PER_ROW, SCALE_WEIGHTS)
-            elif height == BLOCK_M // 2:
-                _down_tile(row0, pid_n, expert, pid_k, a_ptr, w_ptr, s_ptr, partial_ptr, sorted_slots_ptr,
-                    topk_weights_ptr, num_slots, N, K, k_per_split, stride_am, stride_we, stride_wn, stride_wk,
-                    stride_se, stride_sn, stride_ps, stride_pm, a_scale, BLOCK_M // 2, BLOCK_N, BLOCK_K, EVEN_K,
-                    DOT_F32, QUANT, GROUP_SIZE, PER_ROW, SCALE_WEIGHTS)
-            else:
-                _down_tile(row0, pid_n, expert, pid_k, a_ptr, w_ptr, s_ptr, partial_ptr, sorted_slots_ptr,
-                    topk_weights_ptr, num_slots, N, K, k_per_split, stride_am, stride_we, stride_wn, stride_wk,
-                    stride_se, stride_sn, stride_ps, stride_pm, a_scale, BLOCK_M // 4, BLOCK_N, BLOCK_K, EVEN_K,
-                    DOT_F32, QUANT, GROUP_SIZE, PER_ROW, SCALE_WEIGHTS)
-        else:
-            row0 = pid_m * BLOCK_M
-            _down_tile(row0, pid_n, expert, pid_k, a_ptr, w_ptr, s_ptr, partial_ptr, sorted_slots_ptr,
-                topk_weights_ptr, num_slots, N, K, k_per_split, stride_am, stride_we, stride_wn, stride_wk, stride_se,
-                stride_sn, stride_ps, stride_pm, a_scale, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, DOT_F32, QUANT,
-                GROUP_SIZE, PER_ROW, SCALE_WEIGHTS)
-
 
     @triton.jit(do_not_specialize=["expert_offset"])
     def _combine_kernel(
@@ -849,10 +696,6 @@ def fused_moe(
     nb_max = triton.cdiv(num_slots, bm) + min(num_slots, num_experts)
     sorted_slots = torch.empty(nb_max * bm, dtype=torch.int32, device=dev)
     block_expert = torch.empty(nb_max, dtype=torch.int32, device=dev)
-    sub = cfg.sub_tiles and bm // 4 >= 16  # tl.dot's smallest tile
-    # Sub-tiles: each block's first row and height; otherwise block b is rows [b*BM, (b+1)*BM) (never read).
-    block_row = torch.empty(nb_max, dtype=torch.int32, device=dev) if sub else block_expert
-    block_height = torch.empty(nb_max, dtype=torch.int32, device=dev) if sub else block_expert
     chunk = min(1024, max(16, next_pow2(num_slots)))
     _align_kernel[(1,)](
         ids,
@@ -861,14 +704,11 @@ def fused_moe(
         num_slots,
         nb_max,
         expert_offset,
-        block_row,
-        block_height,
         E=num_experts,
         E_P=max(2, next_pow2(num_experts)),
         BLOCK_M=bm,
         CHUNK=chunk,
         NB_CHUNK=min(1024, max(16, next_pow2(nb_max))),
-        SUB_TILES=sub,
         **pdl_launch(x), num_warps=4,
     )
 
@@ -882,8 +722,6 @@ def fused_moe(
         inter_act,
         sorted_slots,
         block_expert,
-        block_row,
-        block_height,
         num_slots,
         nb_max,
         inter,
@@ -910,7 +748,6 @@ def fused_moe(
         PER_ROW=group_size == 0 and not fp8,
         EMULATE_FP8=fp8 and interpreting(),
         SCALE_WEIGHTS=scale_weights(group_size, bm, cfg.gu_block_k),
-        SUB_TILES=sub,
         **pdl_launch(x), num_warps=cfg.gu_warps,
         num_stages=cfg.gu_stages,
     )
@@ -931,8 +768,6 @@ def fused_moe(
         partial,
         sorted_slots,
         block_expert,
-        block_row,
-        block_height,
         rw,
         num_slots,
         nb_max,
@@ -958,7 +793,6 @@ def fused_moe(
         GROUP_SIZE=group_size or inter,
         PER_ROW=group_size == 0 and not fp8,
         SCALE_WEIGHTS=scale_weights(group_size, bm, bk),
-        SUB_TILES=sub,
         **pdl_launch(x), num_warps=cfg.dn_warps,
         num_stages=cfg.dn_stages,
     )

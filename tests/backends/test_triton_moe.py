@@ -151,8 +151,7 @@ def test_align_many_slots() -> None:
     sorted_slots = torch.full((nb_max * bm,), -7, dtype=torch.int32, device=DEVICE)
     block_expert = torch.full((nb_max,), -7, dtype=torch.int32, device=DEVICE)
     tm._align_kernel[(1,)](
-        flat, sorted_slots, block_expert, s, nb_max, 0, block_expert, block_expert, E=e, E_P=8, BLOCK_M=bm,
-        CHUNK=1024, NB_CHUNK=256
+        flat, sorted_slots, block_expert, s, nb_max, 0, E=e, E_P=8, BLOCK_M=bm, CHUNK=1024, NB_CHUNK=256
     )
     sorted_slots, block_expert = sorted_slots.cpu(), block_expert.cpu()
     flat = flat.cpu()
@@ -167,67 +166,6 @@ def test_align_many_slots() -> None:
         pos += padded
     assert torch.all(block_expert[pos // bm :] == -1)
 
-
-
-def test_align_sub_tiles_sizes_each_experts_last_block() -> None:
-    """SUB_TILES: an expert's rows past its last full block of 64 take a block of 16, 32 or 64 rows, the first that
-    holds them; blocks are listed expert by expert with their first row and height, -1 past the end."""
-    counts = [0, 5, 16, 17, 33, 64 + 40, 128]  # tails: none, 5 -> 16, 16, 17 -> 32, 33 -> 64, 40 -> 64, none
-    e, bm = len(counts), 64
-    gen = torch.Generator().manual_seed(15)
-    flat = torch.cat([torch.full((c,), ex) for ex, c in enumerate(counts)])
-    flat = flat[torch.randperm(flat.numel(), generator=gen)].to(torch.int32).to(DEVICE)
-    s = flat.numel()
-    nb_max = triton.cdiv(s, bm) + min(s, e)
-    sorted_slots = torch.full((nb_max * bm,), -7, dtype=torch.int32, device=DEVICE)
-    block_expert, block_row, block_height = (torch.full((nb_max,), -7, dtype=torch.int32, device=DEVICE)
-                                             for _ in range(3))
-    tm._align_kernel[(1,)](flat, sorted_slots, block_expert, s, nb_max, 0, block_row, block_height, E=e, E_P=8,
-                           BLOCK_M=bm, CHUNK=128, NB_CHUNK=16, SUB_TILES=True)
-    used = 8  # blocks: e1, e2, e3, e4, e5 x2, e6 x2
-    assert block_expert.cpu().tolist() == [1, 2, 3, 4, 5, 5, 6, 6] + [-1] * (nb_max - used)
-    assert block_row.cpu()[:used].tolist() == [0, 16, 32, 64, 128, 192, 256, 320]
-    assert block_height.cpu()[:used].tolist() == [16, 16, 32, 64, 64, 64, 64, 64]
-    sorted_slots, flat = sorted_slots.cpu(), flat.cpu()
-    for ex, (row, end) in {1: (0, 16), 2: (16, 32), 3: (32, 64), 4: (64, 128), 5: (128, 256), 6: (256, 384)}.items():
-        slots = torch.nonzero(flat == ex).flatten().to(torch.int32)
-        assert torch.equal(sorted_slots[row : row + slots.numel()], slots)
-        assert torch.all(sorted_slots[row + slots.numel() : end] == s)  # the padding sentinel
-
-
-@pytest.mark.parametrize("precision", [None, "int4"])
-def test_sub_tiles_match_the_reference(precision: str | None, poisoned_buffers: None) -> None:
-    """Blocks of 64, 32 and 16 rows in one launch (64-row tiles, experts owning 1..3 blocks), float and group-wise
-    int4 experts, 2 K-splits of the down GEMM: the same result as the fp32 reference (EP half too). In float16: the
-    interpreter runs quantized tiles in it (tests/backends/test_triton_quantized.py says why)."""
-    gen = torch.Generator(device=DEVICE).manual_seed(16)
-    h, i, e, k = 64, 96, 4, 2
-    counts = [70, 9, 40, 25]  # one full block + 6 (-> 16), 9 (-> 16), 40 (-> 64), 25 (-> 32)
-    t = sum(counts) // k
-    flat = torch.cat([torch.full((c,), ex) for ex, c in enumerate(counts)])
-    ids = flat[torch.randperm(flat.numel(), generator=gen)].reshape(t, k).to(DEVICE)
-    rw = torch.rand(t, k, generator=gen, device=DEVICE)
-    w13, w2 = _weights(e, h, i, torch.float16, gen)
-    x = torch.randn(t, h, generator=gen, device=DEVICE).to(torch.float16)
-    cfg = MoeConfig(64, 32, 32, 4, 4, 2, 32, 32, 2, 4, 4, 2, sub_tiles=True)
-    kwargs: dict = {}
-    if precision is not None:
-        from compiler.quantization import dequantize, quantize
-
-        (c13, s13), (c2, s2) = quantize(w13, "int4", 32), quantize(w2, "int4", 32)
-        w13, w2 = dequantize(c13, s13, "int4", 32).to(torch.float16), dequantize(c2, s2, "int4", 32).to(torch.float16)
-        kwargs = dict(precision="int4", w13_scales=s13, w2_scales=s2, group_size=32)
-        codes = (c13, c2)
-    else:
-        codes = (w13, w2)
-    out = tm.fused_moe(x, ids, rw, *codes, config=cfg, **kwargs).float()
-    ref = _reference(x, ids, rw, w13, w2)
-    assert ((out - ref).norm() / ref.norm()).item() < RTOL[torch.float16]
-    half = tm.fused_moe(x, ids, rw, codes[0][2:], codes[1][2:], expert_offset=2, config=cfg,
-                        **{**kwargs, **({"w13_scales": kwargs["w13_scales"][2:], "w2_scales": kwargs["w2_scales"][2:]}
-                                        if precision else {})}).float()
-    ref_half = _reference(x, ids, rw, w13[2:], w2[2:], expert_offset=2)
-    assert ((half - ref_half).norm() / ref_half.norm()).item() < RTOL[torch.float16]
 
 @pytest.fixture
 def poisoned_buffers(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -327,8 +265,8 @@ def test_ep_align_keeps_only_local_slots() -> None:
     nb_max = triton.cdiv(s, bm) + min(s, e_local)
     sorted_slots = torch.full((nb_max * bm,), -7, dtype=torch.int32, device=DEVICE)
     block_expert = torch.full((nb_max,), -7, dtype=torch.int32, device=DEVICE)
-    tm._align_kernel[(1,)](flat, sorted_slots, block_expert, s, nb_max, offset, block_expert, block_expert,
-                           E=e_local, E_P=4, BLOCK_M=bm, CHUNK=256, NB_CHUNK=64)
+    tm._align_kernel[(1,)](flat, sorted_slots, block_expert, s, nb_max, offset, E=e_local, E_P=4, BLOCK_M=bm,
+                           CHUNK=256, NB_CHUNK=64)
     sorted_slots, block_expert, flat = sorted_slots.cpu(), block_expert.cpu(), flat.cpu()
     pos = 0
     for local in range(e_local):
