@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-__all__ = ["GEMV_TABLE", "TUNING_TABLE", "GemvConfig", "MoeConfig", "get_config", "get_gemv_config", "next_pow2"]
+__all__ = ["GEMV_TABLE", "SWAPPED_TABLE", "TUNING_TABLE", "GemvConfig", "MoeConfig", "SwappedConfig", "get_config",
+           "get_gemv_config", "get_swapped_config", "next_pow2"]
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,46 @@ GEMV_TABLE: dict[tuple[str | None, bool], tuple[int, GemvConfig]] = {
     ("int4", False): (4, GemvConfig(4, 256, 2, 8, 256, 4, 2, words=2)),
     ("int4", True): (4, GemvConfig(4, 256, 2, 8, 256, 4, 2, words=2)),
 }
+
+
+
+@dataclass(frozen=True)
+class SwappedConfig:
+    """Launch parameters of the swapped-operand tiles of weight-only int8 / int4 experts (`triton_moe_swapped`):
+    weights on the MMA's M side, `block_m` tokens on its N side."""
+
+    block_m: int  # token rows (slots) per block, also the routing's alignment
+    gu_block_n: int  # gate/up: columns of I per program (2x this many weight rows)
+    gu_block_k: int
+    gu_warps: int
+    gu_stages: int
+    dn_block_n: int  # down: columns of H per program
+    dn_block_k: int
+    dn_split_k: int
+    dn_warps: int
+    dn_stages: int
+    group_m: int = 8
+
+
+# (precision, grouped) -> [(max tokens, config or None for the tiles)], above the GEMV table's slots. Measured on an
+# H200 at Mixtral-8x7B shapes, graph replays (seventh session, BENCHMARKS.md): int4 T = 32 349 us vs the tiles' 569
+# (per channel), 380 vs 540 (g128); int8 loses to the tiles up to T = 16 and wins above (T = 32 482 vs 556). Grouped
+# int8 was not measured and keeps the tiles; bf16 / fp8 experts keep them too (bf16 measured the same either way).
+_INT4_SWAPPED = SwappedConfig(16, 64, 128, 4, 4, 128, 128, 4, 4, 4)
+SWAPPED_TABLE: dict[tuple[str, bool], list[tuple[int, SwappedConfig | None]]] = {
+    ("int4", False): [(64, _INT4_SWAPPED)],
+    ("int4", True): [(64, _INT4_SWAPPED)],
+    ("int8", False): [(16, None), (48, SwappedConfig(16, 32, 128, 4, 4, 64, 128, 4, 4, 4)),
+                      (64, SwappedConfig(32, 32, 128, 4, 4, 64, 128, 4, 4, 4))],
+}
+
+
+def get_swapped_config(num_tokens: int, precision: str | None, group_size: int) -> SwappedConfig | None:
+    """The swapped tiles' config for `num_tokens` tokens of weight-only experts, or None where the tiles serve."""
+    for max_t, cfg in SWAPPED_TABLE.get((precision, group_size > 0), []) if precision else []:
+        if num_tokens <= max_t:
+            return cfg
+    return None
 
 
 def get_gemv_config(num_slots: int, hidden: int, inter: int, group_size: int, precision: str | None) -> GemvConfig | None:

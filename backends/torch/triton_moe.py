@@ -48,20 +48,25 @@ Algorithm (four launches, no host synchronisation, CUDA-graph capturable):
 
 Block sizes come from a small explicit table keyed on T (``TUNING_TABLE`` in
 ``moe_tuning.py``), not from run-time autotuning, so the first call compiles exactly one
-variant per regime.
+variant per regime.  Weight-only int8 / int4 experts at small batches run steps 2-3 on
+swapped-operand tiles instead (``triton_moe_swapped``, ``SWAPPED_TABLE``), and a handful of
+slots on the CUDA-core decode path (``triton_moe_decode``, ``GEMV_TABLE``).
 """
 
 
 import torch
 
-from backends.torch.moe_tuning import GemvConfig, MoeConfig, clamp_gemv_config, get_config, get_gemv_config, next_pow2
+from backends.torch.moe_tuning import GemvConfig, MoeConfig, SwappedConfig, clamp_gemv_config, get_config
+from backends.torch.moe_tuning import get_gemv_config, get_swapped_config, next_pow2
+from backends.torch.triton_moe_swapped import gate_up_down, swapped_reason
 from backends.torch import triton_fp8
 from backends.torch.triton_gemv_words import words_block_k, words_unsupported_reason
 from backends.torch.triton_quant import QUANT_CODES, STORAGE, scale_weights
 from compiler.fp8 import FP8_DTYPE
 
 from backends.torch.triton_support import HAVE_TRITON as _HAVE_TRITON
-from backends.torch.triton_support import device_reason, interpreting, pdl_launch, tl, triton, wait_for_producers
+from backends.torch.triton_support import device_reason, grouped_tile_ids, interpreting, pdl_launch, tl, triton
+from backends.torch.triton_support import wait_for_producers
 
 __all__ = ["SUPPORTED_DTYPES", "fused_moe", "is_available", "route", "route_unsupported_reason", "unsupported_reason"]
 
@@ -186,18 +191,6 @@ if _HAVE_TRITON:
             tl.store(block_expert_ptr + b, owner, mask=b < num_blocks_max)
 
     @triton.jit
-    def _tile_ids(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
-        # Walk GROUP_M row blocks down one column tile before moving right: the programs that run
-        # together read the same weight tile (one expert's n-slice), so repeats are served from L2.
-        num_pid_in_group = GROUP_M * num_pid_n
-        group_id = pid // num_pid_in_group
-        first_m = group_id * GROUP_M
-        group_size = tl.minimum(num_pid_m - first_m, GROUP_M)
-        pid_m = first_m + (pid % num_pid_in_group) % group_size
-        pid_n = (pid % num_pid_in_group) // group_size
-        return pid_m, pid_n
-
-    @triton.jit
     def _gate_up_kernel(
         x_ptr,  # [T, H]
         w_ptr,  # [E, 2I, H] float, int8 codes, or [E, 2I, H/2] packed int4 codes
@@ -236,7 +229,7 @@ if _HAVE_TRITON:
         wait_for_producers(USE_PDL)
         pid = tl.program_id(0)
         num_pid_n = tl.cdiv(N, BLOCK_N)
-        pid_m, pid_n = _tile_ids(pid, num_pid_m, num_pid_n, GROUP_M)
+        pid_m, pid_n = grouped_tile_ids(pid, num_pid_m, num_pid_n, GROUP_M)
         expert = tl.load(block_expert_ptr + pid_m)
         if expert < 0:  # block past the last expert's segment (the grid is an upper bound)
             return
@@ -348,7 +341,7 @@ if _HAVE_TRITON:
         pid = tl.program_id(0)
         pid_k = tl.program_id(1)
         num_pid_n = tl.cdiv(N, BLOCK_N)
-        pid_m, pid_n = _tile_ids(pid, num_pid_m, num_pid_n, GROUP_M)
+        pid_m, pid_n = grouped_tile_ids(pid, num_pid_m, num_pid_n, GROUP_M)
         expert = tl.load(block_expert_ptr + pid_m)
         if expert < 0:
             return
@@ -617,7 +610,7 @@ def fused_moe(
     w2: torch.Tensor,
     *,
     expert_offset: int = 0,
-    config: MoeConfig | GemvConfig | None = None,
+    config: MoeConfig | GemvConfig | SwappedConfig | None = None,
     out: torch.Tensor | None = None,
     precision: str | None = None,
     w13_scales: torch.Tensor | None = None,
@@ -633,7 +626,9 @@ def fused_moe(
     ``[expert_offset, expert_offset + E')`` (all of them when ``expert_offset`` is 0 and E' is the routed
     count).  Slots routed to other experts contribute zero, at no cost (expert parallelism).
     ``config`` overrides the table entry (used by the benchmark's sweep; a ``GemvConfig`` forces the CUDA-core decode
-    path, which `moe_tuning.GEMV_TABLE` otherwise picks for a handful of slots); ``out`` [T, H] (contiguous,
+    path, which `moe_tuning.GEMV_TABLE` otherwise picks for a handful of slots; a ``SwappedConfig`` forces the
+    swapped-operand tiles of int8 / int4 experts, which `moe_tuning.SWAPPED_TABLE` picks at small batches, where the
+    shapes allow: `triton_moe_swapped`); ``out`` [T, H] (contiguous,
     dtype of ``hidden_states``) receives the result instead of a fresh tensor.
     Weight-only quantized experts: `precision` "int8"/"int4" with `w13`/`w2` the codes
     (compiler/quantization.py's layout: int4 packs K in pairs, [E', 2I, H/2] and [E', H, I/2]) and their scales
@@ -680,8 +675,19 @@ def fused_moe(
     if gemv is not None:
         return _fused_moe_gemv(hidden_states, topk_ids, topk_weights, w13, w2, s13, s2, out, expert_offset,
                                QUANT_CODES[precision], group_size, gemv)
-    cfg = config if config is not None else get_config(t, h, inter, group_size, quantized=precision in STORAGE,
-                                                       fp8=fp8)
+    swapped = None  # weight-only experts at small batches: the swapped-operand tiles (triton_moe_swapped)
+    if isinstance(config, SwappedConfig):
+        if precision not in STORAGE or not unit_k:
+            raise ValueError("the swapped tiles take int8 / int4 experts with k-contiguous rows")
+        reason = swapped_reason(h, inter, group_size, config)
+        if reason is not None:
+            raise ValueError(f"the swapped tiles cannot take these experts: {reason}")
+        swapped = config
+    elif config is None and precision in STORAGE and unit_k:
+        swapped = get_swapped_config(t, precision, group_size)
+        if swapped is not None and swapped_reason(h, inter, group_size, swapped) is not None:
+            swapped = None  # shapes off the swapped tiles' K grid (tiny models): the tiles take them
+    cfg = swapped or config or get_config(t, h, inter, group_size, quantized=precision in STORAGE, fp8=fp8)
     bm = cfg.block_m
     x = hidden_states if hidden_states.stride(1) == 1 else hidden_states.contiguous()
     if fp8:  # every token's codes once ([T, H] bytes), not once per column tile of the gate/up GEMM
@@ -712,90 +718,95 @@ def fused_moe(
         **pdl_launch(x), num_warps=4,
     )
 
-    # 2. gate/up GEMM + SwiGLU.
-    inter_act = torch.empty((num_slots, inter), dtype=FP8_DTYPE if fp8 else hidden_states.dtype, device=dev)
-    grid_gu = (nb_max * triton.cdiv(inter, cfg.gu_block_n),)
-    _gate_up_kernel[grid_gu](
-        x,
-        w13,
-        s13,
-        inter_act,
-        sorted_slots,
-        block_expert,
-        num_slots,
-        nb_max,
-        inter,
-        h,
-        x.stride(0),
-        x.stride(1),
-        w13.stride(0),
-        w13.stride(1),
-        w13.stride(2),
-        s13.stride(0),
-        s13.stride(1) if s13.dim() > 1 else 0,  # fp8: one scale per expert
-        inter_act.stride(0),
-        float(w13_input_scale),
-        float(w2_input_scale),
-        TOPK=topk,
-        BLOCK_M=bm,
-        BLOCK_N=cfg.gu_block_n,
-        BLOCK_K=cfg.gu_block_k,
-        GROUP_M=cfg.gu_group_m,
-        EVEN_K=h % cfg.gu_block_k == 0,
-        DOT_F32=_dot_in_f32(hidden_states.dtype) or (fp8 and interpreting()),
-        QUANT=quant,
-        GROUP_SIZE=group_size or h,
-        PER_ROW=group_size == 0 and not fp8,
-        EMULATE_FP8=fp8 and interpreting(),
-        SCALE_WEIGHTS=scale_weights(group_size, bm, cfg.gu_block_k),
-        **pdl_launch(x), num_warps=cfg.gu_warps,
-        num_stages=cfg.gu_stages,
-    )
+    if swapped is not None:  # 2-3 on swapped tiles
+        partial = gate_up_down(x, w13, s13, w2, s2, sorted_slots, block_expert, rw, topk, quant, group_size, swapped,
+                               pdl_launch(x), _dot_in_f32(hidden_states.dtype))
+        split = partial.shape[0]
+    else:
+        # 2. gate/up GEMM + SwiGLU.
+        inter_act = torch.empty((num_slots, inter), dtype=FP8_DTYPE if fp8 else hidden_states.dtype, device=dev)
+        grid_gu = (nb_max * triton.cdiv(inter, cfg.gu_block_n),)
+        _gate_up_kernel[grid_gu](
+            x,
+            w13,
+            s13,
+            inter_act,
+            sorted_slots,
+            block_expert,
+            num_slots,
+            nb_max,
+            inter,
+            h,
+            x.stride(0),
+            x.stride(1),
+            w13.stride(0),
+            w13.stride(1),
+            w13.stride(2),
+            s13.stride(0),
+            s13.stride(1) if s13.dim() > 1 else 0,  # fp8: one scale per expert
+            inter_act.stride(0),
+            float(w13_input_scale),
+            float(w2_input_scale),
+            TOPK=topk,
+            BLOCK_M=bm,
+            BLOCK_N=cfg.gu_block_n,
+            BLOCK_K=cfg.gu_block_k,
+            GROUP_M=cfg.gu_group_m,
+            EVEN_K=h % cfg.gu_block_k == 0,
+            DOT_F32=_dot_in_f32(hidden_states.dtype) or (fp8 and interpreting()),
+            QUANT=quant,
+            GROUP_SIZE=group_size or h,
+            PER_ROW=group_size == 0 and not fp8,
+            EMULATE_FP8=fp8 and interpreting(),
+            SCALE_WEIGHTS=scale_weights(group_size, bm, cfg.gu_block_k),
+            **pdl_launch(x), num_warps=cfg.gu_warps,
+            num_stages=cfg.gu_stages,
+        )
 
-    # 3. down GEMM (split-K for decode), routing weight applied.
-    bk = cfg.dn_block_k
-    k_per_split = triton.cdiv(triton.cdiv(inter, max(1, cfg.dn_split_k)), bk) * bk
-    split = triton.cdiv(inter, k_per_split)
-    # Split partial sums are kept in fp32 so splitting does not add rounding; unsplit rows are
-    # rounded once, like any bf16 GEMM output.
-    part_dtype = torch.float32 if split > 1 else hidden_states.dtype
-    partial = torch.empty((split, num_slots, h), dtype=part_dtype, device=dev)
-    grid_dn = (nb_max * triton.cdiv(h, cfg.dn_block_n), split)
-    _down_kernel[grid_dn](
-        inter_act,
-        w2,
-        s2,
-        partial,
-        sorted_slots,
-        block_expert,
-        rw,
-        num_slots,
-        nb_max,
-        h,
-        inter,
-        k_per_split,
-        inter_act.stride(0),
-        w2.stride(0),
-        w2.stride(1),
-        w2.stride(2),
-        s2.stride(0),
-        s2.stride(1) if s2.dim() > 1 else 0,
-        partial.stride(0),
-        partial.stride(1),
-        float(w2_input_scale),
-        BLOCK_M=bm,
-        BLOCK_N=cfg.dn_block_n,
-        BLOCK_K=bk,
-        GROUP_M=cfg.dn_group_m,
-        EVEN_K=inter % k_per_split == 0 and k_per_split % bk == 0,
-        DOT_F32=_dot_in_f32(hidden_states.dtype) or (fp8 and interpreting()),
-        QUANT=quant,
-        GROUP_SIZE=group_size or inter,
-        PER_ROW=group_size == 0 and not fp8,
-        SCALE_WEIGHTS=scale_weights(group_size, bm, bk),
-        **pdl_launch(x), num_warps=cfg.dn_warps,
-        num_stages=cfg.dn_stages,
-    )
+        # 3. down GEMM (split-K for decode), routing weight applied.
+        bk = cfg.dn_block_k
+        k_per_split = triton.cdiv(triton.cdiv(inter, max(1, cfg.dn_split_k)), bk) * bk
+        split = triton.cdiv(inter, k_per_split)
+        # Split partial sums are kept in fp32 so splitting does not add rounding; unsplit rows are
+        # rounded once, like any bf16 GEMM output.
+        part_dtype = torch.float32 if split > 1 else hidden_states.dtype
+        partial = torch.empty((split, num_slots, h), dtype=part_dtype, device=dev)
+        grid_dn = (nb_max * triton.cdiv(h, cfg.dn_block_n), split)
+        _down_kernel[grid_dn](
+            inter_act,
+            w2,
+            s2,
+            partial,
+            sorted_slots,
+            block_expert,
+            rw,
+            num_slots,
+            nb_max,
+            h,
+            inter,
+            k_per_split,
+            inter_act.stride(0),
+            w2.stride(0),
+            w2.stride(1),
+            w2.stride(2),
+            s2.stride(0),
+            s2.stride(1) if s2.dim() > 1 else 0,
+            partial.stride(0),
+            partial.stride(1),
+            float(w2_input_scale),
+            BLOCK_M=bm,
+            BLOCK_N=cfg.dn_block_n,
+            BLOCK_K=bk,
+            GROUP_M=cfg.dn_group_m,
+            EVEN_K=inter % k_per_split == 0 and k_per_split % bk == 0,
+            DOT_F32=_dot_in_f32(hidden_states.dtype) or (fp8 and interpreting()),
+            QUANT=quant,
+            GROUP_SIZE=group_size or inter,
+            PER_ROW=group_size == 0 and not fp8,
+            SCALE_WEIGHTS=scale_weights(group_size, bm, bk),
+            **pdl_launch(x), num_warps=cfg.dn_warps,
+            num_stages=cfg.dn_stages,
+        )
 
     # 4. combine the k contributions (and K slices) of each token.
     block_h = min(1024, next_pow2(h))

@@ -66,6 +66,24 @@ def float_gemv_unsupported_reason(x: torch.Tensor, weight: torch.Tensor, bias: t
 if _HAVE_TRITON:
 
     @triton.jit
+    def int4_codes(packed, act: tl.constexpr):
+        """Bytes of int4 code pairs (k = 2j low nibble, 2j+1 high) -> (even-k codes, odd-k codes) as exact integers
+        in the float dtype `act` (bfloat16 / float16), in two integer ops and a subtraction each."""
+        # Nibble v (code + 8, in [0, 15]) to a float with no arithmetic: the bits of BASE + v, where BASE is the
+        # power of two whose unit in the last place is 1 (bf16 128 = 0x4300, fp16 1024 = 0x6400).
+        nibbles = packed.to(tl.uint16)
+        if act == tl.bfloat16:
+            BITS: tl.constexpr = 0x4300
+            BASE: tl.constexpr = 136.0
+        else:
+            BITS: tl.constexpr = 0x6400
+            BASE: tl.constexpr = 1032.0
+        # (BASE + v) - (BASE + 8) is the code itself, exactly (small integers), so dots chain into one accumulator.
+        low = ((nibbles & 0xF) | BITS).to(act, bitcast=True) - BASE
+        high = ((nibbles >> 4) | BITS).to(act, bitcast=True) - BASE
+        return low, high
+
+    @triton.jit
     def codes_dot(
         x_rows,  # [BM, 1] pointers at the tile's first k of each activation row
         row_ok,  # [BM, 1]
@@ -114,20 +132,7 @@ if _HAVE_TRITON:
             else:
                 a = tl.load(x_rows + kk[None, :] * stride_xk, mask=row_ok, other=0.0)
                 packed = tl.load(w_ptrs)
-            # Nibble v (code + 8, in [0, 15]) to a float with no arithmetic: the bits of BASE + v, where BASE is the
-            # power of two whose unit in the last place is 1 (bf16 128 = 0x4300, fp16 1024 = 0x6400).
-            nibbles = packed.to(tl.uint16)
-            if act == tl.bfloat16:
-                BITS: tl.constexpr = 0x4300
-                BASE: tl.constexpr = 136.0
-            else:
-                BITS: tl.constexpr = 0x6400
-                BASE: tl.constexpr = 1032.0
-            low = ((nibbles & 0xF) | BITS).to(act, bitcast=True)
-            high = ((nibbles >> 4) | BITS).to(act, bitcast=True)
-            # (BASE + v) - (BASE + 8) is the code itself, exactly (small integers), so the dots chain into acc.
-            low = low - BASE
-            high = high - BASE
+            low, high = int4_codes(packed, act)
             if SCALED:
                 low = low * w_scale
                 high = high * w_scale

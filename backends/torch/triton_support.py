@@ -28,7 +28,8 @@ except ImportError:  # pragma: no cover - exercised only without triton
     tl = None  # type: ignore[assignment]
     HAVE_TRITON = False
 
-__all__ = ["HAVE_TRITON", "device_reason", "interpreting", "pdl_launch", "tl", "triton", "wait_for_producers"]
+__all__ = ["HAVE_TRITON", "device_reason", "grouped_tile_ids", "interpreting", "pdl_launch", "tl", "triton",
+           "wait_for_producers"]
 
 
 def interpreting() -> bool:
@@ -93,5 +94,16 @@ if HAVE_TRITON:
         if USE_PDL:
             _grid_dependency_sync()
 
+    @triton.jit
+    def grouped_tile_ids(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+        """(row block, column tile) of program `pid` in a grouped GEMM: GROUP_M row blocks walk down one column tile
+        before moving right, so the programs that run together read the same weight tile (one expert's n-slice) and
+        repeats are served from L2."""
+        num_pid_in_group = GROUP_M * num_pid_n
+        first_m = (pid // num_pid_in_group) * GROUP_M
+        group_size = tl.minimum(num_pid_m - first_m, GROUP_M)
+        return first_m + (pid % num_pid_in_group) % group_size, (pid % num_pid_in_group) // group_size
+
 else:  # pragma: no cover - exercised only without triton
     wait_for_producers = None
+    grouped_tile_ids = None

@@ -24,6 +24,7 @@ import backends.torch.triton_moe as tm  # noqa: E402
 from backends.torch.moe_tuning import MoeConfig  # noqa: E402
 
 if os.environ.get("TRITON_INTERPRET") == "1" and type(tm._gate_up_kernel).__name__ != "InterpretedFunction":
+    importlib.reload(sys.modules["backends.torch.triton_moe_swapped"])  # before triton_moe, which imports from it
     tm = importlib.reload(sys.modules["backends.torch.triton_moe"])
 
 ON_GPU = torch.cuda.is_available()

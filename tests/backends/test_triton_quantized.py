@@ -35,6 +35,7 @@ from compiler.quantization import dequantize, quantize  # noqa: E402
 if os.environ.get("TRITON_INTERPRET") == "1" and type(tq._quantized_matmul_kernel).__name__ != "InterpretedFunction":
     tq = importlib.reload(sys.modules["backends.torch.triton_quant"])
     tf = importlib.reload(sys.modules["backends.torch.triton_fp8"])
+    importlib.reload(sys.modules["backends.torch.triton_moe_swapped"])  # before triton_moe, which imports from it
     tm = importlib.reload(sys.modules["backends.torch.triton_moe"])
     if "backends.torch.triton_moe_decode" in sys.modules:
         importlib.reload(sys.modules["backends.torch.triton_moe_decode"])
@@ -102,6 +103,51 @@ def _check_moe(t, h, i, e, k, precision, group_size, seed, *, expert_slice=None)
 @pytest.mark.parametrize("t", [1, 37])
 def test_quantized_moe_matches_dequantized_reference(precision: str, group_size: int, t: int) -> None:
     _check_moe(t, 128, 64, 4, 2, precision, group_size, seed=10 + t)
+
+
+@pytest.mark.parametrize("precision,group_size", SCHEMES)
+def test_swapped_tiles_match_the_dequantized_reference(precision: str, group_size: int) -> None:
+    """The swapped-operand tiles (weights on the MMA's M side): 16-token blocks, column tiles past N on both GEMMs
+    (wrapped and dropped), the down GEMM split in two K slices, and an EP rank's half of the experts."""
+    bk = min(32, group_size or 32)
+    cfg = tm.SwappedConfig(16, 128, bk, 4, 2, 128, bk, 2, 4, 2)
+    (q13, s13), (q2, s2) = _experts(4, 192, 192, precision, group_size, seed=20)
+    x = torch.randn(13, 192, device=DEVICE).to(DTYPE)
+    ids, rw = _routing(13, 4, 2, seed=21)
+    for lo, hi in ((0, 4), (2, 4)):
+        out = tm.fused_moe(x, ids, rw, q13[lo:hi], q2[lo:hi], expert_offset=lo, config=cfg, precision=precision,
+                           w13_scales=s13[lo:hi], w2_scales=s2[lo:hi], group_size=group_size)
+        ref = moe_experts_reference(x.float(), ids - lo, rw, dequantize(q13[lo:hi], s13[lo:hi], precision,
+                                    group_size).float(), dequantize(q2[lo:hi], s2[lo:hi], precision, group_size).float())
+        assert _rel(out, ref) < RTOL[DTYPE], f"experts [{lo}, {hi}): {_rel(out, ref):.2e}"
+
+
+def test_small_batches_of_int4_experts_take_the_swapped_tiles(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The table sends 8 tokens of int4 experts whose H and I fit its K tiles to the swapped tiles, and 8 tokens of
+    experts whose I does not (80) to the ordinary tiles; both match the reference."""
+    calls = _count_calls(monkeypatch, tm, "gate_up_down")
+    for inter, expected in ((128, ["gate_up_down"]), (80, [])):
+        (q13, s13), (q2, s2) = _experts(3, 128, inter, "int4", 0, seed=22)
+        x = torch.randn(8, 128, device=DEVICE).to(DTYPE)
+        ids, rw = _routing(8, 3, 2, seed=23)
+        out = tm.fused_moe(x, ids, rw, q13, q2, precision="int4", w13_scales=s13, w2_scales=s2)
+        ref = moe_experts_reference(x.float(), ids, rw, dequantize(q13, s13, "int4", 0).float(),
+                                    dequantize(q2, s2, "int4", 0).float())
+        assert _rel(out, ref) < RTOL[DTYPE]
+        assert calls == expected, f"I={inter}: {calls}"
+        calls.clear()
+
+
+def test_swapped_tiles_reject_float_experts_and_off_grid_shapes() -> None:
+    cfg = tm.SwappedConfig(16, 64, 32, 4, 2, 64, 32, 2, 4, 2)
+    x = torch.randn(4, 96, device=DEVICE).to(DTYPE)
+    ids, rw = _routing(4, 2, 2, seed=24)
+    w13 = torch.randn(2, 192, 96, device=DEVICE).to(DTYPE)
+    with pytest.raises(ValueError, match="the swapped tiles take int8 / int4 experts"):
+        tm.fused_moe(x, ids, rw, w13, torch.randn(2, 96, 96, device=DEVICE).to(DTYPE), config=cfg)
+    (q13, s13), (q2, s2) = _experts(2, 96, 80, "int8", 0, seed=25)
+    with pytest.raises(ValueError, match="cannot take these experts: I=80 is not a multiple of the K tile 32"):
+        tm.fused_moe(x, ids, rw, q13, q2, config=cfg, precision="int8", w13_scales=s13, w2_scales=s2)
 
 
 def test_quantized_moe_ragged_k_and_split_k() -> None:
@@ -445,7 +491,7 @@ def _replayed(step):
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs CUDA")
 @pytest.mark.parametrize("precision,group_size", [("int8", 0), ("int4", 0), ("int4", 128)])
-@pytest.mark.parametrize("t", [1, 32, 512])
+@pytest.mark.parametrize("t", [1, 8, 32, 64, 512])
 def test_mixtral_quantized_moe(precision: str, group_size: int, t: int) -> None:
     """Per expert at full size (8 experts would be ~47/23 GB; 2 local experts and EP offsets exercise the same code)."""
     _check_moe(t, 4096, 14336, 2, 2, precision, group_size, seed=100 + t)
