@@ -37,49 +37,7 @@ def swapped_reason(hidden: int, inter: int, group_size: int, cfg: SwappedConfig)
 
 
 if HAVE_TRITON:
-    from backends.torch.triton_quant import int4_codes
-
-    @triton.jit
-    def _swapped_dot(w_ptrs, x_rows, row_ok, QUANT: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
-                     DOT_F32: tl.constexpr, acc):
-        """acc [R, BM] + w [R, BK] @ x [BM, BK]^T for one K tile: `w_ptrs` [R, BK / PACK] at the tile's codes (or
-        float weights), `x_rows` [BM, 1] at the tile's first k of each token row."""
-        act = x_rows.dtype.element_ty
-        x = tl.load(x_rows + tl.arange(0, BLOCK_K)[None, :], mask=row_ok[:, None], other=0.0)
-        if QUANT == 2:
-            low, high = int4_codes(tl.load(w_ptrs), act)
-            x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_M, BLOCK_K // 2, 2)))
-            x_even = tl.trans(x_even)
-            x_odd = tl.trans(x_odd)
-            if DOT_F32:
-                low, high = low.to(tl.float32), high.to(tl.float32)
-                x_even, x_odd = x_even.to(tl.float32), x_odd.to(tl.float32)
-            acc = tl.dot(high, x_odd, tl.dot(low, x_even, acc))
-        else:
-            w = tl.load(w_ptrs).to(act)  # int8 codes are exact in bf16 / fp16
-            x_t = tl.trans(x)
-            if DOT_F32:
-                w, x_t = w.to(tl.float32), x_t.to(tl.float32)
-            acc = tl.dot(w, x_t, acc)
-        return acc
-
-    @triton.jit
-    def _swapped_k_loop(w_ptrs, x_rows, row_ok, s_rows, k0, num_k_tiles, acc, QUANT: tl.constexpr,
-                        BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, GROUP_SIZE: tl.constexpr,
-                        PER_ROW: tl.constexpr, DOT_F32: tl.constexpr):
-        PACK: tl.constexpr = 2 if QUANT == 2 else 1
-        for kk in range(0, num_k_tiles):
-            k = k0 + kk * BLOCK_K
-            if PER_ROW:
-                acc = _swapped_dot(w_ptrs, x_rows + kk * BLOCK_K, row_ok, QUANT, BLOCK_K, BLOCK_M, DOT_F32, acc)
-            else:
-                part = _swapped_dot(w_ptrs, x_rows + kk * BLOCK_K, row_ok, QUANT, BLOCK_K, BLOCK_M, DOT_F32,
-                                    tl.zeros(acc.shape, dtype=tl.float32))
-                acc += part * tl.load(s_rows + k // GROUP_SIZE).to(tl.float32)[:, None]
-            w_ptrs += BLOCK_K // PACK
-        if PER_ROW:
-            acc = acc * tl.load(s_rows).to(tl.float32)[:, None]
-        return acc
+    from backends.torch.triton_quant import swapped_k_loop
 
     @triton.jit
     def _gate_up_swapped_kernel(
@@ -126,7 +84,7 @@ if HAVE_TRITON:
         w_ptrs = (w_ptr + expert.to(tl.int64) * stride_we + w_row[:, None] * stride_wn
                   + tl.arange(0, BLOCK_K // PACK)[None, :])
         s_rows = s_ptr + expert.to(tl.int64) * stride_se + w_row * stride_sn
-        acc = _swapped_k_loop(w_ptrs, x_ptr + token[:, None] * stride_xm, row_ok, s_rows, 0, K // BLOCK_K,
+        acc = swapped_k_loop(w_ptrs, x_ptr + token[:, None] * stride_xm, row_ok, s_rows, 0, K // BLOCK_K,
                               tl.zeros([2 * BLOCK_N, BLOCK_M], dtype=tl.float32), QUANT, BLOCK_K, BLOCK_M,
                               GROUP_SIZE, PER_ROW, DOT_F32)
         gate, up = tl.split(tl.permute(tl.reshape(acc, (BLOCK_N, 2, BLOCK_M)), (0, 2, 1)))
@@ -182,7 +140,7 @@ if HAVE_TRITON:
                   + (k0 // PACK + tl.arange(0, BLOCK_K // PACK))[None, :])
         s_rows = s_ptr + expert.to(tl.int64) * stride_se + (offs_n % N) * stride_sn
         num_k_tiles = (tl.minimum(k0 + k_per_split, K) - k0) // BLOCK_K
-        acc = _swapped_k_loop(w_ptrs, a_ptr + row[:, None] * stride_am + k0, row_ok, s_rows, k0, num_k_tiles,
+        acc = swapped_k_loop(w_ptrs, a_ptr + row[:, None] * stride_am + k0, row_ok, s_rows, k0, num_k_tiles,
                               tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), QUANT, BLOCK_K, BLOCK_M,
                               GROUP_SIZE, PER_ROW, DOT_F32)
         rw = tl.load(topk_weights_ptr + row, mask=row_ok, other=0.0).to(tl.float32)  # routing weight, per slot

@@ -84,6 +84,51 @@ if _HAVE_TRITON:
         return low, high
 
     @triton.jit
+    def swapped_codes_dot(w_ptrs, x_rows, row_ok, QUANT: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
+                     DOT_F32: tl.constexpr, acc):
+        """acc [R, BM] + w [R, BK] @ x [BM, BK]^T for one K tile: `w_ptrs` [R, BK / PACK] at the tile's codes (or
+        float weights), `x_rows` [BM, 1] at the tile's first k of each token row."""
+        act = x_rows.dtype.element_ty
+        x = tl.load(x_rows + tl.arange(0, BLOCK_K)[None, :], mask=row_ok[:, None], other=0.0)
+        if QUANT == 2:
+            low, high = int4_codes(tl.load(w_ptrs), act)
+            x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_M, BLOCK_K // 2, 2)))
+            x_even = tl.trans(x_even)
+            x_odd = tl.trans(x_odd)
+            if DOT_F32:
+                low, high = low.to(tl.float32), high.to(tl.float32)
+                x_even, x_odd = x_even.to(tl.float32), x_odd.to(tl.float32)
+            acc = tl.dot(high, x_odd, tl.dot(low, x_even, acc))
+        else:
+            w = tl.load(w_ptrs).to(act)  # int8 codes are exact in bf16 / fp16
+            x_t = tl.trans(x)
+            if DOT_F32:
+                w, x_t = w.to(tl.float32), x_t.to(tl.float32)
+            acc = tl.dot(w, x_t, acc)
+        return acc
+
+    @triton.jit
+    def swapped_k_loop(w_ptrs, x_rows, row_ok, s_rows, k0, num_k_tiles, acc, QUANT: tl.constexpr,
+                        BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, GROUP_SIZE: tl.constexpr,
+                        PER_ROW: tl.constexpr, DOT_F32: tl.constexpr):
+        """acc + w @ x^T over `num_k_tiles` K tiles from k0 (the swapped-operand tiles of `triton_moe_swapped` and
+        `_swapped_matmul_kernel`): per-channel scales (PER_ROW) multiply the result once, group scales each K tile's
+        partial sums, `s_rows` [R] pointing at each weight row's scales."""
+        PACK: tl.constexpr = 2 if QUANT == 2 else 1
+        for kk in range(0, num_k_tiles):
+            k = k0 + kk * BLOCK_K
+            if PER_ROW:
+                acc = swapped_codes_dot(w_ptrs, x_rows + kk * BLOCK_K, row_ok, QUANT, BLOCK_K, BLOCK_M, DOT_F32, acc)
+            else:
+                part = swapped_codes_dot(w_ptrs, x_rows + kk * BLOCK_K, row_ok, QUANT, BLOCK_K, BLOCK_M, DOT_F32,
+                                    tl.zeros(acc.shape, dtype=tl.float32))
+                acc += part * tl.load(s_rows + k // GROUP_SIZE).to(tl.float32)[:, None]
+            w_ptrs += BLOCK_K // PACK
+        if PER_ROW:
+            acc = acc * tl.load(s_rows).to(tl.float32)[:, None]
+        return acc
+
+    @triton.jit
     def codes_dot(
         x_rows,  # [BM, 1] pointers at the tile's first k of each activation row
         row_ok,  # [BM, 1]
@@ -454,6 +499,48 @@ if _HAVE_TRITON:
         out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_n[None, :] < N))
 
+    @triton.jit
+    def _swapped_matmul_kernel(
+        x_ptr,  # [M, K]
+        w_ptr,  # [N, K] int8, or [N, K/2] uint8 int4 code pairs
+        s_ptr,  # [N, G]
+        bias_ptr,  # [N] or a dummy
+        out_ptr,  # [M, N]
+        M,
+        N,
+        K,  # a multiple of BLOCK_K
+        stride_xm,
+        stride_wn,
+        stride_sn,
+        stride_om,
+        GROUP_SIZE: tl.constexpr,  # a multiple of BLOCK_K (unused: PER_ROW)
+        QUANT: tl.constexpr,  # 1 int8, 2 int4
+        HAS_BIAS: tl.constexpr,
+        BLOCK_M: tl.constexpr,  # activation rows: the MMA's N side
+        BLOCK_N: tl.constexpr,  # weight rows (output columns): the MMA's M side
+        BLOCK_K: tl.constexpr,
+        DOT_F32: tl.constexpr,
+        PER_ROW: tl.constexpr = False,
+        USE_PDL: tl.constexpr = False,  # PDL launch (triton_support.pdl_launch)
+    ):
+        # out^T tile [BN, BM] = w [BN, K] @ x [BM, K]^T: the dequantized codes are the MMA's register operand (see
+        # triton_moe_swapped, whose expert tiles this is the dense case of).
+        wait_for_producers(USE_PDL)
+        offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = offs_m < M
+        w_rows = (offs_n % N).to(tl.int64)  # wrap instead of masking; wrapped columns are not stored
+        PACK: tl.constexpr = 2 if QUANT == 2 else 1
+        acc = swapped_k_loop(w_ptr + w_rows[:, None] * stride_wn + tl.arange(0, BLOCK_K // PACK)[None, :],
+                             x_ptr + tl.where(row_ok, offs_m, 0).to(tl.int64)[:, None] * stride_xm, row_ok,
+                             s_ptr + w_rows * stride_sn, 0, K // BLOCK_K,
+                             tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), QUANT, BLOCK_K, BLOCK_M, GROUP_SIZE,
+                             PER_ROW, DOT_F32)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + w_rows).to(tl.float32)[:, None]
+        out_ptrs = out_ptr + offs_m.to(tl.int64)[None, :] * stride_om + offs_n[:, None]
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[None, :] & (offs_n[:, None] < N))
+
 
 @dataclass(frozen=True)
 class LinearConfig:
@@ -497,6 +584,37 @@ GEMV_TABLE: dict[tuple[str | None, bool], tuple[int, LinearConfig]] = {
 }
 
 
+# Weight-only rows above the GEMV's one and up to a few dozen: the swapped-operand tiles (`_swapped_matmul_kernel`;
+# block_m activation rows, block_n weight rows per program). (precision, grouped) -> [(max M, config or None for
+# the ordinary tiles)]. Measured on an H200 (bench/swapped_tiles.py, BENCHMARKS.md seventh session), qkv 6144x4096 /
+# o 4096x4096 at M = 32: int4 19.3 / 18.7 us vs the tiles' 38.9 / 22.4, g128 19.6 / 19.2 vs 42.0 / 26.7; at M = 8
+# the tiles are as fast or faster (o 10.4 vs 14.8), and int8 is faster on the tiles at both (M = 32: 17.4 vs 18.5).
+_INT4_SWAPPED_LINEAR = LinearConfig(32, 64, 128, 4, 4)
+SWAPPED_LINEAR_TABLE: dict[tuple[str, bool], list[tuple[int, LinearConfig | None]]] = {
+    ("int4", False): [(16, None), (64, _INT4_SWAPPED_LINEAR)],
+    ("int4", True): [(16, None), (64, _INT4_SWAPPED_LINEAR)],
+}
+
+
+def swapped_linear_reason(k: int, group_size: int, cfg: LinearConfig) -> str | None:
+    """Why `cfg`'s swapped tiles cannot take K = `k` features in groups of `group_size`, or None."""
+    if k % cfg.block_k:
+        return f"K={k} is not a multiple of the K tile {cfg.block_k}"
+    if group_size and group_size % cfg.block_k:
+        return f"group size {group_size} is not a multiple of the K tile {cfg.block_k}"
+    return None
+
+
+def swapped_linear_config(m: int, k: int, group_size: int, precision: str, fitting: bool = True) -> LinearConfig | None:
+    """The swapped tiles' config for M rows of this precision where the table has one (and, `fitting`, K fits
+    it), else None."""
+    for max_m, cfg in SWAPPED_LINEAR_TABLE.get((precision, group_size > 0), []):
+        if m <= max_m:
+            fits = cfg is not None and swapped_linear_reason(k, group_size, cfg) is None
+            return cfg if fits or not fitting else None
+    return None
+
+
 def gemv_config(m: int, n: int, k: int, group_size: int, precision: str | None) -> LinearConfig | None:
     """The CUDA-core config for M rows of this precision, or None where the tensor-core tiles are used. A K tile
     wider than a group holds whole groups (`tile_groups`); one narrower lies inside one."""
@@ -536,8 +654,8 @@ def quantized_matmul(
 ) -> torch.Tensor:
     """``x [..., K] @ dequantize(qweight, scales).T (+ bias)`` -> [..., N] in x's dtype; the weight stays compact.
 
-    `kernel` None lets the tables choose (`GEMV_TABLE` for decode rows, else `LINEAR_TABLE`); "gemv" / "tiles"
-    forces one (with `config`, the benchmark's sweep). No host synchronisation and shape-only allocations:
+    `kernel` None lets the tables choose (`GEMV_TABLE` for one decode row, `SWAPPED_LINEAR_TABLE` for a few
+    dozen, else `LINEAR_TABLE`); "gemv" / "swapped" / "tiles" forces one (with `config`, the benchmark's sweep). No host synchronisation and shape-only allocations:
     capturable in a CUDA graph."""
     if not _HAVE_TRITON:
         raise RuntimeError("quantized_matmul needs triton")
@@ -561,13 +679,28 @@ def quantized_matmul(
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:
         return out.reshape(*lead, n)
-    if kernel not in (None, "gemv", "tiles"):
-        raise ValueError(f"kernel {kernel!r} is not 'gemv' or 'tiles'")
+    if kernel not in (None, "gemv", "tiles", "swapped"):
+        raise ValueError(f"kernel {kernel!r} is not 'gemv', 'tiles' or 'swapped'")
     gemv = gemv_config(m, n, k, group_size, precision) if kernel is None else None
     if kernel == "gemv" or gemv is not None:
         if config is None and gemv is None:
             raise ValueError(f"no GEMV config for {m} rows of {precision}: pass one")
         _launch_gemv(x2, w, s, bias, out, QUANT_CODES[precision], group_size, config or gemv)
+        return out.reshape(*lead, n)
+    swapped = swapped_linear_config(m, k, group_size, precision) if kernel is None else None
+    if kernel == "swapped":
+        swapped = config or swapped_linear_config(m, k, group_size, precision, fitting=False)
+        reason = "no swapped config for these rows: pass one" if swapped is None else swapped_linear_reason(
+            k, group_size, swapped)
+        if reason is not None:
+            raise ValueError(f"the swapped tiles cannot take {m} rows of {precision} {list(qweight.shape)}: {reason}")
+    if swapped is not None:
+        _swapped_matmul_kernel[(triton.cdiv(n, swapped.block_n), triton.cdiv(m, swapped.block_m))](
+            x2, w, s, bias if bias is not None else s, out, m, n, k, x2.stride(0), w.stride(0), s.stride(0),
+            out.stride(0), GROUP_SIZE=group_size or k, QUANT=QUANT_CODES[precision], HAS_BIAS=bias is not None,
+            BLOCK_M=swapped.block_m, BLOCK_N=swapped.block_n, BLOCK_K=swapped.block_k,
+            DOT_F32=x.dtype == torch.bfloat16 and interpreting(), PER_ROW=group_size == 0,
+            **pdl_launch(x), num_warps=swapped.warps, num_stages=swapped.stages)
         return out.reshape(*lead, n)
     cfg = config if config is not None else linear_config(m, n, k, group_size, precision)
     grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(m, cfg.block_m))

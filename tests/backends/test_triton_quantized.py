@@ -225,6 +225,51 @@ def test_quantized_matmul_matches_dequantized_reference(precision: str, group_si
     assert _rel(out, ref) < RTOL[DTYPE]
 
 
+@pytest.mark.parametrize("precision,group_size", SCHEMES)
+def test_swapped_linear_matches_dequantized_reference(precision: str, group_size: int) -> None:
+    """The swapped-operand tiles (weights on the MMA's M side): 19 rows over two 16-row blocks, 40 output columns
+    over a wrapped 32-column tile, a bias, per-channel or group scales."""
+    bk = min(32, group_size or 32)
+    gen = torch.Generator(device=DEVICE).manual_seed(30)
+    w = torch.randn(40, 128, generator=gen, device=DEVICE).to(DTYPE)
+    q, s = quantize(w, precision, group_size)
+    x = torch.randn(19, 128, generator=gen, device=DEVICE).to(DTYPE)
+    bias = torch.randn(40, generator=gen, device=DEVICE).to(DTYPE)
+    out = tq.quantized_matmul(x, q, s, precision, group_size, bias, config=tq.LinearConfig(16, 32, bk, 4, 2),
+                              kernel="swapped")
+    ref = x.float() @ dequantize(q, s, precision, group_size).float().T + bias.float()
+    assert out.shape == (19, 40) and _rel(out, ref) < RTOL[DTYPE]
+
+
+def test_decode_batches_of_int4_rows_take_the_swapped_tiles(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The table sends 32 rows of int4 (K = 256, a multiple of its K tile) to the swapped tiles, and neither one row
+    (the GEMV), nor 8 rows (the tiles measured faster there), nor 32 rows of K = 192, nor 100 rows."""
+    launched: list[tuple[int, int]] = []
+    kernel = tq._swapped_matmul_kernel
+
+    class Recording:
+        def __getitem__(self, grid):
+            launched.append(grid)
+            return kernel[grid]
+
+    monkeypatch.setattr(tq, "_swapped_matmul_kernel", Recording())
+    for m, k, taken in ((32, 256, True), (1, 256, False), (8, 256, False), (32, 192, False), (100, 256, False)):
+        w = torch.randn(48, k, device=DEVICE).to(DTYPE)
+        q, s = quantize(w, "int4", 0)
+        x = torch.randn(m, k, device=DEVICE).to(DTYPE)
+        out = tq.quantized_matmul(x, q, s, "int4", 0)
+        assert _rel(out, x.float() @ dequantize(q, s, "int4", 0).float().T) < RTOL[DTYPE]
+        assert bool(launched) == taken, (m, k, launched)
+        launched.clear()
+    q, s = quantize(torch.randn(48, 192, device=DEVICE).to(DTYPE), "int4", 0)
+    with pytest.raises(ValueError, match=r"the swapped tiles cannot take 32 rows of int4 \[48, 96\]: K=192 is not a "
+                                         r"multiple of the K tile 128"):
+        tq.quantized_matmul(torch.randn(32, 192, device=DEVICE).to(DTYPE), q, s, "int4", 0, kernel="swapped")
+    with pytest.raises(ValueError, match=r"the swapped tiles cannot take 8 rows of int4 \[48, 96\]: no swapped "
+                                         r"config for these rows: pass one"):
+        tq.quantized_matmul(torch.randn(8, 192, device=DEVICE).to(DTYPE), q, s, "int4", 0, kernel="swapped")
+
+
 def test_quantized_matmul_leading_dims_and_bad_shapes() -> None:
     w = torch.randn(32, 64, device=DEVICE).to(DTYPE)
     q, s = quantize(w, "int8", 0)
