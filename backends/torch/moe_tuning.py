@@ -103,9 +103,10 @@ class SwappedConfig:
 
 
 # (precision, grouped) -> [(max tokens, config or None for the tiles)], above the GEMV table's slots. Measured on an
-# H200 at Mixtral-8x7B shapes, graph replays (seventh session, BENCHMARKS.md): int4 T = 32 349 us vs the tiles' 569
-# (per channel), 380 vs 540 (g128); int8 loses to the tiles up to T = 16 and wins above (T = 32 482 vs 556). Grouped
-# int8 was not measured and keeps the tiles; bf16 / fp8 experts keep them too (bf16 measured the same either way).
+# H200 at Mixtral-8x7B shapes, graph replays (bench/swapped_tiles.py, BENCHMARKS.md seventh session): int4 T = 32
+# 351 us vs the tiles' 569 (per channel), 382 vs 541 (g128); int8 loses to the tiles up to T = 16 and wins above
+# (T = 32 476 vs 551). Grouped int8 was not measured and keeps the tiles; bf16 / fp8 experts always keep them (the
+# swapped tiles take codes only).
 _INT4_SWAPPED = SwappedConfig(16, 64, 128, 4, 4, 128, 128, 4, 4, 4)
 SWAPPED_TABLE: dict[tuple[str, bool], list[tuple[int, SwappedConfig | None]]] = {
     ("int4", False): [(64, _INT4_SWAPPED)],

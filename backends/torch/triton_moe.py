@@ -653,9 +653,10 @@ def fused_moe(
     num_experts, two_i, _ = w13.shape
     inter = two_i // 2
     quant = QUANT_CODES[precision]
-    # Float weights pass w13/w2 again as (unread) scale pointers.
-    s13 = w13_scales if precision is not None else w13
-    s2 = w2_scales if precision is not None else w2
+    # Float weights pass w13/w2 again as (unread) scale pointers. The kernels index scales by (expert, row, group)
+    # strides with unit group stride: a strided view of the (small) scales is made contiguous.
+    s13 = w13_scales.contiguous() if precision is not None else w13
+    s2 = w2_scales.contiguous() if precision is not None else w2
     dev = hidden_states.device
     if out is None:
         out = torch.empty((t, h), dtype=hidden_states.dtype, device=dev)
@@ -679,13 +680,13 @@ def fused_moe(
     if isinstance(config, SwappedConfig):
         if precision not in STORAGE or not unit_k:
             raise ValueError("the swapped tiles take int8 / int4 experts with k-contiguous rows")
-        reason = swapped_reason(h, inter, group_size, config)
+        reason = swapped_reason(h, inter, group_size, config, precision)
         if reason is not None:
             raise ValueError(f"the swapped tiles cannot take these experts: {reason}")
         swapped = config
     elif config is None and precision in STORAGE and unit_k:
         swapped = get_swapped_config(t, precision, group_size)
-        if swapped is not None and swapped_reason(h, inter, group_size, swapped) is not None:
+        if swapped is not None and swapped_reason(h, inter, group_size, swapped, precision) is not None:
             swapped = None  # shapes off the swapped tiles' K grid (tiny models): the tiles take them
     cfg = swapped or config or get_config(t, h, inter, group_size, quantized=precision in STORAGE, fp8=fp8)
     bm = cfg.block_m

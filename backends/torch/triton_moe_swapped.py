@@ -1,13 +1,14 @@
 """The fused MoE's two grouped GEMMs with swapped operands, for weight-only int8 / int4 experts at small batches
 (`triton_moe.fused_moe` picks them from `moe_tuning.SWAPPED_TABLE`; routing and combine stay `triton_moe`'s).
 
-At decode batches of 4-64 tokens each expert sees a handful of rows, and the tensor-core tiles of
+At decode batches of a few to 64 tokens each expert sees a handful of rows, and the tensor-core tiles of
 `triton_moe._gate_up_kernel` (`x [BM, BK] @ w [BK, BN]`) put the dequantized weights on the MMA's B side: on
 Hopper that operand must sit in shared memory, so every code tile goes registers -> shared memory -> tensor cores,
 and the 16-row activation tile is mostly padding. Here the product is transposed, `w [BN, BK] @ x^T [BK, BM]`:
 the weights are the MMA's M side, an operand that may come straight from registers (codes dequantized in the
 registers they were loaded into), and the few token rows are its N side (16 or 32 columns). Measured on an H200
-at Mixtral shapes (BENCHMARKS.md, bench/quantized_kernels.py): int4 experts at T = 32 ~1.5x faster than the tiles.
+at Mixtral shapes (bench/swapped_tiles.py, BENCHMARKS.md seventh session): int4 experts at T = 32 1.6x faster than
+the tiles (351 vs 569 us).
 
 Weights are read as stored (int8 codes, or bytes of int4 code pairs with k = 2j in the low nibble); int4 multiplies
 the even-k codes by the even activation columns and the odd-k codes by the odd ones, as `triton_quant.codes_dot`.
@@ -26,8 +27,13 @@ from backends.torch.triton_support import HAVE_TRITON, grouped_tile_ids, tl, tri
 __all__ = ["gate_up_down", "swapped_reason"]
 
 
-def swapped_reason(hidden: int, inter: int, group_size: int, cfg: SwappedConfig) -> str | None:
-    """Why these shapes cannot take `cfg`'s swapped tiles, or None."""
+def swapped_reason(hidden: int, inter: int, group_size: int, cfg: SwappedConfig,
+                   precision: str = "int8") -> str | None:
+    """Why these shapes of `precision` experts cannot take `cfg`'s swapped tiles, or None. Every dot dimension is at
+    least 16 (int4 dots are half a K tile deep)."""
+    pack = 2 if precision == "int4" else 1
+    if min(cfg.block_m, 2 * cfg.gu_block_n, cfg.dn_block_n, cfg.gu_block_k // pack, cfg.dn_block_k // pack) < 16:
+        return "a dot dimension of these tiles is under 16"
     for name, k, bk in (("H", hidden, cfg.gu_block_k), ("I", inter, cfg.dn_block_k)):
         if k % bk:
             return f"{name}={k} is not a multiple of the K tile {bk}"

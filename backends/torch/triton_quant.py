@@ -588,7 +588,8 @@ GEMV_TABLE: dict[tuple[str | None, bool], tuple[int, LinearConfig]] = {
 # block_m activation rows, block_n weight rows per program). (precision, grouped) -> [(max M, config or None for
 # the ordinary tiles)]. Measured on an H200 (bench/swapped_tiles.py, BENCHMARKS.md seventh session), qkv 6144x4096 /
 # o 4096x4096 at M = 32: int4 19.3 / 18.7 us vs the tiles' 38.9 / 22.4, g128 19.6 / 19.2 vs 42.0 / 26.7; at M = 8
-# the tiles are as fast or faster (o 10.4 vs 14.8), and int8 is faster on the tiles at both (M = 32: 17.4 vs 18.5).
+# the tiles win per qkv + o pair (int4 25.7 us vs 27.1 for the best swapped pair, whose qkv alone is faster: 13.6 vs
+# 15.3), and int8 is faster on the tiles at both (M = 32, qkv: 17.4 vs 18.5).
 _INT4_SWAPPED_LINEAR = LinearConfig(32, 64, 128, 4, 4)
 SWAPPED_LINEAR_TABLE: dict[tuple[str, bool], list[tuple[int, LinearConfig | None]]] = {
     ("int4", False): [(16, None), (64, _INT4_SWAPPED_LINEAR)],
@@ -596,8 +597,11 @@ SWAPPED_LINEAR_TABLE: dict[tuple[str, bool], list[tuple[int, LinearConfig | None
 }
 
 
-def swapped_linear_reason(k: int, group_size: int, cfg: LinearConfig) -> str | None:
-    """Why `cfg`'s swapped tiles cannot take K = `k` features in groups of `group_size`, or None."""
+def swapped_linear_reason(k: int, group_size: int, cfg: LinearConfig, precision: str = "int8") -> str | None:
+    """Why `cfg`'s swapped tiles cannot take K = `k` features of `precision` codes in groups of `group_size`, or
+    None. Every dot dimension is at least 16 (int4 dots are half a K tile deep)."""
+    if min(cfg.block_m, cfg.block_n, cfg.block_k // (2 if precision == "int4" else 1)) < 16:
+        return f"tiles {cfg.block_m}x{cfg.block_n}x{cfg.block_k} have a dot dimension under 16"
     if k % cfg.block_k:
         return f"K={k} is not a multiple of the K tile {cfg.block_k}"
     if group_size and group_size % cfg.block_k:
@@ -605,12 +609,13 @@ def swapped_linear_reason(k: int, group_size: int, cfg: LinearConfig) -> str | N
     return None
 
 
-def swapped_linear_config(m: int, k: int, group_size: int, precision: str, fitting: bool = True) -> LinearConfig | None:
+def swapped_linear_config(m: int, k: int, group_size: int, precision: str,
+                          fitting: bool = True) -> LinearConfig | None:
     """The swapped tiles' config for M rows of this precision where the table has one (and, `fitting`, K fits
     it), else None."""
     for max_m, cfg in SWAPPED_LINEAR_TABLE.get((precision, group_size > 0), []):
         if m <= max_m:
-            fits = cfg is not None and swapped_linear_reason(k, group_size, cfg) is None
+            fits = cfg is not None and swapped_linear_reason(k, group_size, cfg, precision) is None
             return cfg if fits or not fitting else None
     return None
 
@@ -655,7 +660,8 @@ def quantized_matmul(
     """``x [..., K] @ dequantize(qweight, scales).T (+ bias)`` -> [..., N] in x's dtype; the weight stays compact.
 
     `kernel` None lets the tables choose (`GEMV_TABLE` for one decode row, `SWAPPED_LINEAR_TABLE` for a few
-    dozen, else `LINEAR_TABLE`); "gemv" / "swapped" / "tiles" forces one (with `config`, the benchmark's sweep). No host synchronisation and shape-only allocations:
+    dozen, else `LINEAR_TABLE`; a `config` without `kernel` is the tiles' or the GEMV's); "gemv" / "swapped" / "tiles"
+    forces one (with `config`, the benchmark's sweep). No host synchronisation and shape-only allocations:
     capturable in a CUDA graph."""
     if not _HAVE_TRITON:
         raise RuntimeError("quantized_matmul needs triton")
@@ -667,6 +673,8 @@ def quantized_matmul(
     packing = 2 if precision == "int4" else 1
     if qweight.dim() != 2 or qweight.shape[1] * packing != k:
         raise ValueError(f"{precision} weight {list(qweight.shape)} does not fit inputs of {k} features")
+    if group_size and k % group_size:
+        raise ValueError(f"group_size={group_size} does not divide the input features {k}")
     groups = 1 if group_size == 0 else k // group_size
     if tuple(scales.shape) != (n, groups):
         raise ValueError(f"scales {list(scales.shape)} are not [{n}, {groups}]")
@@ -687,11 +695,11 @@ def quantized_matmul(
             raise ValueError(f"no GEMV config for {m} rows of {precision}: pass one")
         _launch_gemv(x2, w, s, bias, out, QUANT_CODES[precision], group_size, config or gemv)
         return out.reshape(*lead, n)
-    swapped = swapped_linear_config(m, k, group_size, precision) if kernel is None else None
+    swapped = swapped_linear_config(m, k, group_size, precision) if kernel is None and config is None else None
     if kernel == "swapped":
         swapped = config or swapped_linear_config(m, k, group_size, precision, fitting=False)
         reason = "no swapped config for these rows: pass one" if swapped is None else swapped_linear_reason(
-            k, group_size, swapped)
+            k, group_size, swapped, precision)
         if reason is not None:
             raise ValueError(f"the swapped tiles cannot take {m} rows of {precision} {list(qweight.shape)}: {reason}")
     if swapped is not None:

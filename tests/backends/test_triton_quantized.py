@@ -138,6 +138,28 @@ def test_small_batches_of_int4_experts_take_the_swapped_tiles(monkeypatch: pytes
         calls.clear()
 
 
+def test_int8_experts_take_the_swapped_tiles_from_17_tokens(monkeypatch: pytest.MonkeyPatch) -> None:
+    """int8 experts: the tiles up to 16 tokens, 16-token swapped blocks up to 48, 32-token blocks at 64 (the table's
+    rows), each matching the reference."""
+    blocks: list[int] = []
+    original = tm.gate_up_down
+
+    def recording(*args, **kwargs):
+        blocks.append(args[11].block_m)  # the SwappedConfig
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(tm, "gate_up_down", recording)
+    (q13, s13), (q2, s2) = _experts(3, 128, 128, "int8", 0, seed=26)
+    for t, expected in ((8, []), (32, [16]), (64, [32])):
+        x = torch.randn(t, 128, device=DEVICE).to(DTYPE)
+        ids, rw = _routing(t, 3, 2, seed=27)
+        out = tm.fused_moe(x, ids, rw, q13, q2, precision="int8", w13_scales=s13, w2_scales=s2)
+        ref = moe_experts_reference(x.float(), ids, rw, dequantize(q13, s13, "int8", 0).float(),
+                                    dequantize(q2, s2, "int8", 0).float())
+        assert _rel(out, ref) < RTOL[DTYPE] and blocks == expected, (t, blocks)
+        blocks.clear()
+
+
 def test_swapped_tiles_reject_float_experts_and_off_grid_shapes() -> None:
     cfg = tm.SwappedConfig(16, 64, 32, 4, 2, 64, 32, 2, 4, 2)
     x = torch.randn(4, 96, device=DEVICE).to(DTYPE)
@@ -148,6 +170,10 @@ def test_swapped_tiles_reject_float_experts_and_off_grid_shapes() -> None:
     (q13, s13), (q2, s2) = _experts(2, 96, 80, "int8", 0, seed=25)
     with pytest.raises(ValueError, match="cannot take these experts: I=80 is not a multiple of the K tile 32"):
         tm.fused_moe(x, ids, rw, q13, q2, config=cfg, precision="int8", w13_scales=s13, w2_scales=s2)
+    (q13, s13), (q2, s2) = _experts(2, 96, 96, "int4", 0, seed=25)
+    with pytest.raises(ValueError, match="cannot take these experts: a dot dimension of these tiles is under 16"):
+        tm.fused_moe(x, ids, rw, q13, q2, config=tm.SwappedConfig(16, 64, 16, 4, 2, 64, 32, 2, 4, 2),
+                     precision="int4", w13_scales=s13, w2_scales=s2)
 
 
 def test_quantized_moe_ragged_k_and_split_k() -> None:
@@ -268,6 +294,16 @@ def test_decode_batches_of_int4_rows_take_the_swapped_tiles(monkeypatch: pytest.
     with pytest.raises(ValueError, match=r"the swapped tiles cannot take 8 rows of int4 \[48, 96\]: no swapped "
                                          r"config for these rows: pass one"):
         tq.quantized_matmul(torch.randn(8, 192, device=DEVICE).to(DTYPE), q, s, "int4", 0, kernel="swapped")
+    with pytest.raises(ValueError, match=r"the swapped tiles cannot take 32 rows of int4 \[48, 96\]: tiles 16x64x16 "
+                                         r"have a dot dimension under 16"):
+        tq.quantized_matmul(torch.randn(32, 192, device=DEVICE).to(DTYPE), q, s, "int4", 0,
+                            config=tq.LinearConfig(16, 64, 16, 4, 2), kernel="swapped")
+    launched.clear()  # a config without a kernel is the tiles', even where the table would swap
+    w = torch.randn(48, 256, device=DEVICE).to(DTYPE)
+    q, s = quantize(w, "int4", 0)
+    x = torch.randn(32, 256, device=DEVICE).to(DTYPE)
+    out = tq.quantized_matmul(x, q, s, "int4", 0, config=tq.LinearConfig(32, 32, 64, 4, 2))
+    assert not launched and _rel(out, x.float() @ dequantize(q, s, "int4", 0).float().T) < RTOL[DTYPE]
 
 
 def test_quantized_matmul_leading_dims_and_bad_shapes() -> None:
@@ -281,6 +317,9 @@ def test_quantized_matmul_leading_dims_and_bad_shapes() -> None:
         tq.quantized_matmul(x[..., :48], q, s, "int8", 0)
     with pytest.raises(TypeError, match="scales are torch.float32"):
         tq.quantized_matmul(x, q, s.float(), "int8", 0)
+    q, s = quantize(torch.randn(32, 64, device=DEVICE).to(DTYPE), "int8", 32)
+    with pytest.raises(ValueError, match="group_size=48 does not divide the input features 64"):
+        tq.quantized_matmul(torch.randn(2, 64, device=DEVICE).to(DTYPE), q, s, "int8", 48)
 
 
 def test_unsupported_reasons_without_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
