@@ -83,7 +83,6 @@ GEMV_TABLE: dict[tuple[str | None, bool], tuple[int, GemvConfig]] = {
 }
 
 
-
 @dataclass(frozen=True)
 class SwappedConfig:
     """Launch parameters of the swapped-operand tiles of weight-only int8 / int4 experts (`triton_moe_swapped`):

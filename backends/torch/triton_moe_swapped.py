@@ -91,8 +91,8 @@ if HAVE_TRITON:
                   + tl.arange(0, BLOCK_K // PACK)[None, :])
         s_rows = s_ptr + expert.to(tl.int64) * stride_se + w_row * stride_sn
         acc = swapped_k_loop(w_ptrs, x_ptr + token[:, None] * stride_xm, row_ok, s_rows, 0, K // BLOCK_K,
-                              tl.zeros([2 * BLOCK_N, BLOCK_M], dtype=tl.float32), QUANT, BLOCK_K, BLOCK_M,
-                              GROUP_SIZE, PER_ROW, DOT_F32)
+                             tl.zeros([2 * BLOCK_N, BLOCK_M], dtype=tl.float32), QUANT, BLOCK_K, BLOCK_M,
+                             GROUP_SIZE, PER_ROW, DOT_F32)
         gate, up = tl.split(tl.permute(tl.reshape(acc, (BLOCK_N, 2, BLOCK_M)), (0, 2, 1)))
         act = gate / (1.0 + tl.exp(-gate)) * up  # [BN, BM], SwiGLU in fp32
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -147,8 +147,8 @@ if HAVE_TRITON:
         s_rows = s_ptr + expert.to(tl.int64) * stride_se + (offs_n % N) * stride_sn
         num_k_tiles = (tl.minimum(k0 + k_per_split, K) - k0) // BLOCK_K
         acc = swapped_k_loop(w_ptrs, a_ptr + row[:, None] * stride_am + k0, row_ok, s_rows, k0, num_k_tiles,
-                              tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), QUANT, BLOCK_K, BLOCK_M,
-                              GROUP_SIZE, PER_ROW, DOT_F32)
+                             tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), QUANT, BLOCK_K, BLOCK_M,
+                             GROUP_SIZE, PER_ROW, DOT_F32)
         rw = tl.load(topk_weights_ptr + row, mask=row_ok, other=0.0).to(tl.float32)  # routing weight, per slot
         tl.store(partial_ptr + pid_k * stride_ps + row[None, :] * stride_pm + offs_n[:, None],
                  (acc * rw[None, :]).to(partial_ptr.dtype.element_ty), mask=row_ok[None, :] & (offs_n[:, None] < N))

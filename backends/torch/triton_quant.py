@@ -85,9 +85,9 @@ if _HAVE_TRITON:
 
     @triton.jit
     def swapped_codes_dot(w_ptrs, x_rows, row_ok, QUANT: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
-                     DOT_F32: tl.constexpr, acc):
-        """acc [R, BM] + w [R, BK] @ x [BM, BK]^T for one K tile: `w_ptrs` [R, BK / PACK] at the tile's codes (or
-        float weights), `x_rows` [BM, 1] at the tile's first k of each token row."""
+                          DOT_F32: tl.constexpr, acc):
+        """acc [R, BM] + w [R, BK] @ x [BM, BK]^T for one K tile: `w_ptrs` [R, BK / PACK] at the tile's int8 codes or
+        int4 code pairs, `x_rows` [BM, 1] at the tile's first k of each token row."""
         act = x_rows.dtype.element_ty
         x = tl.load(x_rows + tl.arange(0, BLOCK_K)[None, :], mask=row_ok[:, None], other=0.0)
         if QUANT == 2:
@@ -109,8 +109,8 @@ if _HAVE_TRITON:
 
     @triton.jit
     def swapped_k_loop(w_ptrs, x_rows, row_ok, s_rows, k0, num_k_tiles, acc, QUANT: tl.constexpr,
-                        BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, GROUP_SIZE: tl.constexpr,
-                        PER_ROW: tl.constexpr, DOT_F32: tl.constexpr):
+                       BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, GROUP_SIZE: tl.constexpr,
+                       PER_ROW: tl.constexpr, DOT_F32: tl.constexpr):
         """acc + w @ x^T over `num_k_tiles` K tiles from k0 (the swapped-operand tiles of `triton_moe_swapped` and
         `_swapped_matmul_kernel`): per-channel scales (PER_ROW) multiply the result once, group scales each K tile's
         partial sums, `s_rows` [R] pointing at each weight row's scales."""
@@ -121,7 +121,7 @@ if _HAVE_TRITON:
                 acc = swapped_codes_dot(w_ptrs, x_rows + kk * BLOCK_K, row_ok, QUANT, BLOCK_K, BLOCK_M, DOT_F32, acc)
             else:
                 part = swapped_codes_dot(w_ptrs, x_rows + kk * BLOCK_K, row_ok, QUANT, BLOCK_K, BLOCK_M, DOT_F32,
-                                    tl.zeros(acc.shape, dtype=tl.float32))
+                                         tl.zeros(acc.shape, dtype=tl.float32))
                 acc += part * tl.load(s_rows + k // GROUP_SIZE).to(tl.float32)[:, None]
             w_ptrs += BLOCK_K // PACK
         if PER_ROW:

@@ -660,6 +660,21 @@ def test_float_gemv_one_row() -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs CUDA")
+@pytest.mark.parametrize("group_size", [0, 128])
+def test_mixtral_int4_projection_rows_on_the_swapped_tiles(group_size: int) -> None:
+    """The compiled swapped tiles at Mixtral's qkv width, 32 and 64 rows (the table's 17-64 band), against the
+    dequantized weight in float32."""
+    w = torch.randn(6144, 4096, device=DEVICE).to(DTYPE) / 64
+    q, s = quantize(w, "int4", group_size)
+    ref_w = dequantize(q, s, "int4", group_size).float()
+    for m in (32, 64):
+        assert tq.swapped_linear_config(m, 4096, group_size, "int4") is not None
+        x = torch.randn(m, 4096, device=DEVICE).to(DTYPE)
+        assert _rel(tq.quantized_matmul(x, q, s, "int4", group_size), x.float() @ ref_w.T) < RTOL[DTYPE]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs CUDA")
 def test_moec_linear_decode_row_runs_the_gemv() -> None:
     """On CUDA one row of a bf16 `moec.linear` is the Triton GEMV (bit-identical to calling it); more rows: cuBLAS."""
     w = torch.randn(6144, 4096, device=DEVICE).to(DTYPE) / 64
