@@ -1,10 +1,12 @@
-"""Instruction mix of the one-row GEMV loops on sm90, compiled here (no GPU needed): byte tiles vs 32-bit words.
+"""Instruction mix of the one-row GEMV loops and the swapped MoE tiles on sm90, compiled here (no GPU needed).
 
-Compiles `triton_quant._gemv_kernel` (byte tiles) and `triton_gemv_words._gemv_words_kernel` for an H100/H200
-(`triton.compile` with a `GPUTarget("cuda", 90, 32)`, pointer and stride arguments specialized as 16-divisible, as
-they are at run time for Mixtral's shapes), disassembles the cubin with nvdisasm and counts the instructions of the
-hot loop (the longest block closed by a backward branch): per code byte each thread streams, and how many of them
-move data through shared memory (STS/STSM/LDS/BAR: a layout conversion inside the loop).
+Compiles `triton_quant._gemv_kernel` (byte tiles), `triton_gemv_words._gemv_words_kernel` and
+`triton_moe_swapped._gate_up_swapped_kernel` (codes converted by Triton's integer ops, and in PTX: `ASM`) for an
+H100/H200 (`triton.compile` with a `GPUTarget("cuda", 90, 32)`, pointer and stride arguments specialized as
+16-divisible, as they are at run time for Mixtral's shapes), disassembles the cubin with nvdisasm and counts the
+instructions of the hot loop (the longest block closed by a backward branch): per code byte each thread streams,
+and how many of them move data through shared memory (STS/STSM/LDS/BAR: a layout conversion inside the loop, or,
+in the swapped tiles, the codes' and activations' path through their shared-memory pipeline).
 
     pip install nvidia-cuda-nvdisasm   # nvdisasm, if the CUDA toolkit's is not on PATH
     python3 bench/gemv_sass.py [--nvdisasm PATH] [--markdown FILE]
@@ -32,7 +34,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from backends.torch import triton_gemv_words, triton_quant  # noqa: E402
+from backends.torch import triton_gemv_words, triton_moe_swapped, triton_quant  # noqa: E402
 
 SHARED = ("STS", "STSM", "LDS", "LDSM", "BAR")
 
@@ -47,8 +49,12 @@ class Variant:
     block_k: int = 0  # byte tiles only
     group_size: int = 0
     prefetch: bool = False  # byte tiles: the next K tile's loads in flight (the tables' stages = 2)
+    swapped: bool = False  # the swapped MoE gate/up tiles: block_n columns of I (2x weight rows), block_k deep
+    asm: bool = True  # word and swapped kernels: codes to floats in PTX
 
     def code_bytes_per_thread(self) -> int:
+        if self.swapped:
+            return 2 * self.block_n * self.block_k // (2 if self.quant == 2 else 1) // (32 * self.warps)
         if self.words:
             return self.block_n * self.words * 4
         return self.block_n * self.block_k // (2 if self.quant == 2 else 1) // (32 * self.warps)
@@ -63,6 +69,11 @@ VARIANTS = [
     Variant("int4 words, 4 per thread (table)", 2, 4, 2, words=4),
     Variant("int4 g128 byte tiles (fourth-session table)", 2, 16, 8, block_k=1024, group_size=128, prefetch=True),
     Variant("int4 g128 words, 2 per thread (table)", 2, 8, 4, words=2, group_size=128),
+    Variant("int4 swapped MoE gate/up, Triton integer ops", 2, 64, 4, block_k=128, swapped=True, asm=False),
+    Variant("int4 swapped MoE gate/up, PTX", 2, 64, 4, block_k=128, swapped=True),
+    Variant("int4 swapped MoE gate/up, PTX, K 256, 8 warps (table)", 2, 64, 8, block_k=256, swapped=True),
+    Variant("int8 swapped MoE gate/up, Triton integer ops", 1, 32, 4, block_k=128, swapped=True, asm=False),
+    Variant("int8 swapped MoE gate/up, PTX (table)", 1, 32, 4, block_k=128, swapped=True),
 ]
 
 
@@ -81,13 +92,22 @@ def find_nvdisasm(given: str | None) -> str:
 
 def compile_variant(v: Variant):
     k_groups = v.group_size or 4096
-    if v.words:
+    stages = 1
+    if v.swapped:
+        fn = triton_moe_swapped._gate_up_swapped_kernel
+        names = ["x_ptr", "w_ptr", "s_ptr", "inter_ptr", "sorted_slots_ptr", "block_expert_ptr", "num_slots",
+                 "num_pid_m", "N", "K", "stride_xm", "stride_we", "stride_wn", "stride_se", "stride_sn", "stride_im"]
+        types = ["*bf16", "*i8" if v.quant == 1 else "*u8", "*bf16", "*bf16", "*i32", "*i32"] + ["i32"] * 10
+        consts = dict(TOPK=2, BLOCK_M=16, BLOCK_N=v.block_n, BLOCK_K=v.block_k, GROUP_M=8, QUANT=v.quant,
+                      GROUP_SIZE=k_groups, PER_ROW=v.group_size == 0, DOT_F32=False, USE_PDL=True, ASM=v.asm)
+        stages = 3 if v.block_k > 128 else 4
+    elif v.words:
         fn = triton_gemv_words._gemv_words_kernel
         names = ["x_pairs", "w_words", "s_ptr", "bias_ptr", "out_ptr", "N", "K", "stride_wn", "stride_sn"]
         types = ["*i32", "*i32", "*bf16", "*bf16", "*bf16", "i32", "i32", "i32", "i32"]
         consts = dict(GROUP_SIZE=k_groups, QUANT=v.quant, HAS_BIAS=False, BLOCK_N=v.block_n,
                       BLOCK_K=triton_gemv_words.words_block_k(v.quant, v.warps, v.words), EVEN_K=True,
-                      PER_ROW=v.group_size == 0, FP16=False, ASM=True, WPT=v.words, USE_PDL=True)
+                      PER_ROW=v.group_size == 0, FP16=False, ASM=v.asm, WPT=v.words, USE_PDL=True)
     else:
         fn = triton_quant._gemv_kernel
         names = ["x_ptr", "w_ptr", "s_ptr", "bias_ptr", "out_ptr", "N", "K", "stride_wn", "stride_sn"]
@@ -97,9 +117,11 @@ def compile_variant(v: Variant):
                       GROUPS=triton_quant.tile_groups(v.block_k, v.group_size), PREFETCH=v.prefetch, USE_PDL=True)
     signature = dict(zip(names, types))
     signature.update({name: "constexpr" for name in consts})
-    attrs = {(index,): [["tt.divisibility", 16]] for index in range(len(names))}
+    runtime_counts = ("num_slots", "num_pid_m")  # not 16-divisible at run time
+    attrs = {(index,): [["tt.divisibility", 16]] for index, name in enumerate(names) if name not in runtime_counts}
     source = ASTSource(fn=fn, signature=signature, constexprs=consts, attrs=attrs)
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": v.warps, "num_stages": 1})
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": v.warps, "num_stages": stages})
 
 
 def hot_loop(sass: str) -> collections.Counter:

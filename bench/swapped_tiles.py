@@ -1,7 +1,8 @@
 """Swapped-operand tiles of weight-only experts and linears (backends/torch/triton_moe_swapped.py,
 triton_quant._swapped_matmul_kernel) against the ordinary tensor-core tiles, at decode batch sizes, Mixtral-8x7B
 shapes, on the GPU. Each cell: microseconds per call in a CUDA graph of several calls back to back (as in a
-captured decode step), for the dispatch's choice ("default"), the tiles, and each candidate swapped config; floors
+captured decode step), for the dispatch's choice ("default"; again with the weight codes converted by Triton's own
+integer ops instead of inline PTX, MOEC_CODE_ASM=0), the tiles, and each candidate swapped config; floors
 are the weight bytes the call must read (experts actually routed to) over the copy bandwidth measured in the run.
 
     PYTHONPATH=. python3 bench/swapped_tiles.py [--tokens 4,8,16,32,48,64] [--rows 2,8,16,32,64]
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import math
+import os
 
 import torch
 
@@ -28,17 +30,23 @@ MOE_CANDIDATES = {
     "16/32": SwappedConfig(16, 32, 128, 4, 4, 64, 128, 4, 4, 4),
     "16/64": SwappedConfig(16, 64, 128, 4, 4, 64, 128, 4, 4, 4),
     "16/64 dn128": SwappedConfig(16, 64, 128, 4, 4, 128, 128, 4, 4, 4),
-    "16/64 3 stages": SwappedConfig(16, 64, 128, 4, 3, 64, 128, 4, 4, 3),
-    "16/64 split 8": SwappedConfig(16, 64, 128, 4, 4, 64, 128, 8, 4, 4),
     "16/64 k256": SwappedConfig(16, 64, 256, 4, 3, 64, 256, 2, 4, 3),
     "32/32": SwappedConfig(32, 32, 128, 4, 4, 64, 128, 4, 4, 4),
+    # 8 warps: two warpgroups share a program's weight rows, half the registers per thread (the 4-warp programs'
+    # registers held 2-3 of them per SM: Nsight Compute, BENCHMARKS.md eighth session)
+    "16/64 8w": SwappedConfig(16, 64, 128, 8, 4, 128, 128, 4, 8, 4),
+    "16/64 k256 8w": SwappedConfig(16, 64, 256, 8, 3, 128, 256, 2, 8, 3),
+    "16/128 8w": SwappedConfig(16, 128, 128, 8, 4, 128, 128, 4, 8, 4),
+    "16/128 k256 8w": SwappedConfig(16, 128, 256, 8, 3, 256, 256, 2, 8, 3),
+    "32/64 8w": SwappedConfig(32, 64, 128, 8, 4, 128, 128, 4, 8, 4),
 }
 LINEAR_CANDIDATES = {
-    "16x32": tq.LinearConfig(16, 32, 128, 4, 4),
     "16x64": tq.LinearConfig(16, 64, 128, 4, 4),
-    "16x128": tq.LinearConfig(16, 128, 128, 4, 4),
     "16x64 k256": tq.LinearConfig(16, 64, 256, 4, 3),
     "32x64": tq.LinearConfig(32, 64, 128, 4, 4),
+    "16x128 8w": tq.LinearConfig(16, 128, 128, 8, 4),
+    "16x128 k256 8w": tq.LinearConfig(16, 128, 256, 8, 3),
+    "32x128 8w": tq.LinearConfig(32, 128, 128, 8, 4),
 }
 
 
@@ -49,6 +57,15 @@ def scheme_of(name: str) -> tuple[str, int]:
 
 def per_call_us(fn) -> float:
     return graph_per_call([fn] * 4) * 1e6
+
+
+def without_ptx(fn) -> float:
+    """per_call_us with the codes converted by Triton's own integer ops (MOEC_CODE_ASM=0) instead of inline PTX."""
+    os.environ["MOEC_CODE_ASM"] = "0"
+    try:
+        return per_call_us(fn)
+    finally:
+        del os.environ["MOEC_CODE_ASM"]
 
 
 def moe_rows(tokens: list[int], schemes: list[str], bw: float, gen: torch.Generator) -> list[str]:
@@ -65,10 +82,11 @@ def moe_rows(tokens: list[int], schemes: list[str], bw: float, gen: torch.Genera
             rw, ids = torch.topk(torch.softmax(torch.randn(t, E, device="cuda", generator=gen), -1), TOP_K, -1)
             floor = expert_bytes * torch.unique(ids).numel() / bw * 1e6
 
-            def run(cfg):
-                return per_call_us(lambda: tm.fused_moe(x, ids, rw, c13, c2, config=cfg, **kw))
+            def run(cfg, timer=per_call_us):
+                return timer(lambda: tm.fused_moe(x, ids, rw, c13, c2, config=cfg, **kw))
 
-            cells = [f"{run(None):.1f}", f"{run(get_config(t, H, I, group, quantized=True)):.1f}"]
+            cells = [f"{run(None):.1f}", f"{run(None, without_ptx):.1f}",
+                     f"{run(get_config(t, H, I, group, quantized=True)):.1f}"]
             cells += [f"{run(cfg):.1f}" if not (group and group % cfg.gu_block_k) else "-"
                       for cfg in MOE_CANDIDATES.values()]
             rows.append(f"| MoE | {scheme} | {t} | {floor:.1f} | " + " | ".join(cells) + " |")
@@ -87,10 +105,10 @@ def linear_rows(rows_m: list[int], schemes: list[str], bw: float, gen: torch.Gen
             for m in rows_m:
                 x = torch.randn(m, k, device="cuda", generator=gen).to(torch.bfloat16)
 
-                def run(**kw):
-                    return per_call_us(lambda: tq.quantized_matmul(x, q, s, precision, group, **kw))
+                def run(timer=per_call_us, **kw):
+                    return timer(lambda: tq.quantized_matmul(x, q, s, precision, group, **kw))
 
-                cells = [f"{run():.1f}", f"{run(kernel='tiles'):.1f}"]
+                cells = [f"{run():.1f}", f"{run(without_ptx):.1f}", f"{run(kernel='tiles'):.1f}"]
                 cells += [f"{run(kernel='swapped', config=cfg):.1f}" if not (group and group % cfg.block_k) else "-"
                           for cfg in LINEAR_CANDIDATES.values()]
                 rows.append(f"| {name} {n}x{k} | {scheme} | {m} | {floor:.1f} | " + " | ".join(cells) + " |")
@@ -115,13 +133,13 @@ def main() -> int:
     log(head)
     out = [head, ""]
     if args.tokens:
-        out += ["| op | scheme | T | floor us | default | tiles | " + " | ".join(MOE_CANDIDATES) + " |",
-                "|---|---|---|---|---|---|" + "---|" * len(MOE_CANDIDATES)]
+        out += ["| op | scheme | T | floor us | default | default, no PTX | tiles | " + " | ".join(MOE_CANDIDATES)
+                + " |", "|---|---|---|---|---|---|---|" + "---|" * len(MOE_CANDIDATES)]
         out += moe_rows([int(t) for t in args.tokens.split(",")], schemes, bw, gen)
         out.append("")
     if args.rows:
-        out += ["| op | scheme | M | floor us | default | tiles | " + " | ".join(LINEAR_CANDIDATES) + " |",
-                "|---|---|---|---|---|---|" + "---|" * len(LINEAR_CANDIDATES)]
+        out += ["| op | scheme | M | floor us | default | default, no PTX | tiles | " + " | ".join(LINEAR_CANDIDATES)
+                + " |", "|---|---|---|---|---|---|---|" + "---|" * len(LINEAR_CANDIDATES)]
         out += linear_rows([int(m) for m in args.rows.split(",")], schemes, bw, gen)
     if args.markdown:
         with open(args.markdown, "w") as f:

@@ -65,21 +65,25 @@ class GemvConfig:
     prefetch: bool = False  # two K tiles in flight per program (the next one's loads before this one's products)
     words: int = 0  # > 0: int8 / int4 codes as 32-bit words, this many per thread and row (triton_gemv_words): K
     # tiles follow from warps and words; the block_k above are for operands that are not whole words (byte kernels)
+    max_regs: int = 0  # > 0: the word kernels' register cap per thread (Triton's `maxnreg`): more programs per SM
 
 
 # (precision, grouped) -> (max slots = T * top_k, config): where the decode path beats the tensor-core tiles above
 # (bench/quantized_kernels.py --sweep on the H200, fourth and fifth sessions, BENCHMARKS.md, Mixtral-8x7B experts;
-# us per call in a CUDA graph); no entry: always the tiles.
+# us per call in a CUDA graph); no entry: always the tiles. The word kernels' 80-register cap (eighth session, same
+# card, bench/gemv_registers.py): T=1 int8 95.6 vs 104.1 us uncapped, int4 66.4 vs 69.1, g128 76.1 vs 80.9 (the
+# ~100 registers they take held 10 two-warp programs per SM, Nsight Compute; T=2 unchanged; 64 registers slower);
+# the whole model's batch-1 step did not move with it (within run-to-run noise, BENCHMARKS.md).
 GEMV_TABLE: dict[tuple[str | None, bool], tuple[int, GemvConfig]] = {
     (None, False): (2, GemvConfig(8, 512, 4, 8, 512, 4, 4)),  # bf16 T=1 168.3 vs tiles 172.2 (T=2: tiles, 269.8)
     # int8 on words, 4 per thread: T=1 95.7 / T=2 164.1 vs the byte GEMV 107.1 / 190.2 (fifth session); grouped int8
     # was not swept on words and keeps the byte GEMV (fourth session: T=1 106.0 vs tiles 121.8)
-    ("int8", False): (4, GemvConfig(4, 256, 2, 4, 256, 4, 2, words=4)),
+    ("int8", False): (4, GemvConfig(4, 256, 2, 4, 256, 4, 2, words=4, max_regs=80)),
     ("int8", True): (4, GemvConfig(16, 256, 4, 16, 256, 4, 4, prefetch=True)),
     # int4 on 32-bit words, 2 per thread and row (triton_gemv_words; fifth session): T=1 66.7 / T=2 122.6 vs the
     # byte GEMV 107.5 / 200.5 and the tiles 162.5 / 273.1; g128: 77.5 / 142.0 vs 115.7 / 214.5
-    ("int4", False): (4, GemvConfig(4, 256, 2, 8, 256, 4, 2, words=2)),
-    ("int4", True): (4, GemvConfig(4, 256, 2, 8, 256, 4, 2, words=2)),
+    ("int4", False): (4, GemvConfig(4, 256, 2, 8, 256, 4, 2, words=2, max_regs=80)),
+    ("int4", True): (4, GemvConfig(4, 256, 2, 8, 256, 4, 2, words=2, max_regs=80)),
 }
 
 
@@ -102,15 +106,18 @@ class SwappedConfig:
 
 
 # (precision, grouped) -> [(max tokens, config or None for the tiles)], above the GEMV table's slots. Measured on an
-# H200 at Mixtral-8x7B shapes, graph replays (bench/swapped_tiles.py, BENCHMARKS.md seventh session): int4 T = 32
-# 351 us vs the tiles' 569 (per channel), 382 vs 541 (g128); int8 loses to the tiles up to T = 16 and wins above
-# (T = 32 476 vs 551). Grouped int8 was not measured and keeps the tiles; bf16 / fp8 experts always keep them (the
-# swapped tiles take codes only).
+# H200 at Mixtral-8x7B shapes, graph replays (bench/swapped_tiles.py, BENCHMARKS.md): seventh session, int4 T = 32
+# 351 us vs the tiles' 569 (per channel), 382 vs 541 (g128); eighth, with the codes converted in PTX
+# (triton_support.code_asm), int4 per channel on 256-deep K tiles T = 8 / 16 / 32 260.5 / 295.1 / 297.4 us against
+# the 128-deep ones' 266.4 / 306.8 / 310.6 (at T = 64 371.3 vs 351.5; g128 groups cannot take them), and on 8 warps
+# (two warpgroups per program, half the registers per thread) 257.8 / 286.7 / 286.5; int8 on 16-token blocks ahead
+# of the tiles from T = 8 (314.0 vs 327.0; T = 16 363.7 vs 370.7). Grouped int8 was not measured and keeps the
+# tiles; bf16 / fp8 experts always keep them (the swapped tiles take codes only).
 _INT4_SWAPPED = SwappedConfig(16, 64, 128, 4, 4, 128, 128, 4, 4, 4)
 SWAPPED_TABLE: dict[tuple[str, bool], list[tuple[int, SwappedConfig | None]]] = {
-    ("int4", False): [(64, _INT4_SWAPPED)],
+    ("int4", False): [(48, SwappedConfig(16, 64, 256, 8, 3, 128, 256, 2, 8, 3)), (64, _INT4_SWAPPED)],
     ("int4", True): [(64, _INT4_SWAPPED)],
-    ("int8", False): [(16, None), (48, SwappedConfig(16, 32, 128, 4, 4, 64, 128, 4, 4, 4)),
+    ("int8", False): [(48, SwappedConfig(16, 32, 128, 4, 4, 64, 128, 4, 4, 4)),
                       (64, SwappedConfig(32, 32, 128, 4, 4, 64, 128, 4, 4, 4))],
 }
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 
 from backends.torch.triton_support import HAVE_TRITON as _HAVE_TRITON
-from backends.torch.triton_support import interpreting, pdl_launch, tl, triton, wait_for_producers
+from backends.torch.triton_support import code_asm, pdl_launch, tl, triton, wait_for_producers
 
 __all__ = ["codes_per_word", "words_block_k", "words_unsupported_reason", "word_views"]
 
@@ -438,6 +438,6 @@ def launch_gemv_words(x2: torch.Tensor, codes: torch.Tensor, scales: torch.Tenso
     _gemv_words_kernel[(triton.cdiv(n, block_n),)](
         x_pairs, words, scales, bias if bias is not None else scales, out, n, k, words.stride(0), scales.stride(0),
         GROUP_SIZE=group_size or k, QUANT=quant, HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k,
-        EVEN_K=k % block_k == 0, PER_ROW=group_size == 0, FP16=x2.dtype == torch.float16, ASM=not interpreting(),
+        EVEN_K=k % block_k == 0, PER_ROW=group_size == 0, FP16=x2.dtype == torch.float16, ASM=code_asm(),
         WPT=words_per_thread, **pdl_launch(x2), num_warps=warps, num_stages=1,
     )

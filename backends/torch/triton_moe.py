@@ -65,8 +65,8 @@ from backends.torch.triton_quant import QUANT_CODES, STORAGE, scale_weights
 from compiler.fp8 import FP8_DTYPE
 
 from backends.torch.triton_support import HAVE_TRITON as _HAVE_TRITON
-from backends.torch.triton_support import device_reason, grouped_tile_ids, interpreting, pdl_launch, tl, triton
-from backends.torch.triton_support import wait_for_producers
+from backends.torch.triton_support import code_asm, device_reason, grouped_tile_ids, interpreting, pdl_launch, tl
+from backends.torch.triton_support import triton, wait_for_producers
 
 __all__ = ["SUPPORTED_DTYPES", "fused_moe", "is_available", "route", "route_unsupported_reason", "unsupported_reason"]
 
@@ -903,6 +903,10 @@ def _moe_words_reason(x: torch.Tensor, inter_act: torch.Tensor, w13: torch.Tenso
             or words_unsupported_reason(inter_act, w2, inter_act.shape[1], quant, group_size))
 
 
+def _register_cap(cfg: GemvConfig) -> dict[str, int]:
+    return {"maxnreg": cfg.max_regs} if cfg.max_regs else {}
+
+
 def _fused_moe_words(x: torch.Tensor, ids: torch.Tensor, rw: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
                      s13: torch.Tensor, s2: torch.Tensor, inter_act: torch.Tensor, out: torch.Tensor,
                      expert_offset: int, quant: int, group_size: int, cfg: GemvConfig) -> torch.Tensor:
@@ -919,8 +923,8 @@ def _fused_moe_words(x: torch.Tensor, ids: torch.Tensor, rw: torch.Tensor, w13: 
         x_pairs, w13_words, s13, inter_act, ids, expert_offset, inter, h,
         x_pairs.stride(0), w13_words.stride(0), w13_words.stride(1), s13.stride(0), s13.stride(1), inter_act.stride(0),
         E=num_experts, TOPK=num_slots // t, BLOCK_N=cfg.gu_block_n, BLOCK_K=gu_k, EVEN_K=h % gu_k == 0,
-        QUANT=quant, GROUP_SIZE=group_size or h, PER_ROW=group_size == 0, FP16=fp16, ASM=not interpreting(),
-        WPT=cfg.words, **pdl_launch(x), num_warps=cfg.gu_warps, num_stages=1,
+        QUANT=quant, GROUP_SIZE=group_size or h, PER_ROW=group_size == 0, FP16=fp16, ASM=code_asm(),
+        WPT=cfg.words, **pdl_launch(x), **_register_cap(cfg), num_warps=cfg.gu_warps, num_stages=1,
     )
     dn_k = words_block_k(quant, cfg.dn_warps, cfg.words)
     k_per_split = triton.cdiv(triton.cdiv(inter, max(1, cfg.dn_split_k)), dn_k) * dn_k
@@ -932,7 +936,7 @@ def _fused_moe_words(x: torch.Tensor, ids: torch.Tensor, rw: torch.Tensor, w13: 
         a_pairs.stride(0), w2_words.stride(0), w2_words.stride(1), s2.stride(0), s2.stride(1), partial.stride(0),
         partial.stride(1),
         E=num_experts, BLOCK_N=cfg.dn_block_n, BLOCK_K=dn_k, EVEN_K=inter % k_per_split == 0, QUANT=quant,
-        GROUP_SIZE=group_size or inter, PER_ROW=group_size == 0, FP16=fp16, ASM=not interpreting(),
-        WPT=cfg.words, **pdl_launch(x), num_warps=cfg.dn_warps, num_stages=1,
+        GROUP_SIZE=group_size or inter, PER_ROW=group_size == 0, FP16=fp16, ASM=code_asm(),
+        WPT=cfg.words, **pdl_launch(x), **_register_cap(cfg), num_warps=cfg.dn_warps, num_stages=1,
     )
     return _combine_slots(partial, out, ids, expert_offset, num_experts, num_slots // t)

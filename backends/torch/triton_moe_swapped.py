@@ -8,7 +8,8 @@ and the 16-row activation tile is mostly padding. Here the product is transposed
 the weights are the MMA's M side, an operand that may come straight from registers (codes dequantized in the
 registers they were loaded into), and the few token rows are its N side (16 or 32 columns). Measured on an H200
 at Mixtral shapes (bench/swapped_tiles.py, BENCHMARKS.md seventh session): int4 experts at T = 32 1.6x faster than
-the tiles (351 vs 569 us).
+the tiles (351 vs 569 us); eighth session, with the codes converted in PTX (`ASM`, triton_support.code_asm) and 8
+warps, 286.5 us.
 
 Weights are read as stored (int8 codes, or bytes of int4 code pairs with k = 2j in the low nibble); int4 multiplies
 the even-k codes by the even activation columns and the odd-k codes by the odd ones, as `triton_quant.codes_dot`.
@@ -22,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from backends.torch.moe_tuning import SwappedConfig
-from backends.torch.triton_support import HAVE_TRITON, grouped_tile_ids, tl, triton, wait_for_producers
+from backends.torch.triton_support import HAVE_TRITON, code_asm, grouped_tile_ids, tl, triton, wait_for_producers
 
 __all__ = ["gate_up_down", "swapped_reason"]
 
@@ -73,6 +74,7 @@ if HAVE_TRITON:
         PER_ROW: tl.constexpr,
         DOT_F32: tl.constexpr,  # interpreter only (triton_moe._dot_in_f32)
         USE_PDL: tl.constexpr = False,  # PDL launch (triton_support.pdl_launch)
+        ASM: tl.constexpr = False,  # codes to floats in PTX (triton_support.code_asm)
     ):
         wait_for_producers(USE_PDL)
         pid_m, pid_n = grouped_tile_ids(tl.program_id(0), num_pid_m, tl.cdiv(N, BLOCK_N), GROUP_M)
@@ -92,7 +94,7 @@ if HAVE_TRITON:
         s_rows = s_ptr + expert.to(tl.int64) * stride_se + w_row * stride_sn
         acc = swapped_k_loop(w_ptrs, x_ptr + token[:, None] * stride_xm, row_ok, s_rows, 0, K // BLOCK_K,
                              tl.zeros([2 * BLOCK_N, BLOCK_M], dtype=tl.float32), QUANT, BLOCK_K, BLOCK_M,
-                             GROUP_SIZE, PER_ROW, DOT_F32)
+                             GROUP_SIZE, PER_ROW, DOT_F32, ASM)
         gate, up = tl.split(tl.permute(tl.reshape(acc, (BLOCK_N, 2, BLOCK_M)), (0, 2, 1)))
         act = gate / (1.0 + tl.exp(-gate)) * up  # [BN, BM], SwiGLU in fp32
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -129,6 +131,7 @@ if HAVE_TRITON:
         PER_ROW: tl.constexpr,
         DOT_F32: tl.constexpr,
         USE_PDL: tl.constexpr = False,
+        ASM: tl.constexpr = False,
     ):
         wait_for_producers(USE_PDL)
         pid_k = tl.program_id(1)
@@ -148,7 +151,7 @@ if HAVE_TRITON:
         num_k_tiles = (tl.minimum(k0 + k_per_split, K) - k0) // BLOCK_K
         acc = swapped_k_loop(w_ptrs, a_ptr + row[:, None] * stride_am + k0, row_ok, s_rows, k0, num_k_tiles,
                              tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), QUANT, BLOCK_K, BLOCK_M,
-                             GROUP_SIZE, PER_ROW, DOT_F32)
+                             GROUP_SIZE, PER_ROW, DOT_F32, ASM)
         rw = tl.load(topk_weights_ptr + row, mask=row_ok, other=0.0).to(tl.float32)  # routing weight, per slot
         tl.store(partial_ptr + pid_k * stride_ps + row[None, :] * stride_pm + offs_n[:, None],
                  (acc * rw[None, :]).to(partial_ptr.dtype.element_ty), mask=row_ok[None, :] & (offs_n[:, None] < N))
@@ -170,7 +173,7 @@ def gate_up_down(x: torch.Tensor, w13: torch.Tensor, s13: torch.Tensor, w2: torc
         x, w13, s13, act, sorted_slots, block_expert, num_slots, nb_max, inter, hidden, x.stride(0),
         w13.stride(0), w13.stride(1), s13.stride(0), s13.stride(1), act.stride(0),
         TOPK=topk, BLOCK_M=cfg.block_m, BLOCK_N=cfg.gu_block_n, BLOCK_K=cfg.gu_block_k, GROUP_M=cfg.group_m,
-        QUANT=quant, GROUP_SIZE=group_size or hidden, PER_ROW=per_row, DOT_F32=dot_f32,
+        QUANT=quant, GROUP_SIZE=group_size or hidden, PER_ROW=per_row, DOT_F32=dot_f32, ASM=code_asm(),
         **pdl, num_warps=cfg.gu_warps, num_stages=cfg.gu_stages)
     bk = cfg.dn_block_k
     k_per_split = triton.cdiv(triton.cdiv(inter, max(1, cfg.dn_split_k)), bk) * bk
@@ -181,6 +184,6 @@ def gate_up_down(x: torch.Tensor, w13: torch.Tensor, s13: torch.Tensor, w2: torc
         act, w2, s2, partial, sorted_slots, block_expert, rw, num_slots, nb_max, hidden, inter, k_per_split,
         act.stride(0), w2.stride(0), w2.stride(1), s2.stride(0), s2.stride(1), partial.stride(0), partial.stride(1),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.dn_block_n, BLOCK_K=bk, GROUP_M=cfg.group_m, QUANT=quant,
-        GROUP_SIZE=group_size or inter, PER_ROW=per_row, DOT_F32=dot_f32,
+        GROUP_SIZE=group_size or inter, PER_ROW=per_row, DOT_F32=dot_f32, ASM=code_asm(),
         **pdl, num_warps=cfg.dn_warps, num_stages=cfg.dn_stages)
     return partial

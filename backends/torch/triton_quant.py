@@ -20,7 +20,8 @@ import torch
 
 from backends.torch.triton_gemv_words import launch_gemv_words, words_unsupported_reason
 from backends.torch.triton_support import HAVE_TRITON as _HAVE_TRITON
-from backends.torch.triton_support import device_reason, interpreting, pdl_launch, tl, triton, wait_for_producers
+from backends.torch.triton_support import (code_asm, device_reason, interpreting, pdl_launch, tl, triton,
+                                           wait_for_producers)
 
 __all__ = ["QUANT_CODES", "linear", "quantized_matmul", "unsupported_reason"]
 
@@ -65,10 +66,45 @@ def float_gemv_unsupported_reason(x: torch.Tensor, weight: torch.Tensor, bias: t
 
 if _HAVE_TRITON:
 
+    # Codes to 16-bit floats in PTX, two codes per instruction: Triton's own integer ops on 8 / 16-bit elements
+    # extract and repack every element (the swapped tiles' whole sm90 loop, bench/gemv_sass.py: 7.4 -> 5.3
+    # instructions per int4 code byte, 7.5 -> 4.7 per int8 code; MoE T = 8 int4 304 -> 266 us, BENCHMARKS.md eighth
+    # session). `$N` holds the codes of two consecutive elements, the bytes [b0, b1]; PRMT spreads them into the two
+    # 16-bit lanes [b0, 0, b1, 0] that LOP3 masks and ORs into float bits. The tensor-core tiles keep Triton's ops:
+    # int8 tiles measured slower with these (T = 8 368.9 vs 327.0 us).
+    def _int4_pair_asm(bits: str, one: str, bias: str, fma: str) -> str:
+        # lane = BITS | nibble is BASE + v; BASE + v - (BASE + 8) is the code (exact: small integers).
+        return ("{ .reg .b32 w, d, s, one, bias; cvt.u32.u16 w, $2; prmt.b32 d, w, 0, 0x4140; shr.u32 s, d, 4; "
+                f"lop3.b32 d, d, 0x000F000F, {bits}, 0xEA; lop3.b32 s, s, 0x000F000F, {bits}, 0xEA; "
+                f"mov.b32 one, {one}; mov.b32 bias, {bias}; {fma} $0, d, one, bias; {fma} $1, s, one, bias; }}")
+
+    INT4_PAIR_BF16 = tl.constexpr(_int4_pair_asm("0x43004300", "0x3F803F80", "0xC308C308", "fma.rn.bf16x2"))
+    INT4_PAIR_FP16 = tl.constexpr(_int4_pair_asm("0x64006400", "0x3C003C00", "0xE408E408", "fma.rn.f16x2"))
+    # int8 c in bf16 (no 8-bit mantissa at ulp 1): 128 + (c & 0x7F) (bits 0x4300 | low 7) plus -(128 + (c & 0x80)),
+    # the sign bit landing on the exponent's lowest bit (0xC300 is -128, 0xC380 -256): c exactly, two's complement.
+    INT8_PAIR_BF16 = tl.constexpr(
+        "{ .reg .b32 w, d, v, b, one; cvt.u32.u16 w, $1; prmt.b32 d, w, 0, 0x4140; "
+        "lop3.b32 v, d, 0x007F007F, 0x43004300, 0xEA; lop3.b32 b, d, 0x00800080, 0xC300C300, 0xEA; "
+        "mov.b32 one, 0x3F803F80; fma.rn.bf16x2 $0, v, one, b; }")
+    # fp16 has ulp 1 up to 2048: 1024 + (c ^ 0x80), that is 1024 + c + 128, minus 1152 (0xE480).
+    INT8_PAIR_FP16 = tl.constexpr(
+        "{ .reg .b32 w, d, v, b, one; cvt.u32.u16 w, $1; prmt.b32 d, w, 0, 0x4140; "
+        "lop3.b32 v, d, 0x00800080, 0x64006400, 0xBE; mov.b32 b, 0xE480E480; "
+        "mov.b32 one, 0x3C003C00; fma.rn.f16x2 $0, v, one, b; }")
+
     @triton.jit
-    def int4_codes(packed, act: tl.constexpr):
+    def int4_codes(packed, act: tl.constexpr, ASM: tl.constexpr = False):
         """Bytes of int4 code pairs (k = 2j low nibble, 2j+1 high) -> (even-k codes, odd-k codes) as exact integers
-        in the float dtype `act` (bfloat16 / float16), in two integer ops and a subtraction each."""
+        in the float dtype `act` (bfloat16 / float16), in two integer ops and a subtraction each (ASM: in PTX on
+        two bytes at a time, `_int4_pair_asm`)."""
+        if ASM:
+            if act == tl.bfloat16:
+                low, high = tl.inline_asm_elementwise(asm=INT4_PAIR_BF16, constraints="=r,=r,h", args=[packed],
+                                                      dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=2)
+            else:
+                low, high = tl.inline_asm_elementwise(asm=INT4_PAIR_FP16, constraints="=r,=r,h", args=[packed],
+                                                      dtype=(tl.float16, tl.float16), is_pure=True, pack=2)
+            return low, high
         # Nibble v (code + 8, in [0, 15]) to a float with no arithmetic: the bits of BASE + v, where BASE is the
         # power of two whose unit in the last place is 1 (bf16 128 = 0x4300, fp16 1024 = 0x6400).
         nibbles = packed.to(tl.uint16)
@@ -84,14 +120,28 @@ if _HAVE_TRITON:
         return low, high
 
     @triton.jit
+    def int8_codes(codes, act: tl.constexpr, ASM: tl.constexpr = False):
+        """int8 codes -> the same integers in the float dtype `act` (exact: |c| <= 128); ASM: in PTX, two at a
+        time (INT8_PAIR_BF16 / INT8_PAIR_FP16)."""
+        if not ASM:
+            out = codes.to(act)
+        elif act == tl.bfloat16:
+            out = tl.inline_asm_elementwise(asm=INT8_PAIR_BF16, constraints="=r,h", args=[codes], dtype=tl.bfloat16,
+                                            is_pure=True, pack=2)
+        else:
+            out = tl.inline_asm_elementwise(asm=INT8_PAIR_FP16, constraints="=r,h", args=[codes], dtype=tl.float16,
+                                            is_pure=True, pack=2)
+        return out
+
+    @triton.jit
     def swapped_codes_dot(w_ptrs, x_rows, row_ok, QUANT: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
-                          DOT_F32: tl.constexpr, acc):
+                          DOT_F32: tl.constexpr, ASM: tl.constexpr, acc):
         """acc [R, BM] + w [R, BK] @ x [BM, BK]^T for one K tile: `w_ptrs` [R, BK / PACK] at the tile's int8 codes or
         int4 code pairs, `x_rows` [BM, 1] at the tile's first k of each token row."""
         act = x_rows.dtype.element_ty
         x = tl.load(x_rows + tl.arange(0, BLOCK_K)[None, :], mask=row_ok[:, None], other=0.0)
         if QUANT == 2:
-            low, high = int4_codes(tl.load(w_ptrs), act)
+            low, high = int4_codes(tl.load(w_ptrs), act, ASM)
             x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_M, BLOCK_K // 2, 2)))
             x_even = tl.trans(x_even)
             x_odd = tl.trans(x_odd)
@@ -100,7 +150,7 @@ if _HAVE_TRITON:
                 x_even, x_odd = x_even.to(tl.float32), x_odd.to(tl.float32)
             acc = tl.dot(high, x_odd, tl.dot(low, x_even, acc))
         else:
-            w = tl.load(w_ptrs).to(act)  # int8 codes are exact in bf16 / fp16
+            w = int8_codes(tl.load(w_ptrs), act, ASM)
             x_t = tl.trans(x)
             if DOT_F32:
                 w, x_t = w.to(tl.float32), x_t.to(tl.float32)
@@ -110,7 +160,7 @@ if _HAVE_TRITON:
     @triton.jit
     def swapped_k_loop(w_ptrs, x_rows, row_ok, s_rows, k0, num_k_tiles, acc, QUANT: tl.constexpr,
                        BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, GROUP_SIZE: tl.constexpr,
-                       PER_ROW: tl.constexpr, DOT_F32: tl.constexpr):
+                       PER_ROW: tl.constexpr, DOT_F32: tl.constexpr, ASM: tl.constexpr):
         """acc + w @ x^T over `num_k_tiles` K tiles from k0 (the swapped-operand tiles of `triton_moe_swapped` and
         `_swapped_matmul_kernel`): per-channel scales (PER_ROW) multiply the result once, group scales each K tile's
         partial sums, `s_rows` [R] pointing at each weight row's scales."""
@@ -118,9 +168,10 @@ if _HAVE_TRITON:
         for kk in range(0, num_k_tiles):
             k = k0 + kk * BLOCK_K
             if PER_ROW:
-                acc = swapped_codes_dot(w_ptrs, x_rows + kk * BLOCK_K, row_ok, QUANT, BLOCK_K, BLOCK_M, DOT_F32, acc)
+                acc = swapped_codes_dot(w_ptrs, x_rows + kk * BLOCK_K, row_ok, QUANT, BLOCK_K, BLOCK_M, DOT_F32, ASM,
+                                        acc)
             else:
-                part = swapped_codes_dot(w_ptrs, x_rows + kk * BLOCK_K, row_ok, QUANT, BLOCK_K, BLOCK_M, DOT_F32,
+                part = swapped_codes_dot(w_ptrs, x_rows + kk * BLOCK_K, row_ok, QUANT, BLOCK_K, BLOCK_M, DOT_F32, ASM,
                                          tl.zeros(acc.shape, dtype=tl.float32))
                 acc += part * tl.load(s_rows + k // GROUP_SIZE).to(tl.float32)[:, None]
             w_ptrs += BLOCK_K // PACK
@@ -522,6 +573,7 @@ if _HAVE_TRITON:
         DOT_F32: tl.constexpr,
         PER_ROW: tl.constexpr = False,
         USE_PDL: tl.constexpr = False,  # PDL launch (triton_support.pdl_launch)
+        ASM: tl.constexpr = False,  # codes to floats in PTX (triton_support.code_asm)
     ):
         # out^T tile [BN, BM] = w [BN, K] @ x [BM, K]^T: the dequantized codes are the MMA's register operand (see
         # triton_moe_swapped, whose expert tiles this is the dense case of).
@@ -535,7 +587,7 @@ if _HAVE_TRITON:
                              x_ptr + tl.where(row_ok, offs_m, 0).to(tl.int64)[:, None] * stride_xm, row_ok,
                              s_ptr + w_rows * stride_sn, 0, K // BLOCK_K,
                              tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), QUANT, BLOCK_K, BLOCK_M, GROUP_SIZE,
-                             PER_ROW, DOT_F32)
+                             PER_ROW, DOT_F32, ASM)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + w_rows).to(tl.float32)[:, None]
         out_ptrs = out_ptr + offs_m.to(tl.int64)[None, :] * stride_om + offs_n[:, None]
@@ -589,10 +641,13 @@ GEMV_TABLE: dict[tuple[str | None, bool], tuple[int, LinearConfig]] = {
 # the ordinary tiles)]. Measured on an H200 (bench/swapped_tiles.py, BENCHMARKS.md seventh session), qkv 6144x4096 /
 # o 4096x4096 at M = 32: int4 19.3 / 18.7 us vs the tiles' 38.9 / 22.4, g128 19.6 / 19.2 vs 42.0 / 26.7; at M = 8
 # the tiles win per qkv + o pair (int4 25.7 us vs 27.1 for the best swapped pair, whose qkv alone is faster: 13.6 vs
-# 15.3), and int8 is faster on the tiles at both (M = 32, qkv: 17.4 vs 18.5).
+# 15.3), and int8 is faster on the tiles at both (M = 32, qkv: 17.4 vs 18.5). Eighth session, codes converted in PTX
+# (triton_support.code_asm): int4 per channel on 16-row, 256-deep tiles at M = 32 17.1 / 11.7 us against the 32x64
+# tiles' 17.6 / 17.1, at M = 8 11.6 / 11.3 against the ordinary tiles' 15.3 / 10.4 (g128 groups cannot take
+# 256-deep K tiles; at M = 8 their best swapped pair, 28.2 us, ties the tiles' 28.0).
 _INT4_SWAPPED_LINEAR = LinearConfig(32, 64, 128, 4, 4)
 SWAPPED_LINEAR_TABLE: dict[tuple[str, bool], list[tuple[int, LinearConfig | None]]] = {
-    ("int4", False): [(16, None), (64, _INT4_SWAPPED_LINEAR)],
+    ("int4", False): [(32, LinearConfig(16, 64, 256, 4, 3)), (64, _INT4_SWAPPED_LINEAR)],
     ("int4", True): [(16, None), (64, _INT4_SWAPPED_LINEAR)],
 }
 
@@ -707,7 +762,7 @@ def quantized_matmul(
             x2, w, s, bias if bias is not None else s, out, m, n, k, x2.stride(0), w.stride(0), s.stride(0),
             out.stride(0), GROUP_SIZE=group_size or k, QUANT=QUANT_CODES[precision], HAS_BIAS=bias is not None,
             BLOCK_M=swapped.block_m, BLOCK_N=swapped.block_n, BLOCK_K=swapped.block_k,
-            DOT_F32=x.dtype == torch.bfloat16 and interpreting(), PER_ROW=group_size == 0,
+            DOT_F32=x.dtype == torch.bfloat16 and interpreting(), PER_ROW=group_size == 0, ASM=code_asm(),
             **pdl_launch(x), num_warps=swapped.warps, num_stages=swapped.stages)
         return out.reshape(*lead, n)
     cfg = config if config is not None else linear_config(m, n, k, group_size, precision)

@@ -28,13 +28,20 @@ except ImportError:  # pragma: no cover - exercised only without triton
     tl = None  # type: ignore[assignment]
     HAVE_TRITON = False
 
-__all__ = ["HAVE_TRITON", "device_reason", "grouped_tile_ids", "interpreting", "pdl_launch", "tl", "triton",
+__all__ = ["HAVE_TRITON", "code_asm", "device_reason", "grouped_tile_ids", "interpreting", "pdl_launch", "tl", "triton",
            "wait_for_producers"]
 
 
 def interpreting() -> bool:
     """Whether Triton runs kernels in its CPU interpreter."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def code_asm() -> bool:
+    """Whether kernels that take `ASM` turn weight codes into 16-bit floats with inline PTX (a few integer ops per
+    pair of codes, `triton_quant.int4_codes_asm` / `int8_codes_asm`): on compiled kernels unless `MOEC_CODE_ASM` is
+    "0" (comparisons); the interpreter runs no PTX."""
+    return not interpreting() and os.environ.get("MOEC_CODE_ASM", "1") != "0"
 
 
 def device_reason(tensor: torch.Tensor, have_triton: bool) -> str | None:

@@ -123,12 +123,12 @@ def test_swapped_tiles_match_the_dequantized_reference(precision: str, group_siz
 
 
 def test_small_batches_of_int4_experts_take_the_swapped_tiles(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The table sends 8 tokens of int4 experts whose H and I fit its K tiles to the swapped tiles, and 8 tokens of
-    experts whose I does not (80) to the ordinary tiles; both match the reference."""
+    """The table sends 8 tokens of int4 experts whose H and I fit its (256-deep) K tiles to the swapped tiles, and 8
+    tokens of experts whose I does not (128) to the ordinary tiles; both match the reference."""
     calls = _count_calls(monkeypatch, tm, "gate_up_down")
-    for inter, expected in ((128, ["gate_up_down"]), (80, [])):
-        (q13, s13), (q2, s2) = _experts(3, 128, inter, "int4", 0, seed=22)
-        x = torch.randn(8, 128, device=DEVICE).to(DTYPE)
+    for inter, expected in ((256, ["gate_up_down"]), (128, [])):
+        (q13, s13), (q2, s2) = _experts(3, 256, inter, "int4", 0, seed=22)
+        x = torch.randn(8, 256, device=DEVICE).to(DTYPE)
         ids, rw = _routing(8, 3, 2, seed=23)
         out = tm.fused_moe(x, ids, rw, q13, q2, precision="int4", w13_scales=s13, w2_scales=s2)
         ref = moe_experts_reference(x.float(), ids, rw, dequantize(q13, s13, "int4", 0).float(),
@@ -138,8 +138,8 @@ def test_small_batches_of_int4_experts_take_the_swapped_tiles(monkeypatch: pytes
         calls.clear()
 
 
-def test_int8_experts_take_the_swapped_tiles_from_17_tokens(monkeypatch: pytest.MonkeyPatch) -> None:
-    """int8 experts: the tiles up to 16 tokens, 16-token swapped blocks up to 48, 32-token blocks at 64 (the table's
+def test_int8_experts_take_the_swapped_tiles_above_the_gemv(monkeypatch: pytest.MonkeyPatch) -> None:
+    """int8 experts: the GEMV at 2 tokens, 16-token swapped blocks from 3 to 48, 32-token blocks at 64 (the table's
     rows), each matching the reference."""
     blocks: list[int] = []
     original = tm.gate_up_down
@@ -150,7 +150,7 @@ def test_int8_experts_take_the_swapped_tiles_from_17_tokens(monkeypatch: pytest.
 
     monkeypatch.setattr(tm, "gate_up_down", recording)
     (q13, s13), (q2, s2) = _experts(3, 128, 128, "int8", 0, seed=26)
-    for t, expected in ((8, []), (32, [16]), (64, [32])):
+    for t, expected in ((2, []), (8, [16]), (32, [16]), (64, [32])):
         x = torch.randn(t, 128, device=DEVICE).to(DTYPE)
         ids, rw = _routing(t, 3, 2, seed=27)
         out = tm.fused_moe(x, ids, rw, q13, q2, precision="int8", w13_scales=s13, w2_scales=s2)
@@ -268,8 +268,8 @@ def test_swapped_linear_matches_dequantized_reference(precision: str, group_size
 
 
 def test_decode_batches_of_int4_rows_take_the_swapped_tiles(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The table sends 32 rows of int4 (K = 256, a multiple of its K tile) to the swapped tiles, and neither one row
-    (the GEMV), nor 8 rows (the tiles measured faster there), nor 32 rows of K = 192, nor 100 rows."""
+    """The table sends 8 and 32 rows of int4 (K = 256, a multiple of its K tile) to the swapped tiles, and neither one
+    row (the GEMV), nor 32 rows of K = 192, nor 100 rows (the tiles)."""
     launched: list[tuple[int, int]] = []
     kernel = tq._swapped_matmul_kernel
 
@@ -279,7 +279,7 @@ def test_decode_batches_of_int4_rows_take_the_swapped_tiles(monkeypatch: pytest.
             return kernel[grid]
 
     monkeypatch.setattr(tq, "_swapped_matmul_kernel", Recording())
-    for m, k, taken in ((32, 256, True), (1, 256, False), (8, 256, False), (32, 192, False), (100, 256, False)):
+    for m, k, taken in ((32, 256, True), (1, 256, False), (8, 256, True), (32, 192, False), (100, 256, False)):
         w = torch.randn(48, k, device=DEVICE).to(DTYPE)
         q, s = quantize(w, "int4", 0)
         x = torch.randn(m, k, device=DEVICE).to(DTYPE)
@@ -289,11 +289,11 @@ def test_decode_batches_of_int4_rows_take_the_swapped_tiles(monkeypatch: pytest.
         launched.clear()
     q, s = quantize(torch.randn(48, 192, device=DEVICE).to(DTYPE), "int4", 0)
     with pytest.raises(ValueError, match=r"the swapped tiles cannot take 32 rows of int4 \[48, 96\]: K=192 is not a "
-                                         r"multiple of the K tile 128"):
+                                         r"multiple of the K tile 256"):
         tq.quantized_matmul(torch.randn(32, 192, device=DEVICE).to(DTYPE), q, s, "int4", 0, kernel="swapped")
-    with pytest.raises(ValueError, match=r"the swapped tiles cannot take 8 rows of int4 \[48, 96\]: no swapped "
+    with pytest.raises(ValueError, match=r"the swapped tiles cannot take 100 rows of int4 \[48, 96\]: no swapped "
                                          r"config for these rows: pass one"):
-        tq.quantized_matmul(torch.randn(8, 192, device=DEVICE).to(DTYPE), q, s, "int4", 0, kernel="swapped")
+        tq.quantized_matmul(torch.randn(100, 192, device=DEVICE).to(DTYPE), q, s, "int4", 0, kernel="swapped")
     with pytest.raises(ValueError, match=r"the swapped tiles cannot take 32 rows of int4 \[48, 96\]: tiles 16x64x16 "
                                          r"have a dot dimension under 16"):
         tq.quantized_matmul(torch.randn(32, 192, device=DEVICE).to(DTYPE), q, s, "int4", 0,
@@ -660,10 +660,50 @@ def test_float_gemv_one_row() -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("precision,group_size", [("int8", 0), ("int4", 0), ("int4", 128)])
+def test_ptx_code_conversion_is_bit_identical_to_tritons(monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype,
+                                                         precision: str, group_size: int) -> None:
+    """The inline-PTX code conversions (triton_support.code_asm) turn every code into exactly the float Triton's
+    own integer ops give: MoE outputs on the one-row GEMV (T = 1) and the swapped tiles (T = 8, 32), and a GEMV and
+    a swapped linear, are bit-identical with MOEC_CODE_ASM on and off, every code value present."""
+    gen = torch.Generator(device=DEVICE).manual_seed(5)
+    h, i = 1024, 2048
+    w13 = (torch.randn(2, 2 * i, h, generator=gen, device=DEVICE) / h**0.5).to(dtype)
+    w2 = (torch.randn(2, h, i, generator=gen, device=DEVICE) / i**0.5).to(dtype)
+    (q13, s13), (q2, s2) = quantize(w13, precision, group_size), quantize(w2, precision, group_size)
+    if precision == "int8":
+        assert torch.unique(q13).numel() == 255  # -127..127 (symmetric), negative codes included
+    else:  # nibbles hold code + 8 for codes -7..7
+        assert torch.unique(q13 & 0xF).numel() == 15 and torch.unique(q13 >> 4).numel() == 15
+    lw, ls = quantize((torch.randn(512, h, generator=gen, device=DEVICE) / 32).to(dtype), precision, group_size)
+    swapped = tm.SwappedConfig(16, 64, 128, 4, 4, 128, 128, 4, 4, 4)
+
+    def outputs() -> list[torch.Tensor]:
+        results = []
+        for t, cfg in ((1, None), (8, swapped), (32, swapped)):
+            x = torch.randn(t, h, generator=torch.Generator(device=DEVICE).manual_seed(t), device=DEVICE).to(dtype)
+            ids, rw = _routing(t, 2, 2, seed=t)
+            results.append(tm.fused_moe(x, ids, rw, q13, q2, config=cfg, precision=precision, w13_scales=s13,
+                                        w2_scales=s2, group_size=group_size))
+        for m, kw in ((1, {}), (32, {"kernel": "swapped", "config": tq.LinearConfig(32, 64, 128, 4, 4)})):
+            x = torch.randn(m, h, generator=torch.Generator(device=DEVICE).manual_seed(m), device=DEVICE).to(dtype)
+            results.append(tq.quantized_matmul(x, lw, ls, precision, group_size, **kw))
+        return results
+
+    monkeypatch.setenv("MOEC_CODE_ASM", "1")
+    with_ptx = outputs()
+    monkeypatch.setenv("MOEC_CODE_ASM", "0")
+    for a, b in zip(with_ptx, outputs()):
+        assert torch.isfinite(a).all() and torch.equal(a, b)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs CUDA")
 @pytest.mark.parametrize("group_size", [0, 128])
 def test_mixtral_int4_projection_rows_on_the_swapped_tiles(group_size: int) -> None:
-    """The compiled swapped tiles at Mixtral's qkv width, 32 and 64 rows (the table's 17-64 band), against the
-    dequantized weight in float32."""
+    """The compiled swapped tiles at Mixtral's qkv width, 32 and 64 rows (the table's 17-32 and 33-64 bands), against
+    the dequantized weight in float32."""
     w = torch.randn(6144, 4096, device=DEVICE).to(DTYPE) / 64
     q, s = quantize(w, "int4", group_size)
     ref_w = dequantize(q, s, "int4", group_size).float()

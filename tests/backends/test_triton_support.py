@@ -1,4 +1,4 @@
-"""The PDL launch rule of the torch backend's Triton kernels (backends/torch/triton_support.py)."""
+"""Launch rules of the torch backend's Triton kernels (backends/torch/triton_support.py): PDL, PTX codes."""
 
 import pytest
 import torch
@@ -22,6 +22,18 @@ def test_pdl_launch_only_on_cuda_hopper_and_not_when_switched_off(monkeypatch: p
         monkeypatch.setattr(triton_support, "_TRITON_HAS_PDL", False)
         monkeypatch.setenv("TRITON_INTERPRET", "0")
         assert triton_support.pdl_launch(x) == {}
+
+
+def test_code_conversion_in_ptx_on_compiled_kernels_unless_switched_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.delenv("MOEC_CODE_ASM", raising=False)
+    assert triton_support.code_asm()
+    monkeypatch.setenv("MOEC_CODE_ASM", "0")
+    assert not triton_support.code_asm()
+    monkeypatch.setenv("MOEC_CODE_ASM", "1")
+    assert triton_support.code_asm()
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the interpreter runs no PTX
+    assert not triton_support.code_asm()
 
 
 @pytest.mark.gpu
