@@ -61,11 +61,15 @@ def per_call_us(fn) -> float:
 
 def without_ptx(fn) -> float:
     """per_call_us with the codes converted by Triton's own integer ops (MOEC_CODE_ASM=0) instead of inline PTX."""
+    before = os.environ.get("MOEC_CODE_ASM")
     os.environ["MOEC_CODE_ASM"] = "0"
     try:
         return per_call_us(fn)
     finally:
-        del os.environ["MOEC_CODE_ASM"]
+        if before is None:
+            del os.environ["MOEC_CODE_ASM"]
+        else:
+            os.environ["MOEC_CODE_ASM"] = before
 
 
 def moe_rows(tokens: list[int], schemes: list[str], bw: float, gen: torch.Generator) -> list[str]:

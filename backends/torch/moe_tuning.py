@@ -7,6 +7,7 @@ do; the kernels change when the algorithm does. Kept apart for that reason, and 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 __all__ = ["GEMV_TABLE", "SWAPPED_TABLE", "TUNING_TABLE", "GemvConfig", "MoeConfig", "SwappedConfig", "get_config",
@@ -72,8 +73,10 @@ class GemvConfig:
 # (bench/quantized_kernels.py --sweep on the H200, fourth and fifth sessions, BENCHMARKS.md, Mixtral-8x7B experts;
 # us per call in a CUDA graph); no entry: always the tiles. The word kernels' 80-register cap (eighth session, same
 # card, bench/gemv_registers.py): T=1 int8 95.6 vs 104.1 us uncapped, int4 66.4 vs 69.1, g128 76.1 vs 80.9 (the
-# ~100 registers they take held 10 two-warp programs per SM, Nsight Compute; T=2 unchanged; 64 registers slower);
-# the whole model's batch-1 step did not move with it (within run-to-run noise, BENCHMARKS.md).
+# ~100 registers they take held 10 two-warp programs per SM, Nsight Compute; T=2 within 1% either way; a 64 cap
+# slower than 80 everywhere); the whole model's batch-1 step did not move with it (within run-to-run noise,
+# BENCHMARKS.md). The fifth-session figures below drifted: uncapped int8 T=1 measured 104.1 this session, and 95.9
+# with the PTX off (MOEC_CODE_ASM=0; the cap with the PTX off was not measured).
 GEMV_TABLE: dict[tuple[str | None, bool], tuple[int, GemvConfig]] = {
     (None, False): (2, GemvConfig(8, 512, 4, 8, 512, 4, 4)),  # bf16 T=1 168.3 vs tiles 172.2 (T=2: tiles, 269.8)
     # int8 on words, 4 per thread: T=1 95.7 / T=2 164.1 vs the byte GEMV 107.1 / 190.2 (fifth session); grouped int8
@@ -105,28 +108,36 @@ class SwappedConfig:
     group_m: int = 8
 
 
-# (precision, grouped) -> [(max tokens, config or None for the tiles)], above the GEMV table's slots. Measured on an
-# H200 at Mixtral-8x7B shapes, graph replays (bench/swapped_tiles.py, BENCHMARKS.md): seventh session, int4 T = 32
-# 351 us vs the tiles' 569 (per channel), 382 vs 541 (g128); eighth, with the codes converted in PTX
-# (triton_support.code_asm), int4 per channel on 256-deep K tiles T = 8 / 16 / 32 260.5 / 295.1 / 297.4 us against
-# the 128-deep ones' 266.4 / 306.8 / 310.6 (at T = 64 371.3 vs 351.5; g128 groups cannot take them), and on 8 warps
-# (two warpgroups per program, half the registers per thread) 257.8 / 286.7 / 286.5; int8 on 16-token blocks ahead
-# of the tiles from T = 8 (314.0 vs 327.0; T = 16 363.7 vs 370.7). Grouped int8 was not measured and keeps the
-# tiles; bf16 / fp8 experts always keep them (the swapped tiles take codes only).
+# (precision, grouped) -> rows above the GEMV table's slots. Measured on an H200 at Mixtral-8x7B shapes, graph
+# replays (bench/swapped_tiles.py, BENCHMARKS.md): seventh session, int4 T = 32 351 us vs the tiles' 569 (per
+# channel), 382 vs 541 (g128); eighth, with the codes converted in PTX (triton_support.codes_in_ptx), int4 per
+# channel on 256-deep K tiles and 8 warps (two warpgroups per program, half the registers per thread) T = 8 / 16 /
+# 32 257.8 / 286.7 / 286.5 us against the 128-deep 4-warp ones' 267.0 / 306.3 / 310.7 (T = 64: 360.5 vs 358.9;
+# g128 groups cannot take 256-deep tiles); int8 on 16-token blocks ahead of the tiles from T = 8 (314.8 vs 328.5;
+# T = 16 364.7 vs 374.2). Not timed: int4 T = 33-48 and int8 T = 3-7 (the rows' limits interpolate); grouped int8
+# (keeps the tiles); bf16 / fp8 experts always keep them (the swapped tiles take codes only).
 _INT4_SWAPPED = SwappedConfig(16, 64, 128, 4, 4, 128, 128, 4, 4, 4)
-SWAPPED_TABLE: dict[tuple[str, bool], list[tuple[int, SwappedConfig | None]]] = {
-    ("int4", False): [(48, SwappedConfig(16, 64, 256, 8, 3, 128, 256, 2, 8, 3)), (64, _INT4_SWAPPED)],
-    ("int4", True): [(64, _INT4_SWAPPED)],
-    ("int8", False): [(48, SwappedConfig(16, 32, 128, 4, 4, 64, 128, 4, 4, 4)),
-                      (64, SwappedConfig(32, 32, 128, 4, 4, 64, 128, 4, 4, 4))],
+_INT4_SWAPPED_K256 = SwappedConfig(16, 64, 256, 8, 3, 128, 256, 2, 8, 3)
+_INT8_SWAPPED = SwappedConfig(16, 32, 128, 4, 4, 64, 128, 4, 4, 4)
+# Each row: (max tokens, the configs to try in order, the first whose K tiles the experts' shapes fit; None: the
+# tiles). A K that is a multiple of 128 but not of 256 takes the 128-deep config the row falls back to.
+SWAPPED_TABLE: dict[tuple[str, bool], list[tuple[int, tuple[SwappedConfig | None, ...]]]] = {
+    ("int4", False): [(48, (_INT4_SWAPPED_K256, _INT4_SWAPPED)), (64, (_INT4_SWAPPED,))],
+    ("int4", True): [(64, (_INT4_SWAPPED,))],
+    ("int8", False): [(48, (_INT8_SWAPPED,)), (64, (SwappedConfig(32, 32, 128, 4, 4, 64, 128, 4, 4, 4),))],
 }
 
 
-def get_swapped_config(num_tokens: int, precision: str | None, group_size: int) -> SwappedConfig | None:
-    """The swapped tiles' config for `num_tokens` tokens of weight-only experts, or None where the tiles serve."""
-    for max_t, cfg in SWAPPED_TABLE.get((precision, group_size > 0), []) if precision else []:
+def get_swapped_config(num_tokens: int, precision: str | None, group_size: int,
+                       fits: Callable[[SwappedConfig], bool] = lambda cfg: True) -> SwappedConfig | None:
+    """The swapped tiles' config for `num_tokens` tokens of weight-only experts, or None where the tiles serve: in
+    the first of the table's rows at or above `num_tokens`, the first config that `fits` the experts' shapes."""
+    for max_t, options in SWAPPED_TABLE.get((precision, group_size > 0), []) if precision else []:
         if num_tokens <= max_t:
-            return cfg
+            for cfg in options:
+                if cfg is None or fits(cfg):
+                    return cfg
+            return None
     return None
 
 

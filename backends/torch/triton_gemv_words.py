@@ -21,7 +21,7 @@ Numerics: float32 products and sums as in `triton_quant`; int4 partial sums are 
 terms <= 143 * |x| (relative error ~1e-6 of a word's sum, far below the bf16 output's rounding). Which operands take
 this path: `words_unsupported_reason` (others run the byte kernels); tables: `triton_quant.GEMV_TABLE`,
 `moe_tuning.GEMV_TABLE` (`words` = WPT). The CPU interpreter runs the same arithmetic with shifts and masks instead
-of PRMT (no inline assembly there).
+of PRMT (no inline assembly there), as compiled kernels do with `MOEC_CODE_ASM=0` (triton_support.codes_in_ptx).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 
 from backends.torch.triton_support import HAVE_TRITON as _HAVE_TRITON
-from backends.torch.triton_support import code_asm, pdl_launch, tl, triton, wait_for_producers
+from backends.torch.triton_support import codes_in_ptx, pdl_launch, tl, triton, wait_for_producers
 
 __all__ = ["codes_per_word", "words_block_k", "words_unsupported_reason", "word_views"]
 
@@ -438,6 +438,6 @@ def launch_gemv_words(x2: torch.Tensor, codes: torch.Tensor, scales: torch.Tenso
     _gemv_words_kernel[(triton.cdiv(n, block_n),)](
         x_pairs, words, scales, bias if bias is not None else scales, out, n, k, words.stride(0), scales.stride(0),
         GROUP_SIZE=group_size or k, QUANT=quant, HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k,
-        EVEN_K=k % block_k == 0, PER_ROW=group_size == 0, FP16=x2.dtype == torch.float16, ASM=code_asm(),
+        EVEN_K=k % block_k == 0, PER_ROW=group_size == 0, FP16=x2.dtype == torch.float16, ASM=codes_in_ptx(),
         WPT=words_per_thread, **pdl_launch(x2), num_warps=warps, num_stages=1,
     )

@@ -65,8 +65,8 @@ from backends.torch.triton_quant import QUANT_CODES, STORAGE, scale_weights
 from compiler.fp8 import FP8_DTYPE
 
 from backends.torch.triton_support import HAVE_TRITON as _HAVE_TRITON
-from backends.torch.triton_support import code_asm, device_reason, grouped_tile_ids, interpreting, pdl_launch, tl
-from backends.torch.triton_support import triton, wait_for_producers
+from backends.torch.triton_support import (codes_in_ptx, device_reason, grouped_tile_ids, interpreting, pdl_launch,
+                                           tl, triton, wait_for_producers)
 
 __all__ = ["SUPPORTED_DTYPES", "fused_moe", "is_available", "route", "route_unsupported_reason", "unsupported_reason"]
 
@@ -685,9 +685,9 @@ def fused_moe(
             raise ValueError(f"the swapped tiles cannot take these experts: {reason}")
         swapped = config
     elif config is None and precision in STORAGE and unit_k:
-        swapped = get_swapped_config(t, precision, group_size)
-        if swapped is not None and swapped_reason(h, inter, group_size, swapped, precision) is not None:
-            swapped = None  # shapes off the swapped tiles' K grid (tiny models): the tiles take them
+        # The first table row whose K tiles these shapes fit; none (tiny models off the K grid): the tiles.
+        swapped = get_swapped_config(t, precision, group_size,
+                                     lambda cfg: swapped_reason(h, inter, group_size, cfg, precision) is None)
     cfg = swapped or config or get_config(t, h, inter, group_size, quantized=precision in STORAGE, fp8=fp8)
     bm = cfg.block_m
     x = hidden_states if hidden_states.stride(1) == 1 else hidden_states.contiguous()
@@ -923,7 +923,7 @@ def _fused_moe_words(x: torch.Tensor, ids: torch.Tensor, rw: torch.Tensor, w13: 
         x_pairs, w13_words, s13, inter_act, ids, expert_offset, inter, h,
         x_pairs.stride(0), w13_words.stride(0), w13_words.stride(1), s13.stride(0), s13.stride(1), inter_act.stride(0),
         E=num_experts, TOPK=num_slots // t, BLOCK_N=cfg.gu_block_n, BLOCK_K=gu_k, EVEN_K=h % gu_k == 0,
-        QUANT=quant, GROUP_SIZE=group_size or h, PER_ROW=group_size == 0, FP16=fp16, ASM=code_asm(),
+        QUANT=quant, GROUP_SIZE=group_size or h, PER_ROW=group_size == 0, FP16=fp16, ASM=codes_in_ptx(),
         WPT=cfg.words, **pdl_launch(x), **_register_cap(cfg), num_warps=cfg.gu_warps, num_stages=1,
     )
     dn_k = words_block_k(quant, cfg.dn_warps, cfg.words)
@@ -936,7 +936,7 @@ def _fused_moe_words(x: torch.Tensor, ids: torch.Tensor, rw: torch.Tensor, w13: 
         a_pairs.stride(0), w2_words.stride(0), w2_words.stride(1), s2.stride(0), s2.stride(1), partial.stride(0),
         partial.stride(1),
         E=num_experts, BLOCK_N=cfg.dn_block_n, BLOCK_K=dn_k, EVEN_K=inter % k_per_split == 0, QUANT=quant,
-        GROUP_SIZE=group_size or inter, PER_ROW=group_size == 0, FP16=fp16, ASM=code_asm(),
+        GROUP_SIZE=group_size or inter, PER_ROW=group_size == 0, FP16=fp16, ASM=codes_in_ptx(),
         WPT=cfg.words, **pdl_launch(x), **_register_cap(cfg), num_warps=cfg.dn_warps, num_stages=1,
     )
     return _combine_slots(partial, out, ids, expert_offset, num_experts, num_slots // t)

@@ -8,7 +8,7 @@ and the 16-row activation tile is mostly padding. Here the product is transposed
 the weights are the MMA's M side, an operand that may come straight from registers (codes dequantized in the
 registers they were loaded into), and the few token rows are its N side (16 or 32 columns). Measured on an H200
 at Mixtral shapes (bench/swapped_tiles.py, BENCHMARKS.md seventh session): int4 experts at T = 32 1.6x faster than
-the tiles (351 vs 569 us); eighth session, with the codes converted in PTX (`ASM`, triton_support.code_asm) and 8
+the tiles (351 vs 569 us); eighth session, with the codes converted in PTX (`ASM`, triton_support.codes_in_ptx) and 8
 warps, 286.5 us.
 
 Weights are read as stored (int8 codes, or bytes of int4 code pairs with k = 2j in the low nibble); int4 multiplies
@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from backends.torch.moe_tuning import SwappedConfig
-from backends.torch.triton_support import HAVE_TRITON, code_asm, grouped_tile_ids, tl, triton, wait_for_producers
+from backends.torch.triton_support import HAVE_TRITON, codes_in_ptx, grouped_tile_ids, tl, triton, wait_for_producers
 
 __all__ = ["gate_up_down", "swapped_reason"]
 
@@ -74,7 +74,7 @@ if HAVE_TRITON:
         PER_ROW: tl.constexpr,
         DOT_F32: tl.constexpr,  # interpreter only (triton_moe._dot_in_f32)
         USE_PDL: tl.constexpr = False,  # PDL launch (triton_support.pdl_launch)
-        ASM: tl.constexpr = False,  # codes to floats in PTX (triton_support.code_asm)
+        ASM: tl.constexpr = False,  # codes to floats in PTX (triton_support.codes_in_ptx)
     ):
         wait_for_producers(USE_PDL)
         pid_m, pid_n = grouped_tile_ids(tl.program_id(0), num_pid_m, tl.cdiv(N, BLOCK_N), GROUP_M)
@@ -173,7 +173,7 @@ def gate_up_down(x: torch.Tensor, w13: torch.Tensor, s13: torch.Tensor, w2: torc
         x, w13, s13, act, sorted_slots, block_expert, num_slots, nb_max, inter, hidden, x.stride(0),
         w13.stride(0), w13.stride(1), s13.stride(0), s13.stride(1), act.stride(0),
         TOPK=topk, BLOCK_M=cfg.block_m, BLOCK_N=cfg.gu_block_n, BLOCK_K=cfg.gu_block_k, GROUP_M=cfg.group_m,
-        QUANT=quant, GROUP_SIZE=group_size or hidden, PER_ROW=per_row, DOT_F32=dot_f32, ASM=code_asm(),
+        QUANT=quant, GROUP_SIZE=group_size or hidden, PER_ROW=per_row, DOT_F32=dot_f32, ASM=codes_in_ptx(),
         **pdl, num_warps=cfg.gu_warps, num_stages=cfg.gu_stages)
     bk = cfg.dn_block_k
     k_per_split = triton.cdiv(triton.cdiv(inter, max(1, cfg.dn_split_k)), bk) * bk
@@ -184,6 +184,6 @@ def gate_up_down(x: torch.Tensor, w13: torch.Tensor, s13: torch.Tensor, w2: torc
         act, w2, s2, partial, sorted_slots, block_expert, rw, num_slots, nb_max, hidden, inter, k_per_split,
         act.stride(0), w2.stride(0), w2.stride(1), s2.stride(0), s2.stride(1), partial.stride(0), partial.stride(1),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.dn_block_n, BLOCK_K=bk, GROUP_M=cfg.group_m, QUANT=quant,
-        GROUP_SIZE=group_size or inter, PER_ROW=per_row, DOT_F32=dot_f32, ASM=code_asm(),
+        GROUP_SIZE=group_size or inter, PER_ROW=per_row, DOT_F32=dot_f32, ASM=codes_in_ptx(),
         **pdl, num_warps=cfg.dn_warps, num_stages=cfg.dn_stages)
     return partial

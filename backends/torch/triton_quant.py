@@ -20,7 +20,7 @@ import torch
 
 from backends.torch.triton_gemv_words import launch_gemv_words, words_unsupported_reason
 from backends.torch.triton_support import HAVE_TRITON as _HAVE_TRITON
-from backends.torch.triton_support import (code_asm, device_reason, interpreting, pdl_launch, tl, triton,
+from backends.torch.triton_support import (codes_in_ptx, device_reason, interpreting, pdl_launch, tl, triton,
                                            wait_for_producers)
 
 __all__ = ["QUANT_CODES", "linear", "quantized_matmul", "unsupported_reason"]
@@ -69,25 +69,28 @@ if _HAVE_TRITON:
     # Codes to 16-bit floats in PTX, two codes per instruction: Triton's own integer ops on 8 / 16-bit elements
     # extract and repack every element (the swapped tiles' whole sm90 loop, bench/gemv_sass.py: 7.4 -> 5.3
     # instructions per int4 code byte, 7.5 -> 4.7 per int8 code; MoE T = 8 int4 304 -> 266 us, BENCHMARKS.md eighth
-    # session). `$N` holds the codes of two consecutive elements, the bytes [b0, b1]; PRMT spreads them into the two
-    # 16-bit lanes [b0, 0, b1, 0] that LOP3 masks and ORs into float bits. The tensor-core tiles keep Triton's ops:
-    # int8 tiles measured slower with these (T = 8 368.9 vs 327.0 us).
-    def _int4_pair_asm(bits: str, one: str, bias: str, fma: str) -> str:
+    # session). `$N` holds the codes of two of a thread's elements (Triton's pairing; the op is elementwise), the
+    # bytes [b0, b1]; PRMT spreads them into the two 16-bit lanes [b0, 0, b1, 0] that LOP3 masks and ORs into float
+    # bits. The tensor-core tiles keep Triton's ops: int8 tiles measured slower with these (T = 8 368.9 vs 327.0 us,
+    # the eighth session's first swapped_tiles run).
+    def _int4_pair_to_float_ptx(bits: str, one: str, bias: str, fma: str) -> str:
         # lane = BITS | nibble is BASE + v; BASE + v - (BASE + 8) is the code (exact: small integers).
         return ("{ .reg .b32 w, d, s, one, bias; cvt.u32.u16 w, $2; prmt.b32 d, w, 0, 0x4140; shr.u32 s, d, 4; "
                 f"lop3.b32 d, d, 0x000F000F, {bits}, 0xEA; lop3.b32 s, s, 0x000F000F, {bits}, 0xEA; "
                 f"mov.b32 one, {one}; mov.b32 bias, {bias}; {fma} $0, d, one, bias; {fma} $1, s, one, bias; }}")
 
-    INT4_PAIR_BF16 = tl.constexpr(_int4_pair_asm("0x43004300", "0x3F803F80", "0xC308C308", "fma.rn.bf16x2"))
-    INT4_PAIR_FP16 = tl.constexpr(_int4_pair_asm("0x64006400", "0x3C003C00", "0xE408E408", "fma.rn.f16x2"))
+    INT4_PAIR_TO_BF16_PTX = tl.constexpr(
+        _int4_pair_to_float_ptx("0x43004300", "0x3F803F80", "0xC308C308", "fma.rn.bf16x2"))  # 128 + v - 136
+    INT4_PAIR_TO_FP16_PTX = tl.constexpr(
+        _int4_pair_to_float_ptx("0x64006400", "0x3C003C00", "0xE408E408", "fma.rn.f16x2"))  # 1024 + v - 1032
     # int8 c in bf16 (no 8-bit mantissa at ulp 1): 128 + (c & 0x7F) (bits 0x4300 | low 7) plus -(128 + (c & 0x80)),
     # the sign bit landing on the exponent's lowest bit (0xC300 is -128, 0xC380 -256): c exactly, two's complement.
-    INT8_PAIR_BF16 = tl.constexpr(
+    INT8_PAIR_TO_BF16_PTX = tl.constexpr(
         "{ .reg .b32 w, d, v, b, one; cvt.u32.u16 w, $1; prmt.b32 d, w, 0, 0x4140; "
         "lop3.b32 v, d, 0x007F007F, 0x43004300, 0xEA; lop3.b32 b, d, 0x00800080, 0xC300C300, 0xEA; "
         "mov.b32 one, 0x3F803F80; fma.rn.bf16x2 $0, v, one, b; }")
     # fp16 has ulp 1 up to 2048: 1024 + (c ^ 0x80), that is 1024 + c + 128, minus 1152 (0xE480).
-    INT8_PAIR_FP16 = tl.constexpr(
+    INT8_PAIR_TO_FP16_PTX = tl.constexpr(
         "{ .reg .b32 w, d, v, b, one; cvt.u32.u16 w, $1; prmt.b32 d, w, 0, 0x4140; "
         "lop3.b32 v, d, 0x00800080, 0x64006400, 0xBE; mov.b32 b, 0xE480E480; "
         "mov.b32 one, 0x3C003C00; fma.rn.f16x2 $0, v, one, b; }")
@@ -96,14 +99,17 @@ if _HAVE_TRITON:
     def int4_codes(packed, act: tl.constexpr, ASM: tl.constexpr = False):
         """Bytes of int4 code pairs (k = 2j low nibble, 2j+1 high) -> (even-k codes, odd-k codes) as exact integers
         in the float dtype `act` (bfloat16 / float16), in two integer ops and a subtraction each (ASM: in PTX on
-        two bytes at a time, `_int4_pair_asm`)."""
+        two bytes at a time, `_int4_pair_to_float_ptx`)."""
         if ASM:
             if act == tl.bfloat16:
-                low, high = tl.inline_asm_elementwise(asm=INT4_PAIR_BF16, constraints="=r,=r,h", args=[packed],
-                                                      dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=2)
+                low, high = tl.inline_asm_elementwise(asm=INT4_PAIR_TO_BF16_PTX, constraints="=r,=r,h",
+                                                      args=[packed], dtype=(tl.bfloat16, tl.bfloat16),
+                                                      is_pure=True, pack=2)
             else:
-                low, high = tl.inline_asm_elementwise(asm=INT4_PAIR_FP16, constraints="=r,=r,h", args=[packed],
-                                                      dtype=(tl.float16, tl.float16), is_pure=True, pack=2)
+                tl.static_assert(act == tl.float16, "int4 codes convert to bfloat16 or float16")
+                low, high = tl.inline_asm_elementwise(asm=INT4_PAIR_TO_FP16_PTX, constraints="=r,=r,h",
+                                                      args=[packed], dtype=(tl.float16, tl.float16),
+                                                      is_pure=True, pack=2)
             return low, high
         # Nibble v (code + 8, in [0, 15]) to a float with no arithmetic: the bits of BASE + v, where BASE is the
         # power of two whose unit in the last place is 1 (bf16 128 = 0x4300, fp16 1024 = 0x6400).
@@ -122,15 +128,16 @@ if _HAVE_TRITON:
     @triton.jit
     def int8_codes(codes, act: tl.constexpr, ASM: tl.constexpr = False):
         """int8 codes -> the same integers in the float dtype `act` (exact: |c| <= 128); ASM: in PTX, two at a
-        time (INT8_PAIR_BF16 / INT8_PAIR_FP16)."""
+        time (INT8_PAIR_TO_BF16_PTX / INT8_PAIR_TO_FP16_PTX)."""
         if not ASM:
             out = codes.to(act)
         elif act == tl.bfloat16:
-            out = tl.inline_asm_elementwise(asm=INT8_PAIR_BF16, constraints="=r,h", args=[codes], dtype=tl.bfloat16,
-                                            is_pure=True, pack=2)
+            out = tl.inline_asm_elementwise(asm=INT8_PAIR_TO_BF16_PTX, constraints="=r,h", args=[codes],
+                                            dtype=tl.bfloat16, is_pure=True, pack=2)
         else:
-            out = tl.inline_asm_elementwise(asm=INT8_PAIR_FP16, constraints="=r,h", args=[codes], dtype=tl.float16,
-                                            is_pure=True, pack=2)
+            tl.static_assert(act == tl.float16, "int8 codes convert to bfloat16 or float16")
+            out = tl.inline_asm_elementwise(asm=INT8_PAIR_TO_FP16_PTX, constraints="=r,h", args=[codes],
+                                            dtype=tl.float16, is_pure=True, pack=2)
         return out
 
     @triton.jit
@@ -573,7 +580,7 @@ if _HAVE_TRITON:
         DOT_F32: tl.constexpr,
         PER_ROW: tl.constexpr = False,
         USE_PDL: tl.constexpr = False,  # PDL launch (triton_support.pdl_launch)
-        ASM: tl.constexpr = False,  # codes to floats in PTX (triton_support.code_asm)
+        ASM: tl.constexpr = False,  # codes to floats in PTX (triton_support.codes_in_ptx)
     ):
         # out^T tile [BN, BM] = w [BN, K] @ x [BM, K]^T: the dequantized codes are the MMA's register operand (see
         # triton_moe_swapped, whose expert tiles this is the dense case of).
@@ -642,13 +649,17 @@ GEMV_TABLE: dict[tuple[str | None, bool], tuple[int, LinearConfig]] = {
 # o 4096x4096 at M = 32: int4 19.3 / 18.7 us vs the tiles' 38.9 / 22.4, g128 19.6 / 19.2 vs 42.0 / 26.7; at M = 8
 # the tiles win per qkv + o pair (int4 25.7 us vs 27.1 for the best swapped pair, whose qkv alone is faster: 13.6 vs
 # 15.3), and int8 is faster on the tiles at both (M = 32, qkv: 17.4 vs 18.5). Eighth session, codes converted in PTX
-# (triton_support.code_asm): int4 per channel on 16-row, 256-deep tiles at M = 32 17.1 / 11.7 us against the 32x64
-# tiles' 17.6 / 17.1, at M = 8 11.6 / 11.3 against the ordinary tiles' 15.3 / 10.4 (g128 groups cannot take
-# 256-deep K tiles; at M = 8 their best swapped pair, 28.2 us, ties the tiles' 28.0).
+# (triton_support.codes_in_ptx): int4 per channel on 16-row, 256-deep tiles at M = 32 17.1 / 11.6 us against the
+# 32x64 tiles' 17.6 / 17.1, at M = 8 11.6 / 11.3 against the ordinary tiles' 15.3 / 10.4 (g128 groups cannot take
+# 256-deep K tiles; at M = 8 their best swapped pair, 28.2 us, ties the tiles' 27.9).
+# Each row: (max M, the configs to try in order, the first whose K tiles K fits; None: the ordinary tiles). A K that
+# is a multiple of 128 but not of 256 takes what the row falls back to: the seventh session's choice there.
 _INT4_SWAPPED_LINEAR = LinearConfig(32, 64, 128, 4, 4)
-SWAPPED_LINEAR_TABLE: dict[tuple[str, bool], list[tuple[int, LinearConfig | None]]] = {
-    ("int4", False): [(32, LinearConfig(16, 64, 256, 4, 3)), (64, _INT4_SWAPPED_LINEAR)],
-    ("int4", True): [(16, None), (64, _INT4_SWAPPED_LINEAR)],
+_INT4_SWAPPED_LINEAR_K256 = LinearConfig(16, 64, 256, 4, 3)
+SWAPPED_LINEAR_TABLE: dict[tuple[str, bool], list[tuple[int, tuple[LinearConfig | None, ...]]]] = {
+    ("int4", False): [(16, (_INT4_SWAPPED_LINEAR_K256, None)), (32, (_INT4_SWAPPED_LINEAR_K256, _INT4_SWAPPED_LINEAR)),
+                      (64, (_INT4_SWAPPED_LINEAR,))],
+    ("int4", True): [(16, (None,)), (64, (_INT4_SWAPPED_LINEAR,))],
 }
 
 
@@ -666,12 +677,18 @@ def swapped_linear_reason(k: int, group_size: int, cfg: LinearConfig, precision:
 
 def swapped_linear_config(m: int, k: int, group_size: int, precision: str,
                           fitting: bool = True) -> LinearConfig | None:
-    """The swapped tiles' config for M rows of this precision where the table has one (and, `fitting`, K fits
-    it), else None."""
-    for max_m, cfg in SWAPPED_LINEAR_TABLE.get((precision, group_size > 0), []):
+    """The swapped tiles' config for M rows of this precision: in the first of the table's rows at or above M, the
+    first config whose K tiles K fits; None where that is the ordinary tiles or none fits. Not `fitting`: the row's
+    first swapped config even where K does not fit it (its reason is then the error)."""
+    for max_m, options in SWAPPED_LINEAR_TABLE.get((precision, group_size > 0), []):
         if m <= max_m:
-            fits = cfg is not None and swapped_linear_reason(k, group_size, cfg, precision) is None
-            return cfg if fits or not fitting else None
+            for cfg in options:
+                if cfg is None:
+                    if fitting:
+                        return None  # the row's choice here: the ordinary tiles
+                elif swapped_linear_reason(k, group_size, cfg, precision) is None:
+                    return cfg
+            return None if fitting else next((cfg for cfg in options if cfg is not None), None)
     return None
 
 
@@ -762,7 +779,7 @@ def quantized_matmul(
             x2, w, s, bias if bias is not None else s, out, m, n, k, x2.stride(0), w.stride(0), s.stride(0),
             out.stride(0), GROUP_SIZE=group_size or k, QUANT=QUANT_CODES[precision], HAS_BIAS=bias is not None,
             BLOCK_M=swapped.block_m, BLOCK_N=swapped.block_n, BLOCK_K=swapped.block_k,
-            DOT_F32=x.dtype == torch.bfloat16 and interpreting(), PER_ROW=group_size == 0, ASM=code_asm(),
+            DOT_F32=x.dtype == torch.bfloat16 and interpreting(), PER_ROW=group_size == 0, ASM=codes_in_ptx(),
             **pdl_launch(x), num_warps=swapped.warps, num_stages=swapped.stages)
         return out.reshape(*lead, n)
     cfg = config if config is not None else linear_config(m, n, k, group_size, precision)

@@ -28,7 +28,7 @@ except ImportError:  # pragma: no cover - exercised only without triton
     tl = None  # type: ignore[assignment]
     HAVE_TRITON = False
 
-__all__ = ["HAVE_TRITON", "code_asm", "device_reason", "grouped_tile_ids", "interpreting", "pdl_launch", "tl", "triton",
+__all__ = ["HAVE_TRITON", "codes_in_ptx", "device_reason", "grouped_tile_ids", "interpreting", "pdl_launch", "tl", "triton",
            "wait_for_producers"]
 
 
@@ -37,10 +37,11 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def code_asm() -> bool:
-    """Whether kernels that take `ASM` turn weight codes into 16-bit floats with inline PTX (a few integer ops per
-    pair of codes, `triton_quant.int4_codes_asm` / `int8_codes_asm`): on compiled kernels unless `MOEC_CODE_ASM` is
-    "0" (comparisons); the interpreter runs no PTX."""
+def codes_in_ptx() -> bool:
+    """Whether kernels that take `ASM` turn weight codes into floats with inline PTX (`triton_quant.int4_codes` /
+    `int8_codes` in the swapped tiles: a few integer ops per pair of codes; `triton_gemv_words._byte_floats` in the
+    word GEMVs: one PRMT per code): on compiled kernels unless `MOEC_CODE_ASM` is "0" (comparisons); the
+    interpreter runs no PTX."""
     return not interpreting() and os.environ.get("MOEC_CODE_ASM", "1") != "0"
 
 

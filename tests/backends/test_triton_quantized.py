@@ -67,6 +67,19 @@ def _count_calls(monkeypatch: pytest.MonkeyPatch, module, name: str) -> list[str
     return calls
 
 
+def _swapped_configs(monkeypatch: pytest.MonkeyPatch) -> list:
+    """The SwappedConfig of every swapped-tiles call of `fused_moe` from now on (the calls still run)."""
+    configs = []
+    original = tm.gate_up_down
+
+    def recording(*args, **kwargs):
+        configs.append(args[11])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(tm, "gate_up_down", recording)
+    return configs
+
+
 def _experts(e: int, h: int, i: int, precision: str, group_size: int, seed: int):
     gen = torch.Generator(device=DEVICE).manual_seed(seed)
     w13 = (torch.randn(e, 2 * i, h, generator=gen, device=DEVICE) / h**0.5).to(DTYPE)
@@ -123,41 +136,37 @@ def test_swapped_tiles_match_the_dequantized_reference(precision: str, group_siz
 
 
 def test_small_batches_of_int4_experts_take_the_swapped_tiles(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The table sends 8 tokens of int4 experts whose H and I fit its (256-deep) K tiles to the swapped tiles, and 8
-    tokens of experts whose I does not (128) to the ordinary tiles; both match the reference."""
-    calls = _count_calls(monkeypatch, tm, "gate_up_down")
-    for inter, expected in ((256, ["gate_up_down"]), (128, [])):
-        (q13, s13), (q2, s2) = _experts(3, 256, inter, "int4", 0, seed=22)
-        x = torch.randn(8, 256, device=DEVICE).to(DTYPE)
+    """The table sends 8 tokens of int4 experts to the swapped tiles: 256-deep K tiles where H and I are multiples of
+    256, the row's 128-deep fallback where they are multiples of 128 only, and the ordinary tiles where I (80) fits
+    neither; each matches the reference."""
+    configs = _swapped_configs(monkeypatch)
+    for hidden, inter, expected in ((256, 256, [256]), (128, 128, [128]), (128, 80, [])):
+        (q13, s13), (q2, s2) = _experts(3, hidden, inter, "int4", 0, seed=22)
+        x = torch.randn(8, hidden, device=DEVICE).to(DTYPE)
         ids, rw = _routing(8, 3, 2, seed=23)
         out = tm.fused_moe(x, ids, rw, q13, q2, precision="int4", w13_scales=s13, w2_scales=s2)
         ref = moe_experts_reference(x.float(), ids, rw, dequantize(q13, s13, "int4", 0).float(),
                                     dequantize(q2, s2, "int4", 0).float())
         assert _rel(out, ref) < RTOL[DTYPE]
-        assert calls == expected, f"I={inter}: {calls}"
-        calls.clear()
+        depths = [cfg.gu_block_k for cfg in configs]
+        assert depths == expected, f"H={hidden} I={inter}: {depths}"
+        configs.clear()
 
 
 def test_int8_experts_take_the_swapped_tiles_above_the_gemv(monkeypatch: pytest.MonkeyPatch) -> None:
     """int8 experts: the GEMV at 2 tokens, 16-token swapped blocks from 3 to 48, 32-token blocks at 64 (the table's
     rows), each matching the reference."""
-    blocks: list[int] = []
-    original = tm.gate_up_down
-
-    def recording(*args, **kwargs):
-        blocks.append(args[11].block_m)  # the SwappedConfig
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(tm, "gate_up_down", recording)
+    configs = _swapped_configs(monkeypatch)
     (q13, s13), (q2, s2) = _experts(3, 128, 128, "int8", 0, seed=26)
-    for t, expected in ((2, []), (8, [16]), (32, [16]), (64, [32])):
+    for t, expected in ((2, []), (3, [16]), (32, [16]), (64, [32])):
         x = torch.randn(t, 128, device=DEVICE).to(DTYPE)
         ids, rw = _routing(t, 3, 2, seed=27)
         out = tm.fused_moe(x, ids, rw, q13, q2, precision="int8", w13_scales=s13, w2_scales=s2)
         ref = moe_experts_reference(x.float(), ids, rw, dequantize(q13, s13, "int8", 0).float(),
                                     dequantize(q2, s2, "int8", 0).float())
+        blocks = [cfg.block_m for cfg in configs]
         assert _rel(out, ref) < RTOL[DTYPE] and blocks == expected, (t, blocks)
-        blocks.clear()
+        configs.clear()
 
 
 def test_swapped_tiles_reject_float_experts_and_off_grid_shapes() -> None:
@@ -268,8 +277,9 @@ def test_swapped_linear_matches_dequantized_reference(precision: str, group_size
 
 
 def test_decode_batches_of_int4_rows_take_the_swapped_tiles(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The table sends 8 and 32 rows of int4 (K = 256, a multiple of its K tile) to the swapped tiles, and neither one
-    row (the GEMV), nor 32 rows of K = 192, nor 100 rows (the tiles)."""
+    """The table sends 8 and 32 rows of int4 (K = 256) to the 256-deep swapped tiles, 32 rows of K = 128 to the
+    128-deep fallback of its row, and neither one row (the GEMV), nor 8 rows of K = 128 (that row's fallback: the
+    tiles), nor 32 rows of K = 192, nor 100 rows (the tiles)."""
     launched: list[tuple[int, int]] = []
     kernel = tq._swapped_matmul_kernel
 
@@ -279,7 +289,8 @@ def test_decode_batches_of_int4_rows_take_the_swapped_tiles(monkeypatch: pytest.
             return kernel[grid]
 
     monkeypatch.setattr(tq, "_swapped_matmul_kernel", Recording())
-    for m, k, taken in ((32, 256, True), (1, 256, False), (8, 256, True), (32, 192, False), (100, 256, False)):
+    for m, k, taken in ((32, 256, True), (32, 128, True), (1, 256, False), (8, 256, True), (8, 128, False),
+                        (32, 192, False), (100, 256, False)):
         w = torch.randn(48, k, device=DEVICE).to(DTYPE)
         q, s = quantize(w, "int4", 0)
         x = torch.randn(m, k, device=DEVICE).to(DTYPE)
@@ -419,6 +430,14 @@ def test_words_need_whole_words(monkeypatch: pytest.MonkeyPatch) -> None:
         out = tq.quantized_matmul(row, codes, s, "int4", 0, config=words, kernel="gemv")
         assert _rel(out, row.float() @ w.T) < RTOL[DTYPE]
         assert len(word_calls) - before == int(on_words)
+
+
+def test_word_gemv_register_cap_reaches_the_launch() -> None:
+    """The int4 / int8 word GEMVs' table entries carry the 80-register cap, passed to Triton as `maxnreg`."""
+    cfg = get_gemv_config(2, 4096, 14336, 0, "int4")
+    assert cfg.words and cfg.max_regs == 80 and get_gemv_config(2, 4096, 14336, 0, "int8").max_regs == 80
+    assert tm._register_cap(cfg) == {"maxnreg": 80}
+    assert tm._register_cap(GemvConfig(4, 256, 2, 8, 256, 4, 2, words=2)) == {}
 
 
 def test_gemv_tables_pick_the_decode_path_for_a_handful_of_slots() -> None:
@@ -664,7 +683,7 @@ def test_float_gemv_one_row() -> None:
 @pytest.mark.parametrize("precision,group_size", [("int8", 0), ("int4", 0), ("int4", 128)])
 def test_ptx_code_conversion_is_bit_identical_to_tritons(monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype,
                                                          precision: str, group_size: int) -> None:
-    """The inline-PTX code conversions (triton_support.code_asm) turn every code into exactly the float Triton's
+    """The inline-PTX code conversions (triton_support.codes_in_ptx) turn every code into exactly the float Triton's
     own integer ops give: MoE outputs on the one-row GEMV (T = 1) and the swapped tiles (T = 8, 32), and a GEMV and
     a swapped linear, are bit-identical with MOEC_CODE_ASM on and off, every code value present."""
     gen = torch.Generator(device=DEVICE).manual_seed(5)
@@ -702,8 +721,8 @@ def test_ptx_code_conversion_is_bit_identical_to_tritons(monkeypatch: pytest.Mon
 @pytest.mark.skipif(not ON_GPU, reason="needs CUDA")
 @pytest.mark.parametrize("group_size", [0, 128])
 def test_mixtral_int4_projection_rows_on_the_swapped_tiles(group_size: int) -> None:
-    """The compiled swapped tiles at Mixtral's qkv width, 32 and 64 rows (the table's 17-32 and 33-64 bands), against
-    the dequantized weight in float32."""
+    """The compiled swapped tiles at Mixtral's qkv width, 32 and 64 rows (the table's 16x64 K-256 band up to 32 rows
+    and its 32x64 band above), against the dequantized weight in float32."""
     w = torch.randn(6144, 4096, device=DEVICE).to(DTYPE) / 64
     q, s = quantize(w, "int4", group_size)
     ref_w = dequantize(q, s, "int4", group_size).float()

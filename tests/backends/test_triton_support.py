@@ -25,15 +25,16 @@ def test_pdl_launch_only_on_cuda_hopper_and_not_when_switched_off(monkeypatch: p
 
 
 def test_code_conversion_in_ptx_on_compiled_kernels_unless_switched_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The PTX code conversion is on for compiled kernels, off with MOEC_CODE_ASM=0 and under the interpreter."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     monkeypatch.delenv("MOEC_CODE_ASM", raising=False)
-    assert triton_support.code_asm()
+    assert triton_support.codes_in_ptx()
     monkeypatch.setenv("MOEC_CODE_ASM", "0")
-    assert not triton_support.code_asm()
+    assert not triton_support.codes_in_ptx()
     monkeypatch.setenv("MOEC_CODE_ASM", "1")
-    assert triton_support.code_asm()
+    assert triton_support.codes_in_ptx()
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # the interpreter runs no PTX
-    assert not triton_support.code_asm()
+    assert not triton_support.codes_in_ptx()
 
 
 @pytest.mark.gpu
