@@ -28,8 +28,8 @@ except ImportError:  # pragma: no cover - exercised only without triton
     tl = None  # type: ignore[assignment]
     HAVE_TRITON = False
 
-__all__ = ["HAVE_TRITON", "codes_in_ptx", "device_reason", "grouped_tile_ids", "interpreting", "pdl_launch", "tl", "triton",
-           "wait_for_producers"]
+__all__ = ["HAVE_TRITON", "codes_in_ptx", "device_reason", "grouped_tile_ids", "interpreting",
+           "pdl_launch", "tl", "triton", "wait_for_producers"]
 
 
 def interpreting() -> bool:

@@ -432,12 +432,37 @@ def test_words_need_whole_words(monkeypatch: pytest.MonkeyPatch) -> None:
         assert len(word_calls) - before == int(on_words)
 
 
-def test_word_gemv_register_cap_reaches_the_launch() -> None:
-    """The int4 / int8 word GEMVs' table entries carry the 80-register cap, passed to Triton as `maxnreg`."""
-    cfg = get_gemv_config(2, 4096, 14336, 0, "int4")
-    assert cfg.words and cfg.max_regs == 80 and get_gemv_config(2, 4096, 14336, 0, "int8").max_regs == 80
-    assert tm._register_cap(cfg) == {"maxnreg": 80}
-    assert tm._register_cap(GemvConfig(4, 256, 2, 8, 256, 4, 2, words=2)) == {}
+def test_word_gemv_register_cap_reaches_the_launch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The int4 / int8 word GEMVs' table entries carry the 80-register cap; both word kernels are launched with it
+    as Triton's `maxnreg` (and without it for an uncapped config), and the capped call matches the reference."""
+    import backends.torch.triton_gemv_words as tw
+
+    assert get_gemv_config(2, 4096, 14336, 0, "int4").max_regs == 80
+    assert get_gemv_config(2, 4096, 14336, 0, "int8").max_regs == 80
+    caps: list[object] = []
+
+    class Recording:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                caps.append(kwargs.get("maxnreg"))
+                return self.kernel[grid](*args, **kwargs)
+            return launch
+
+    for name in ("_gate_up_words_kernel", "_down_words_kernel"):
+        monkeypatch.setattr(tw, name, Recording(getattr(tw, name)))
+    (q13, s13), (q2, s2) = _experts(2, 128, 128, "int4", 0, seed=31)
+    x = torch.randn(1, 128, device=DEVICE).to(DTYPE)
+    ids, rw = _routing(1, 2, 2, seed=32)
+    for max_regs, expected in ((80, [80, 80]), (0, [None, None])):
+        cfg = GemvConfig(4, 64, 1, 8, 64, 2, 1, words=2, max_regs=max_regs)
+        out = tm.fused_moe(x, ids, rw, q13, q2, config=cfg, precision="int4", w13_scales=s13, w2_scales=s2)
+        ref = moe_experts_reference(x.float(), ids, rw, dequantize(q13, s13, "int4", 0).float(),
+                                    dequantize(q2, s2, "int4", 0).float())
+        assert _rel(out, ref) < RTOL[DTYPE] and caps == expected, caps
+        caps.clear()
 
 
 def test_gemv_tables_pick_the_decode_path_for_a_handful_of_slots() -> None:
