@@ -24,7 +24,9 @@ host's ~0.17 ms graph launch overlaps the GPU's work) and one synchronized step 
 copied, graph launched, end event, sync: the host's launch is then on the clock); an eager 2048-token prefill
 against the FLOP floor (bf16 GEMM rate measured in this run). `--timeline` charges each replayed step's time to its
 kernels (`graph_timeline`). `--pdl-off-too` times every decode batch a second time with programmatic dependent
-launch off (`MOEC_PDL=0`, backends/torch/triton_support.py).
+launch off (`MOEC_PDL=0`, backends/torch/triton_support.py); `--combine-variants 0,attention,moe` once more per
+value of `MOEC_COMBINE_IN_KERNEL` (0: the attention splits and the MoE slots summed by separate combine kernels,
+not by the last program to arrive; `attention` / `moe`: only that one in the kernel).
 """
 
 from __future__ import annotations
@@ -244,12 +246,19 @@ def main() -> None:
     ap.add_argument("--markdown", default=None)
     ap.add_argument("--pdl-off-too", action="store_true",
                     help="also time each decode batch with programmatic dependent launch off (MOEC_PDL=0)")
+    ap.add_argument("--combine-variants", default="",
+                    help="also time each decode batch under these MOEC_COMBINE_IN_KERNEL values (comma-separated)")
     ap.add_argument("--timeline", action="store_true",
                     help="charge each decode batch's replayed-graph wall time to its kernels (graph_timeline)")
     ap.add_argument("--profile-prefill", action="store_true",
                     help="profile one eager prefill of --prefill tokens per pipeline instead of a decode step")
     args = ap.parse_args()
-    user_pdl = os.environ.get("MOEC_PDL", "1")  # the main rows run as the caller set it
+    # (label, environment) of each timing of a decode batch; the main rows run as the caller set the environment
+    variants = [("", {})]
+    if args.pdl_off_too:
+        variants.append(("PDL off", {"MOEC_PDL": "0"}))
+    for value in filter(None, args.combine_variants.split(",")):
+        variants.append((f"MOEC_COMBINE_IN_KERNEL={value}", {"MOEC_COMBINE_IN_KERNEL": value}))
 
     from bench.generate import Timer, prefill_flops
     from bench.moe_kernel import measure_copy_bw, measure_gemm_rate
@@ -295,7 +304,7 @@ def main() -> None:
             report += profile_step(executable, caches, ids, position, args.layers) + [""]
         log("\n".join(report[-12:]))
         del caches
-        cells, cells_off = [], []
+        cells = {label: [] for label, _ in variants}
         for batch in batches:
             caches = executable.allocate_caches(batch)
             fill_caches(caches, gen)
@@ -303,29 +312,32 @@ def main() -> None:
             position = torch.full((batch,), args.context, dtype=torch.int64, device="cuda")
             weights, kv = step_bytes(config, batch, args.context, name)
             floor = (weights + kv) / copy_bw
-            for pdl_off in ([False, True] if args.pdl_off_too else [False]):
-                if pdl_off:  # read at every launch: the graph is captured again with PDL off
-                    os.environ["MOEC_PDL"] = "0"
-                    executable._decode_graphs.pop(batch, None)
+            for label, env in variants:
+                saved = {key: os.environ.get(key) for key in env}
+                os.environ.update(env)  # read at every launch: the graph is captured again under this environment
+                executable._decode_graphs.pop(batch, None)
+                tag = f" ({label})" if label else ""
                 seconds = timer(lambda: executable.decode_graph_step(ids, position, caches), repeats=args.steps)
                 queued, host_s, replay_s = back_to_back(executable, caches, ids, position, args.steps)
-                report += [f"Batch {batch}{' (PDL off)' if pdl_off else ''}: synchronized step "
+                report += [f"Batch {batch}{tag}: synchronized step "
                            f"{seconds * 1e3:.3f} ms; {args.steps} steps back to back {queued * 1e3:.3f} ms each; "
                            f"host {host_s * 1e6:.0f} us per decode_graph_step, {replay_s * 1e6:.0f} us per bare graph "
                            "replay", ""]
                 log(report[-2])
-                if args.timeline and not pdl_off:
+                if args.timeline and not label:
                     try:
                         report += graph_timeline(executable, caches, ids, position, args.layers) + [""]
                     except Exception as exc:  # a profiler that cannot see graph kernels: say so, keep the run
                         report += [f"(timeline failed: {type(exc).__name__}: {exc})", ""]
                     log("\n".join(report[-40:]))
-                (cells_off if pdl_off else cells).append(
+                cells[label].append(
                     f"{queued * 1e3:.3f} ({queued / floor:.2f}); synced {seconds * 1e3:.3f} ({seconds / floor:.2f})")
-                log(f"{name} decode batch {batch}{' (PDL off)' if pdl_off else ''}: {seconds * 1e3:.3f} ms/step, "
-                    f"floor {floor * 1e3:.3f} ms")
-            if args.pdl_off_too:
-                os.environ["MOEC_PDL"] = user_pdl
+                log(f"{name} decode batch {batch}{tag}: {seconds * 1e3:.3f} ms/step, floor {floor * 1e3:.3f} ms")
+                for key, value in saved.items():
+                    if value is None:
+                        os.environ.pop(key, None)
+                    else:
+                        os.environ[key] = value
             executable._decode_graphs.pop(batch, None)
             del caches
             torch.cuda.empty_cache()
@@ -339,9 +351,9 @@ def main() -> None:
             log(f"{name} prefill {args.prefill}: {prefill * 1e3:.2f} ms, FLOP floor {flop_floor * 1e3:.2f} ms")
             prefill_cell = f"{prefill * 1e3:.2f} ({prefill / flop_floor:.2f})"
             del caches
-        summary.append(f"| {name} | {weights_gb:.2f} | " + " | ".join(cells) + f" | {prefill_cell} |")
-        if cells_off:
-            summary.append(f"| {name}, PDL off | | " + " | ".join(cells_off) + " | |")
+        summary.append(f"| {name} | {weights_gb:.2f} | " + " | ".join(cells[""]) + f" | {prefill_cell} |")
+        for label, _ in variants[1:]:
+            summary.append(f"| {name}, {label} | | " + " | ".join(cells[label]) + " | |")
         del executable, compiled
         torch.cuda.empty_cache()
         text = "\n".join(report[:2] + summary + [""] + report[2:])

@@ -12,13 +12,15 @@ Three kernels, none of which reads anything back to the host, so a whole step ca
    j > pos_b + i - window), read from the cache after the write, so a first prefill (pos_b = 0) and a chunk that
    continues a cached prefix are the same code. Key blocks that every row of the program sees run unmasked; only
    the diagonal (and, with a window, the window's edge) blocks pay for the mask. Scores never reach memory.
-3. ``_decode_kernel`` + ``_decode_combine_kernel`` (S == 1): flash decoding. One program per (sequence, kv head,
+3. ``_decode_kernel`` (S == 1; ``_decode_combine_kernel`` only where asked): flash decoding. One program per (sequence, kv head,
    split): the G query heads of a kv group are the rows of one tile (padded to 16, the smallest ``tl.dot``), so
    each K/V byte is read once for all of them. Sequence b's visible slots [start_b, pos_b] are cut into ``splits``
    equal chunks (a multiple of BLOCK_N each); a split past the end returns at once. The split holding slot pos_b
    also writes the step's k/v there and attends that slot from registers (so decode needs no write launch). Each
-   split writes its normalized partial output and log-sum-exp in float32; the combine kernel merges the splits
-   that sequence used. With one split the decode kernel writes the output itself.
+   split writes its normalized partial output and log-sum-exp in float32, and the last split of a (sequence, kv
+   head) to finish merges them only with MOEC_COMBINE_IN_KERNEL=1 (`triton_support.last_to_arrive`, opt-in: slower); by
+   default the combine kernel merges the splits that sequence used. With one split the decode kernel writes
+   the output itself.
 
 `moec.rope_cached_attention` (``rotary=(cos, sin)``) is the same op on q and k rotated first. Decode rotates inside
 ``_decode_kernel`` (ROPE): q as it is loaded, the step's k before it is written and attended, with the rope kernel's
@@ -41,7 +43,7 @@ import torch
 from backends.torch import triton_norm
 from backends.torch.triton_attention_kernels import _HAVE_TRITON, triton
 from backends.torch.triton_fp8 import capability_reason
-from backends.torch.triton_support import pdl_launch
+from backends.torch.triton_support import arrival_counters, combine_in_kernel, pdl_launch
 
 if _HAVE_TRITON:
     from backends.torch.triton_attention_kernels import (
@@ -261,6 +263,7 @@ def decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Ten
     else:
         part_acc = part_lse = out  # unused
     window = sliding_window > 0
+    combine = splits > 1 and combine_in_kernel("attention")  # else the combine kernel merges the splits
     k, v = _precast_for_interpreter(k, v, k_cache.dtype)
     cos, sin, rotary_batch_stride = triton_norm.rotary_operands(*rotary) if rotary is not None else (q, q, 0)
     _decode_kernel[(batch, kv_heads, splits)](
@@ -272,10 +275,12 @@ def decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Ten
         GROUP=group, BLOCK_G=max(16, _next_pow2(group)), D=head_dim, BLOCK_D=_next_pow2(head_dim),
         BLOCK_N=cfg.block_n, SINGLE=splits == 1, WINDOW=window, PRECISION=_precision(q.dtype),
         DOT_F32=_dot_in_f32(q.dtype), FP8_CACHE=k_cache.dtype == FP8_CACHE_DTYPE,
-        EMULATE_FP8=k_cache.dtype == FP8_CACHE_DTYPE and _interpreting(), ROPE=rotary is not None, **pdl_launch(q),
+        EMULATE_FP8=k_cache.dtype == FP8_CACHE_DTYPE and _interpreting(), ROPE=rotary is not None,
+        COMBINE=combine, SPLITS_P=_next_pow2(splits), GROUP_P=_next_pow2(group),
+        counter_ptr=arrival_counters(q.device, batch * kv_heads) if combine else part_lse, **pdl_launch(q),
         num_warps=cfg.warps, num_stages=cfg.stages,
     )
-    if splits > 1:
+    if splits > 1 and not combine:
         _decode_combine_kernel[(batch * q_heads,)](
             part_acc, part_lse, cache_position, out, q_heads, sliding_window, out.stride(0), out.stride(2), splits,
             D=head_dim, BLOCK_D=_next_pow2(head_dim), BLOCK_N=cfg.block_n, SPLITS_P=_next_pow2(splits),

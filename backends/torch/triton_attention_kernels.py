@@ -8,7 +8,7 @@ this module holds only the `@triton.jit` bodies, so the launch logic reads on it
 from __future__ import annotations
 
 from backends.torch.triton_support import HAVE_TRITON as _HAVE_TRITON
-from backends.torch.triton_support import tl, triton, wait_for_producers
+from backends.torch.triton_support import last_to_arrive, tl, triton, wait_for_producers
 
 if _HAVE_TRITON:
     from backends.torch.triton_fp8 import fp8_codes
@@ -251,6 +251,10 @@ if _HAVE_TRITON:
         FP8_CACHE: tl.constexpr = False,
         EMULATE_FP8: tl.constexpr = False,
         ROPE: tl.constexpr = False,  # q and the step's k are unrotated: rotate them here (moec.rope_cached_attention)
+        COMBINE: tl.constexpr = False,  # not SINGLE: the last split to arrive merges the splits (no combine launch)
+        SPLITS_P: tl.constexpr = 1,  # COMBINE: splits rounded up to a power of two
+        GROUP_P: tl.constexpr = 1,  # COMBINE: GROUP rounded up to a power of two
+        counter_ptr=None,  # COMBINE: [B, Hkv] int32 zeroed arrival counters (triton_support.arrival_counters)
         USE_PDL: tl.constexpr = False,  # PDL launch (triton_support.pdl_launch)
     ):
         wait_for_producers(USE_PDL)
@@ -337,6 +341,12 @@ if _HAVE_TRITON:
             row = (b * GROUP * tl.num_programs(1) + heads) * splits + split
             tl.store(part_acc_ptr + row[:, None] * D + offs_d[None, :], out, mask=mask)
             tl.store(part_lse_ptr + row, m_i + tl.log2(l_i), mask=g_ok)
+            if COMBINE:  # the kv group's last split to finish merges all of them (triton_support.last_to_arrive)
+                used = tl.cdiv(kv_len - start, chunk)
+                if last_to_arrive(counter_ptr + b * tl.num_programs(1) + kvh, used):
+                    _merge_group_splits(part_acc_ptr, part_lse_ptr, b * GROUP * tl.num_programs(1) + kvh * GROUP,
+                                        used, splits, out_ptr + b * stride_ob + kvh * GROUP * stride_oh, stride_oh,
+                                        GROUP, GROUP_P, D, BLOCK_D, SPLITS_P)
 
     @triton.jit
     def _decode_combine_kernel(
@@ -367,6 +377,14 @@ if _HAVE_TRITON:
             start = kv_len * 0
         chunk = tl.cdiv(tl.cdiv(kv_len - start, splits), BLOCK_N) * BLOCK_N
         used = tl.cdiv(kv_len - start, chunk)  # the splits the decode kernel did not skip
+        _merge_splits(part_acc_ptr, part_lse_ptr, bh, used, splits, out_ptr + b * stride_ob + h * stride_oh, D,
+                      BLOCK_D, SPLITS_P)
+
+    @triton.jit
+    def _merge_splits(part_acc_ptr, part_lse_ptr, bh, used, splits, out_row, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                      SPLITS_P: tl.constexpr):
+        """out_row[:D] = the `used` splits' partial outputs of query row `bh` (= b * Hq + h), weighted by their
+        log-sum-exps (the combine kernel's, one program per query row)."""
         offs_s = tl.arange(0, SPLITS_P)
         lse = tl.load(part_lse_ptr + bh * splits + offs_s, mask=offs_s < used, other=float("-inf"))
         weight = tl.exp2(lse - tl.max(lse, 0))
@@ -375,4 +393,31 @@ if _HAVE_TRITON:
         parts = tl.load(part_acc_ptr + (bh * splits + offs_s)[:, None] * D + offs_d[None, :],
                         mask=(offs_s < used)[:, None] & (offs_d < D)[None, :], other=0.0)
         out = tl.sum(parts * weight[:, None], 0)
-        tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty), mask=offs_d < D)
+        tl.store(out_row + offs_d, out.to(out_row.dtype.element_ty), mask=offs_d < D)
+
+    @triton.jit
+    def _merge_group_splits(part_acc_ptr, part_lse_ptr, first_row, used, splits, out_rows, stride_oh,
+                            GROUP: tl.constexpr, GROUP_P: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                            SPLITS_P: tl.constexpr):
+        """`_merge_splits` for the GROUP query rows first_row.. of one kv group at once (out_rows: the first's
+        output row, stride_oh apart): every partial is loaded in one go, so the last split to arrive pays one round
+        trip to L2, not one per head. Sums in another order than `_merge_splits`' (float32 rounding apart)."""
+        offs_g = tl.arange(0, GROUP_P)
+        g_ok = offs_g < GROUP
+        offs_s = tl.arange(0, SPLITS_P)
+        rows = (first_row + offs_g)[:, None] * splits + offs_s[None, :]  # [GROUP_P, SPLITS_P]
+        ok = g_ok[:, None] & (offs_s < used)[None, :]
+        # A padded head reads zeros (finite weights); a skipped split -inf (weight 0).
+        lse = tl.load(part_lse_ptr + rows, mask=ok, other=float("-inf"), cache_modifier=".cg")
+        lse = tl.where(g_ok[:, None], lse, 0.0)
+        weight = tl.exp2(lse - tl.max(lse, 1)[:, None])
+        weight = weight / tl.sum(weight, 1)[:, None]
+        offs_d = tl.arange(0, BLOCK_D)
+        flat = tl.reshape(rows, (GROUP_P * SPLITS_P,))
+        flat_ok = tl.reshape(ok, (GROUP_P * SPLITS_P,))
+        parts = tl.load(part_acc_ptr + flat[:, None] * D + offs_d[None, :],
+                        mask=flat_ok[:, None] & (offs_d < D)[None, :], other=0.0, cache_modifier=".cg")
+        weighted = parts * tl.reshape(weight, (GROUP_P * SPLITS_P,))[:, None]
+        out = tl.sum(tl.reshape(weighted, (GROUP_P, SPLITS_P, BLOCK_D)), 1)
+        tl.store(out_rows + offs_g[:, None] * stride_oh + offs_d[None, :], out.to(out_rows.dtype.element_ty),
+                 mask=g_ok[:, None] & (offs_d < D)[None, :])

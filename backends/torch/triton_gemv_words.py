@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 
 from backends.torch.triton_support import HAVE_TRITON as _HAVE_TRITON
-from backends.torch.triton_support import codes_in_ptx, pdl_launch, tl, triton, wait_for_producers
+from backends.torch.triton_support import codes_in_ptx, combine_if_last, pdl_launch, tl, triton, wait_for_producers
 
 __all__ = ["codes_per_word", "words_block_k", "words_unsupported_reason", "word_views"]
 
@@ -395,6 +395,12 @@ if _HAVE_TRITON:
         FP16: tl.constexpr,
         ASM: tl.constexpr,
         WPT: tl.constexpr,
+        COMBINE: tl.constexpr = False,  # the last program per (token, column tile) writes out (combine_if_last)
+        TOPK: tl.constexpr = 1,  # COMBINE: slots per token
+        SPLIT_K: tl.constexpr = 1,  # COMBINE: K slices
+        out_ptr=None,  # COMBINE: [T, H] out
+        stride_om=0,
+        counter_ptr=None,  # COMBINE: [T, column tiles] int32 zeroed counters (triton_support.arrival_counters)
         USE_PDL: tl.constexpr = False,
     ):
         """`triton_moe_decode._down_gemv_kernel` on words."""
@@ -403,7 +409,11 @@ if _HAVE_TRITON:
         pid_n = tl.program_id(1)
         pid_k = tl.program_id(2)
         expert = tl.load(topk_ids_ptr + slot).to(tl.int64) - expert_offset
-        if (expert < 0) | (expert >= E):
+        if (expert < 0) | (expert >= E):  # another rank's expert: nothing to write, but counted in
+            if COMBINE:
+                combine_if_last(counter_ptr, partial_ptr, out_ptr, topk_ids_ptr, slot, pid_n,
+                                pid_n * BLOCK_N + tl.arange(0, BLOCK_N), expert_offset, E, N, stride_ps, stride_pm,
+                                stride_om, TOPK, SPLIT_K)
             return
         k0 = pid_k * k_per_split
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -424,6 +434,9 @@ if _HAVE_TRITON:
         out = out * tl.load(topk_weights_ptr + slot).to(tl.float32)
         tl.store(partial_ptr + pid_k * stride_ps + slot.to(tl.int64) * stride_pm + offs_n,
                  out.to(partial_ptr.dtype.element_ty), mask=offs_n < N)
+        if COMBINE:
+            combine_if_last(counter_ptr, partial_ptr, out_ptr, topk_ids_ptr, slot, pid_n, offs_n, expert_offset, E,
+                            N, stride_ps, stride_pm, stride_om, TOPK, SPLIT_K)
 
 
 def launch_gemv_words(x2: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,

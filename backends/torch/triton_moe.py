@@ -65,8 +65,9 @@ from backends.torch.triton_quant import QUANT_CODES, STORAGE, scale_weights
 from compiler.fp8 import FP8_DTYPE
 
 from backends.torch.triton_support import HAVE_TRITON as _HAVE_TRITON
-from backends.torch.triton_support import (codes_in_ptx, device_reason, grouped_tile_ids, interpreting, pdl_launch,
-                                           tl, triton, wait_for_producers)
+from backends.torch.triton_support import (arrival_counters, codes_in_ptx, combine_in_kernel, device_reason,
+                                           grouped_tile_ids, interpreting, pdl_launch, sum_slot_partials, tl, triton,
+                                           wait_for_producers)
 
 __all__ = ["SUPPORTED_DTYPES", "fused_moe", "is_available", "route", "route_unsupported_reason", "unsupported_reason"]
 
@@ -420,16 +421,8 @@ if _HAVE_TRITON:
         wait_for_producers(USE_PDL)
         t = tl.program_id(0).to(tl.int64)
         offs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-        acc = tl.zeros([BLOCK_H], dtype=tl.float32)
-        # Fixed order over (split, j): deterministic, unlike atomics.
-        for s in tl.static_range(SPLIT_K):
-            for j in tl.static_range(TOPK):
-                local = tl.load(topk_ids_ptr + t * TOPK + j).to(tl.int64) - expert_offset
-                # A non-local slot's row has length 0 (a bound, not a scalar mask: the interpreter rejects
-                # a vector mask combined with a scalar one).
-                row_len = tl.where((local >= 0) & (local < E), H, 0)
-                p = partial_ptr + s * stride_ps + (t * TOPK + j) * stride_pm + offs
-                acc += tl.load(p, mask=offs < row_len, other=0.0).to(tl.float32)
+        acc = sum_slot_partials(partial_ptr, topk_ids_ptr, t, offs, expert_offset, E, H, stride_ps, stride_pm, TOPK,
+                                SPLIT_K)
         tl.store(out_ptr + t * stride_om + offs, acc.to(out_ptr.dtype.element_ty), mask=offs < H)
 
 
@@ -872,15 +865,26 @@ def _fused_moe_gemv(  # the kernels: triton_moe_decode.py
     k_per_split = triton.cdiv(triton.cdiv(inter, max(1, cfg.dn_split_k)), bk) * bk
     split = triton.cdiv(inter, k_per_split)
     partial = torch.empty((split, num_slots, h), dtype=torch.float32 if split > 1 else hidden_states.dtype, device=dev)
-    _down_gemv_kernel[(num_slots, triton.cdiv(h, cfg.dn_block_n), split)](
+    n_tiles = triton.cdiv(h, cfg.dn_block_n)
+    combine = _combine_operands(out, t * n_tiles, topk, split)
+    _down_gemv_kernel[(num_slots, n_tiles, split)](
         inter_act, w2, s2, partial, ids, rw, expert_offset, h, inter, k_per_split,
         inter_act.stride(0), w2.stride(0), w2.stride(1), s2.stride(0), s2.stride(1), partial.stride(0),
         partial.stride(1),
         E=num_experts, BLOCK_N=cfg.dn_block_n, BLOCK_K=bk, EVEN_K=inter % k_per_split == 0 and k_per_split % bk == 0,
         QUANT=quant, GROUP_SIZE=group_size or inter, PER_ROW=group_size == 0,
-        GROUPS=tile_groups(bk, group_size), PREFETCH=cfg.prefetch, **pdl_launch(x), num_warps=cfg.dn_warps,
+        GROUPS=tile_groups(bk, group_size), PREFETCH=cfg.prefetch, **combine, **pdl_launch(x), num_warps=cfg.dn_warps,
     )
-    return _combine_slots(partial, out, ids, expert_offset, num_experts, topk)
+    return out if combine else _combine_slots(partial, out, ids, expert_offset, num_experts, topk)
+
+
+def _combine_operands(out: torch.Tensor, counters: int, topk: int, split: int) -> dict:
+    """Launch keywords that make a down GEMV's last program per (token, column tile) write `out` itself
+    (`triton_support.combine_if_last`), or {} where the combine kernel does (`MOEC_COMBINE_IN_KERNEL=0`)."""
+    if not combine_in_kernel("moe"):
+        return {}
+    return {"COMBINE": True, "TOPK": topk, "SPLIT_K": split, "out_ptr": out, "stride_om": out.stride(0),
+            "counter_ptr": arrival_counters(out.device, counters)}
 
 
 def _combine_slots(partial: torch.Tensor, out: torch.Tensor, ids: torch.Tensor, expert_offset: int,
@@ -931,12 +935,14 @@ def _fused_moe_words(x: torch.Tensor, ids: torch.Tensor, rw: torch.Tensor, w13: 
     split = triton.cdiv(inter, k_per_split)
     partial = torch.empty((split, num_slots, h), dtype=torch.float32 if split > 1 else x.dtype, device=x.device)
     a_pairs, w2_words = word_views(inter_act, w2)
-    _down_words_kernel[(num_slots, triton.cdiv(h, cfg.dn_block_n), split)](
+    n_tiles = triton.cdiv(h, cfg.dn_block_n)
+    combine = _combine_operands(out, t * n_tiles, num_slots // t, split)
+    _down_words_kernel[(num_slots, n_tiles, split)](
         a_pairs, w2_words, s2, partial, ids, rw, expert_offset, h, inter, k_per_split,
         a_pairs.stride(0), w2_words.stride(0), w2_words.stride(1), s2.stride(0), s2.stride(1), partial.stride(0),
         partial.stride(1),
         E=num_experts, BLOCK_N=cfg.dn_block_n, BLOCK_K=dn_k, EVEN_K=inter % k_per_split == 0, QUANT=quant,
         GROUP_SIZE=group_size or inter, PER_ROW=group_size == 0, FP16=fp16, ASM=codes_in_ptx(),
-        WPT=cfg.words, **pdl_launch(x), **_register_cap(cfg), num_warps=cfg.dn_warps, num_stages=1,
+        WPT=cfg.words, **combine, **pdl_launch(x), **_register_cap(cfg), num_warps=cfg.dn_warps, num_stages=1,
     )
-    return _combine_slots(partial, out, ids, expert_offset, num_experts, num_slots // t)
+    return out if combine else _combine_slots(partial, out, ids, expert_offset, num_experts, num_slots // t)

@@ -15,7 +15,7 @@ int8 / int4 table entries with `words` run the same structure on 32-bit code wor
 """
 
 from backends.torch.triton_support import HAVE_TRITON as _HAVE_TRITON
-from backends.torch.triton_support import tl, triton, wait_for_producers
+from backends.torch.triton_support import combine_if_last, tl, triton, wait_for_producers
 
 if _HAVE_TRITON:
     from backends.torch.triton_quant import (gemv_accumulate, gemv_code_index, gemv_group_scales, gemv_lead,
@@ -147,6 +147,12 @@ if _HAVE_TRITON:
         PER_ROW: tl.constexpr,
         GROUPS: tl.constexpr = 1,  # scale groups per K tile (triton_quant.tile_groups)
         PREFETCH: tl.constexpr = False,  # issue the next K tile's loads before multiplying this one
+        COMBINE: tl.constexpr = False,  # the last program per (token, column tile) writes out (combine_if_last)
+        TOPK: tl.constexpr = 1,  # COMBINE: slots per token
+        SPLIT_K: tl.constexpr = 1,  # COMBINE: K slices
+        out_ptr=None,  # COMBINE: [T, H] out
+        stride_om=0,
+        counter_ptr=None,  # COMBINE: [T, column tiles] int32 zeroed counters (triton_support.arrival_counters)
         USE_PDL: tl.constexpr = False,  # PDL launch (triton_support.pdl_launch)
     ):
         wait_for_producers(USE_PDL)
@@ -154,7 +160,11 @@ if _HAVE_TRITON:
         pid_n = tl.program_id(1)
         pid_k = tl.program_id(2)
         expert = tl.load(topk_ids_ptr + slot).to(tl.int64) - expert_offset
-        if (expert < 0) | (expert >= E):
+        if (expert < 0) | (expert >= E):  # another rank's expert: nothing to write, but counted in
+            if COMBINE:
+                combine_if_last(counter_ptr, partial_ptr, out_ptr, topk_ids_ptr, slot, pid_n,
+                                pid_n * BLOCK_N + tl.arange(0, BLOCK_N), expert_offset, E, N, stride_ps, stride_pm,
+                                stride_om, TOPK, SPLIT_K)
             return
         k0 = pid_k * k_per_split
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -177,3 +187,6 @@ if _HAVE_TRITON:
         out = out * tl.load(topk_weights_ptr + slot).to(tl.float32)
         tl.store(partial_ptr + pid_k * stride_ps + slot.to(tl.int64) * stride_pm + offs_n,
                  out.to(partial_ptr.dtype.element_ty), mask=offs_n < N)
+        if COMBINE:
+            combine_if_last(counter_ptr, partial_ptr, out_ptr, topk_ids_ptr, slot, pid_n, offs_n, expert_offset, E,
+                            N, stride_ps, stride_pm, stride_om, TOPK, SPLIT_K)

@@ -10,6 +10,19 @@ one's first statement is `wait_for_producers(USE_PDL)`, which blocks until the p
 writes are visible, and then lets the next kernel launch. Nothing but the launch overlaps: every read of a
 predecessor's output still happens after it completed, so results are bit-identical with PDL on or off
 (`MOEC_PDL=0` turns it off, for comparisons).
+
+The last program to arrive combines (`arrival_counters`, `last_to_arrive`): a kernel whose programs each write a
+partial result (split-K flash decoding, the MoE's slots and K slices) used to leave the sum to a second, tiny kernel,
+a kernel boundary per layer (~2 us each even under PDL: the first grid drains, the second waits for it). Instead
+every program counts itself in on an int32 counter after its partial store; the one that finds the count complete
+reads the others' partials from L2 and writes the result, in the same fixed order the separate kernel summed them
+(bit-identical), and sets the counter back to 0 for the next launch. The counters live in one zeroed buffer per
+device that the kernels keep zeroed, so no launch clears them (a CUDA graph replays them as captured); kernels that
+use them must not run concurrently on one device (moec launches them on one stream). Opt-in: `MOEC_COMBINE_IN_KERNEL=1`
+(`attention` or `moe`: only that one). On an H200 it was slower than the separate combine kernels (whole-model
+decode, batch 1: bf16 6.941 vs 6.769 ms, int8 4.268 vs 4.076 ms per step, ninth session, BENCHMARKS.md), so the
+default launches them; the atomic's release fence and the last program's serial L2 round trips cost more than
+the kernel boundary they remove.
 """
 
 from __future__ import annotations
@@ -28,8 +41,9 @@ except ImportError:  # pragma: no cover - exercised only without triton
     tl = None  # type: ignore[assignment]
     HAVE_TRITON = False
 
-__all__ = ["HAVE_TRITON", "codes_in_ptx", "device_reason", "grouped_tile_ids", "interpreting",
-           "pdl_launch", "tl", "triton", "wait_for_producers"]
+__all__ = ["HAVE_TRITON", "arrival_counters", "codes_in_ptx", "combine_if_last", "combine_in_kernel", "device_reason",
+           "grouped_tile_ids", "interpreting", "last_to_arrive", "pdl_launch", "sum_slot_partials", "tl", "triton",
+           "wait_for_producers"]
 
 
 def interpreting() -> bool:
@@ -43,6 +57,31 @@ def codes_in_ptx() -> bool:
     word GEMVs: one PRMT per code): on compiled kernels unless `MOEC_CODE_ASM` is "0" (comparisons); the
     interpreter runs no PTX."""
     return not interpreting() and os.environ.get("MOEC_CODE_ASM", "1") != "0"
+
+
+def combine_in_kernel(kind: str) -> bool:
+    """Whether `kind`'s partials ("attention": flash decoding's splits, "moe": the down GEMVs' slots and K slices)
+    are combined by the last program to arrive (the module docstring) rather than by a separate combine kernel:
+    `MOEC_COMBINE_IN_KERNEL` "1" for both, "0" (the default: measured faster, BENCHMARKS.md, ninth session) for
+    neither, or the one kind named."""
+    if kind not in ("attention", "moe"):
+        raise ValueError(f"combine kind {kind!r} is not 'attention' or 'moe'")
+    return os.environ.get("MOEC_COMBINE_IN_KERNEL", "0") in ("1", kind)
+
+
+_COUNTERS: dict[tuple[str, int | None], torch.Tensor] = {}
+
+
+def arrival_counters(device: torch.device, count: int) -> torch.Tensor:
+    """`count` zeroed int32 counters on `device` for `last_to_arrive`: a view of one buffer per device, grown (never
+    shrunk) on demand. The kernels leave every counter they use at 0, so the buffer is cleared only when allocated."""
+    key = (device.type, device.index if device.type != "cuda" or device.index is not None
+           else torch.cuda.current_device())
+    buffer = _COUNTERS.get(key)
+    if buffer is None or buffer.numel() < count:
+        buffer = torch.zeros(max(count, 1024), dtype=torch.int32, device=device)
+        _COUNTERS[key] = buffer
+    return buffer[:count]
 
 
 def device_reason(tensor: torch.Tensor, have_triton: bool) -> str | None:
@@ -103,6 +142,47 @@ if HAVE_TRITON:
             _grid_dependency_sync()
 
     @triton.jit
+    def last_to_arrive(counter_ptr, expected):
+        """Count this program in on `*counter_ptr`; True in the program that arrives `expected`-th (the last), which
+        also sets the counter back to 0. Every store the program made before the call is visible to the last one's
+        loads after it: the barrier orders all of its threads' stores before the one thread's release, the
+        acquire orders the last program's later loads after every release (read them with `.cg`, past L1)."""
+        tl.debug_barrier()
+        arrived = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu")
+        last = arrived == expected - 1
+        if last:
+            tl.atomic_xchg(counter_ptr, 0, sem="relaxed", scope="gpu")
+        return last
+
+    @triton.jit
+    def sum_slot_partials(partial_ptr, topk_ids_ptr, t, offs, expert_offset, E, N, stride_ps, stride_pm,
+                          TOPK: tl.constexpr, SPLIT_K: tl.constexpr):
+        """sum over (K slice s, slot j) of partial[s, t * TOPK + j, offs] in float32, in that fixed order
+        (deterministic, unlike atomics), skipping the slots routed to another rank's experts (never written).
+        Loads go past L1 (`.cg`): the last program of a down GEMV reads what other programs wrote."""
+        acc = tl.zeros(offs.shape, dtype=tl.float32)
+        for s in tl.static_range(SPLIT_K):
+            for j in tl.static_range(TOPK):
+                local = tl.load(topk_ids_ptr + t * TOPK + j).to(tl.int64) - expert_offset
+                # A non-local slot's row has length 0 (a bound, not a scalar mask: the interpreter rejects
+                # a vector mask combined with a scalar one).
+                row_len = tl.where((local >= 0) & (local < E), N, 0)
+                p = partial_ptr + s * stride_ps + (t * TOPK + j) * stride_pm + offs
+                acc += tl.load(p, mask=offs < row_len, other=0.0, cache_modifier=".cg").to(tl.float32)
+        return acc
+
+    @triton.jit
+    def combine_if_last(counter_ptr, partial_ptr, out_ptr, topk_ids_ptr, slot, pid_n, offs_n, expert_offset, E, N,
+                        stride_ps, stride_pm, stride_om, TOPK: tl.constexpr, SPLIT_K: tl.constexpr):
+        """A down GEMV program's end (grid: slot, column tile, K slice): count in on the (token, column tile)
+        counter; the last of its TOPK * SPLIT_K programs writes out[token, offs_n] = `sum_slot_partials`."""
+        t = (slot // TOPK).to(tl.int64)
+        if last_to_arrive(counter_ptr + t * tl.num_programs(1) + pid_n, TOPK * SPLIT_K):
+            acc = sum_slot_partials(partial_ptr, topk_ids_ptr, t, offs_n, expert_offset, E, N, stride_ps, stride_pm,
+                                    TOPK, SPLIT_K)
+            tl.store(out_ptr + t * stride_om + offs_n, acc.to(out_ptr.dtype.element_ty), mask=offs_n < N)
+
+    @triton.jit
     def grouped_tile_ids(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
         """(row block, column tile) of program `pid` in a grouped GEMM: GROUP_M row blocks walk down one column tile
         before moving right, so the programs that run together read the same weight tile (one expert's n-slice) and
@@ -115,3 +195,6 @@ if HAVE_TRITON:
 else:  # pragma: no cover - exercised only without triton
     wait_for_producers = None
     grouped_tile_ids = None
+    last_to_arrive = None
+    sum_slot_partials = None
+    combine_if_last = None

@@ -122,6 +122,33 @@ def test_decode_splits_are_used():
     assert ta.decode_splits(B, HKV, M, torch.device(DEVICE), ta.DECODE_CONFIG) == 1  # BLOCK_N 64 > M
 
 
+@pytest.mark.parametrize("window", [0, 5])
+def test_last_split_merges_as_the_combine_kernel(monkeypatch, window):
+    """The decode kernel's last split to arrive merges the splits (no combine launch): the separate combine
+    kernel's output (`MOEC_COMBINE_IN_KERNEL=0`) up to float32 summation order (at most one bf16 rounding step),
+    with sequences that skip splits; every arrival counter is left at 0, and a second launch on them (reset by
+    the kernel, not by the host) gives the same output."""
+    from backends.torch.triton_support import arrival_counters
+
+    outputs = {}
+    for switch in ("0", "1"):
+        monkeypatch.setenv("MOEC_COMBINE_IN_KERNEL", switch)
+        q, k, v, k_cache, v_cache, cache_position = _make(B, HQ, HKV, 1, D, M, [30, 2], window, torch.bfloat16,
+                                                          torch.bfloat16, seed=13)
+        outputs[switch] = ta.cached_attention(q, k, v, k_cache, v_cache, cache_position, 0.25, window,
+                                              decode_config=SMALL_DECODE).float()
+        assert not torch.isnan(outputs[switch]).any()
+    assert ta.decode_splits(B, HKV, M, torch.device(DEVICE), SMALL_DECODE) > 1
+    assert ((outputs["1"] - outputs["0"]).abs() <= outputs["0"].abs() * 2**-7).all()
+    assert not arrival_counters(torch.device(DEVICE), B * HKV).any()
+    # A second launch on the same counters (they were reset, not re-zeroed by the host) gives the same output.
+    monkeypatch.setenv("MOEC_COMBINE_IN_KERNEL", "1")
+    q, k, v, k_cache, v_cache, cache_position = _make(B, HQ, HKV, 1, D, M, [30, 2], window, torch.bfloat16,
+                                                      torch.bfloat16, seed=13)
+    again = ta.cached_attention(q, k, v, k_cache, v_cache, cache_position, 0.25, window, decode_config=SMALL_DECODE)
+    assert torch.equal(again.float(), outputs["1"])
+
+
 @pytest.mark.parametrize("window", [0, 6])
 def test_prefill_chunks(window):
     # A first prefill (pos 0) beside a chunk continuing a 19-token prefix, over several key blocks.

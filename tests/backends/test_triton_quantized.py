@@ -406,6 +406,41 @@ def test_word_moe_splits_k_and_skips_other_ranks(precision: str, group_size: int
     assert len(word_calls) == 2  # both calls ran the word kernels, not the byte ones
 
 
+@pytest.mark.parametrize("precision,group_size", [(None, 0), ("int8", 0), ("int4", 32)])
+def test_down_gemv_last_program_combines_as_the_combine_kernel(precision: str | None, group_size: int,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """The down GEMVs' last program per (token, column tile) sums the slots and K splits itself
+    (`triton_support.combine_if_last`): bit-identical to the combine kernel (`MOEC_COMBINE_IN_KERNEL=0`) on the
+    byte and the word kernels, split and unsplit, with another rank's slots counted in but not summed; no
+    combine launch, and every arrival counter back at 0."""
+    from backends.torch.triton_support import arrival_counters
+
+    h, i, e = 128, 384, 4
+    gen = torch.Generator(device=DEVICE).manual_seed(17)
+    w13 = (torch.randn(e, 2 * i, h, generator=gen, device=DEVICE) / h**0.5).to(DTYPE)
+    w2 = (torch.randn(e, h, i, generator=gen, device=DEVICE) / i**0.5).to(DTYPE)
+    if precision is None:
+        (q13, s13), (q2, s2) = (w13, None), (w2, None)
+    else:
+        (q13, s13), (q2, s2) = quantize(w13, precision, group_size), quantize(w2, precision, group_size)
+    words = 0 if precision is None else 1
+    combines = _count_calls(monkeypatch, tm, "_combine_slots")
+    for cfg, (t, (lo, hi)) in ((GemvConfig(16, 64, 1, 16, 64, 3, 1, words=words), (1, (0, e))),
+                               (GemvConfig(16, 64, 1, 16, 64, 1, 1, words=words), (3, (2, e)))):
+        x = torch.randn(t, h, generator=gen, device=DEVICE).to(DTYPE)
+        ids, rw = _routing(t, e, 2, seed=t + 5)
+        kw = {} if precision is None else dict(precision=precision, w13_scales=s13[lo:hi], w2_scales=s2[lo:hi],
+                                               group_size=group_size)
+        outs = {}
+        for switch in ("0", "1"):
+            monkeypatch.setenv("MOEC_COMBINE_IN_KERNEL", switch)
+            before = len(combines)
+            outs[switch] = tm.fused_moe(x, ids, rw, q13[lo:hi], q2[lo:hi], expert_offset=lo, config=cfg, **kw)
+            assert len(combines) - before == (1 if switch == "0" else 0)
+        assert torch.equal(outs["0"], outs["1"]), f"{precision} T={t} experts {lo}:{hi}"
+        assert not arrival_counters(x.device, t * h // 16).any()
+
+
 def test_words_need_whole_words(monkeypatch: pytest.MonkeyPatch) -> None:
     """What keeps operands off the word kernels, and that the byte kernel then gives the same result."""
     from backends.torch.triton_gemv_words import words_unsupported_reason
