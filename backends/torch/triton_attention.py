@@ -12,15 +12,15 @@ Three kernels, none of which reads anything back to the host, so a whole step ca
    j > pos_b + i - window), read from the cache after the write, so a first prefill (pos_b = 0) and a chunk that
    continues a cached prefix are the same code. Key blocks that every row of the program sees run unmasked; only
    the diagonal (and, with a window, the window's edge) blocks pay for the mask. Scores never reach memory.
-3. ``_decode_kernel`` (S == 1; ``_decode_combine_kernel`` only where asked): flash decoding. One program per (sequence, kv head,
+3. ``_decode_kernel`` + ``_decode_combine_kernel`` (S == 1): flash decoding. One program per (sequence, kv head,
    split): the G query heads of a kv group are the rows of one tile (padded to 16, the smallest ``tl.dot``), so
    each K/V byte is read once for all of them. Sequence b's visible slots [start_b, pos_b] are cut into ``splits``
    equal chunks (a multiple of BLOCK_N each); a split past the end returns at once. The split holding slot pos_b
    also writes the step's k/v there and attends that slot from registers (so decode needs no write launch). Each
-   split writes its normalized partial output and log-sum-exp in float32, and the last split of a (sequence, kv
-   head) to finish merges them only with MOEC_COMBINE_IN_KERNEL=1 (`triton_support.last_to_arrive`, opt-in: slower); by
-   default the combine kernel merges the splits that sequence used. With one split the decode kernel writes
-   the output itself.
+   split writes its normalized partial output and log-sum-exp in float32; the combine kernel merges the splits
+   that sequence used (with `MOEC_COMBINE_IN_KERNEL=1` or `attention`, the last split of a (sequence, kv head) to
+   finish does, no combine launch: `triton_support.last_to_arrive`, measured slower). With one split the decode
+   kernel writes the output itself.
 
 `moec.rope_cached_attention` (``rotary=(cos, sin)``) is the same op on q and k rotated first. Decode rotates inside
 ``_decode_kernel`` (ROPE): q as it is loaded, the step's k before it is written and attended, with the rope kernel's

@@ -11,18 +11,18 @@ writes are visible, and then lets the next kernel launch. Nothing but the launch
 predecessor's output still happens after it completed, so results are bit-identical with PDL on or off
 (`MOEC_PDL=0` turns it off, for comparisons).
 
-The last program to arrive combines (`arrival_counters`, `last_to_arrive`): a kernel whose programs each write a
-partial result (split-K flash decoding, the MoE's slots and K slices) used to leave the sum to a second, tiny kernel,
-a kernel boundary per layer (~2 us each even under PDL: the first grid drains, the second waits for it). Instead
-every program counts itself in on an int32 counter after its partial store; the one that finds the count complete
-reads the others' partials from L2 and writes the result, in the same fixed order the separate kernel summed them
-(bit-identical), and sets the counter back to 0 for the next launch. The counters live in one zeroed buffer per
-device that the kernels keep zeroed, so no launch clears them (a CUDA graph replays them as captured); kernels that
-use them must not run concurrently on one device (moec launches them on one stream). Opt-in: `MOEC_COMBINE_IN_KERNEL=1`
-(`attention` or `moe`: only that one). On an H200 it was slower than the separate combine kernels (whole-model
-decode, batch 1: bf16 6.941 vs 6.769 ms, int8 4.268 vs 4.076 ms per step, ninth session, BENCHMARKS.md), so the
-default launches them; the atomic's release fence and the last program's serial L2 round trips cost more than
-the kernel boundary they remove.
+The last program to arrive combines (`arrival_counters`, `last_to_arrive`; opt-in): a kernel whose programs each
+write a partial result (split-K flash decoding, the MoE's slots and K slices) leaves the sum to a second, tiny
+kernel, a kernel boundary per layer. With `MOEC_COMBINE_IN_KERNEL=1` (`attention` or `moe`: only that one) every
+program counts itself in on an int32 counter after its partial store; the one that finds the count complete reads
+the others' partials from L2, writes the result and sets the counter back to 0 for the next launch (the MoE in the
+combine kernel's fixed order, bit-identical; attention all heads of a kv group at once, float32 summation order
+apart). The counters live in one buffer per device that the kernels keep zeroed, so no launch clears them (a CUDA
+graph replays them as captured); kernels that use them must not run concurrently on one device (moec launches
+them on one stream). Off by default: on an H200 it was slower than the separate combine kernels (whole-model
+decode, batch 1, back to back: bf16 6.796 vs 6.699 ms, int8 4.189 vs 4.071 ms per step; BENCHMARKS.md, ninth
+session): the atomic's release fence on every program and the last program's L2 round trips cost more than the
+kernel boundary they remove.
 """
 
 from __future__ import annotations

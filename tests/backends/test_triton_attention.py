@@ -130,9 +130,15 @@ def test_last_split_merges_as_the_combine_kernel(monkeypatch, window):
     the kernel, not by the host) gives the same output."""
     from backends.torch.triton_support import arrival_counters
 
+    class NotLaunched:
+        def __getitem__(self, grid):
+            raise AssertionError("the combine kernel was launched with the in-kernel combine on")
+
     outputs = {}
     for switch in ("0", "1"):
         monkeypatch.setenv("MOEC_COMBINE_IN_KERNEL", switch)
+        if switch == "1":
+            monkeypatch.setattr(ta, "_decode_combine_kernel", NotLaunched())
         q, k, v, k_cache, v_cache, cache_position = _make(B, HQ, HKV, 1, D, M, [30, 2], window, torch.bfloat16,
                                                           torch.bfloat16, seed=13)
         outputs[switch] = ta.cached_attention(q, k, v, k_cache, v_cache, cache_position, 0.25, window,
