@@ -26,7 +26,9 @@ against the FLOP floor (bf16 GEMM rate measured in this run). `--timeline` charg
 kernels (`graph_timeline`). `--pdl-off-too` times every decode batch a second time with programmatic dependent
 launch off (`MOEC_PDL=0`, backends/torch/triton_support.py); `--combine-variants 0,attention,moe` once more per
 value of `MOEC_COMBINE_IN_KERNEL` (0: the attention splits and the MoE slots summed by separate combine kernels,
-not by the last program to arrive; `attention` / `moe`: only that one in the kernel).
+not by the last program to arrive; `attention` / `moe`: only that one in the kernel); `--env-variant NAME=VALUE`
+(repeatable) once more with that variable set, e.g. `MOEC_EARLY_WEIGHTS=0` (the MoE down GEMVs wait before reading
+their expert id and first weight tile).
 """
 
 from __future__ import annotations
@@ -248,6 +250,9 @@ def main() -> None:
                     help="also time each decode batch with programmatic dependent launch off (MOEC_PDL=0)")
     ap.add_argument("--combine-variants", default="",
                     help="also time each decode batch under these MOEC_COMBINE_IN_KERNEL values (comma-separated)")
+    ap.add_argument("--env-variant", action="append", default=[], metavar="NAME=VALUE",
+                    help="also time each decode batch with this environment variable set (repeatable), e.g. "
+                         "MOEC_EARLY_WEIGHTS=0")
     ap.add_argument("--timeline", action="store_true",
                     help="charge each decode batch's replayed-graph wall time to its kernels (graph_timeline)")
     ap.add_argument("--profile-prefill", action="store_true",
@@ -259,6 +264,11 @@ def main() -> None:
         variants.append(("PDL off", {"MOEC_PDL": "0"}))
     for value in filter(None, args.combine_variants.split(",")):
         variants.append((f"MOEC_COMBINE_IN_KERNEL={value}", {"MOEC_COMBINE_IN_KERNEL": value}))
+    for assignment in args.env_variant:
+        key, sep, value = assignment.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"moec: error: --env-variant {assignment!r} is not NAME=VALUE")
+        variants.append((assignment, {key: value}))
 
     from bench.generate import Timer, prefill_flops
     from bench.moe_kernel import measure_copy_bw, measure_gemm_rate

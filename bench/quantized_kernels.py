@@ -57,6 +57,12 @@ MOE_WORD_CANDIDATES = [(4, 256, 4, 8, 256, 2, 4, False, 1), (4, 256, 4, 8, 256, 
                        (8, 256, 2, 8, 256, 4, 2, False, 2), (4, 256, 2, 4, 256, 4, 2, False, 4)]
 for _precision in ("int8", "int4"):
     MOE_GEMV_CANDIDATES[_precision] += MOE_WORD_CANDIDATES
+# around int8's table entry (4 words per thread, 2 warps, 80 registers), after its products lost their per-code
+# subtraction (tenth session): the last field is the register cap
+MOE_GEMV_CANDIDATES["int8"] += [(4, 256, 2, 4, 256, 4, 2, False, 4, 80), (4, 256, 2, 4, 256, 4, 2, False, 4, 96),
+                                (4, 256, 2, 4, 256, 4, 2, False, 2, 80), (8, 256, 2, 4, 256, 4, 2, False, 4, 80),
+                                (2, 256, 2, 4, 256, 4, 2, False, 4, 80), (4, 256, 2, 4, 256, 2, 2, False, 4, 80),
+                                (4, 256, 2, 8, 256, 4, 2, False, 4, 80), (4, 256, 4, 4, 256, 4, 4, False, 4, 80)]
 # (block_n, block_k, warps, stages[, words]): for the GEMV, stages 2 = the next K tile's loads in flight (PREFETCH)
 LINEAR_GEMV_CANDIDATES = {
     None: [(8, 512, 4, 1), (8, 512, 4, 2), (8, 256, 4, 2)],

@@ -6,7 +6,7 @@ integer ops instead of inline PTX, MOEC_CODE_ASM=0), the tiles, and each candida
 are the weight bytes the call must read (experts actually routed to) over the copy bandwidth measured in the run.
 
     PYTHONPATH=. python3 bench/swapped_tiles.py [--tokens 4,8,16,32,48,64] [--rows 2,8,16,32,64]
-        [--schemes int4,int4g128,int8] [--markdown out.md]
+        [--schemes int4,int4g128,int8] [--tile-candidates] [--markdown out.md]
 """
 
 from __future__ import annotations
@@ -47,6 +47,21 @@ LINEAR_CANDIDATES = {
     "16x128 8w": tq.LinearConfig(16, 128, 128, 8, 4),
     "16x128 k256 8w": tq.LinearConfig(16, 128, 256, 8, 3),
     "32x128 8w": tq.LinearConfig(32, 128, 128, 8, 4),
+}
+
+# Ordinary tensor-core tiles (`_quantized_matmul_kernel`) for the same linears: block_m, block_n, block_k, warps,
+# stages. At M <= 32 the table's 32-column tiles put qkv on 192 programs and o on 128 (about one per SM), each
+# reading more activation bytes per stage than weight bytes: narrower and deeper tiles are the candidates. Caution:
+# a graph of 4 calls on one weight reads an int8 qkv (25 MB) from L2 after the first call; in the tenth session the
+# winners here (qkv 17.5 -> 14.6 us, o 12.5 -> 10.9 at M = 32) did not speed up the whole model's batch-32 step.
+TILE_CANDIDATES = {
+    "t16x16 k256": tq.LinearConfig(16, 16, 256, 4, 4),
+    "t16x32 k512": tq.LinearConfig(16, 32, 512, 4, 3),
+    "t16x64 k256": tq.LinearConfig(16, 64, 256, 4, 4),
+    "t32x16 k256": tq.LinearConfig(32, 16, 256, 4, 4),
+    "t32x32 k512": tq.LinearConfig(32, 32, 512, 4, 3),
+    "t32x64 k256": tq.LinearConfig(32, 64, 256, 4, 3),
+    "t32x32 k256 8w": tq.LinearConfig(32, 32, 256, 8, 4),
 }
 
 
@@ -99,7 +114,7 @@ def moe_rows(tokens: list[int], schemes: list[str], bw: float, gen: torch.Genera
     return rows
 
 
-def linear_rows(rows_m: list[int], schemes: list[str], bw: float, gen: torch.Generator) -> list[str]:
+def linear_rows(rows_m: list[int], schemes: list[str], bw: float, gen: torch.Generator, tiles: bool) -> list[str]:
     rows = []
     for scheme in schemes:
         precision, group = scheme_of(scheme)
@@ -115,6 +130,8 @@ def linear_rows(rows_m: list[int], schemes: list[str], bw: float, gen: torch.Gen
                 cells = [f"{run():.1f}", f"{run(without_ptx):.1f}", f"{run(kernel='tiles'):.1f}"]
                 cells += [f"{run(kernel='swapped', config=cfg):.1f}" if not (group and group % cfg.block_k) else "-"
                           for cfg in LINEAR_CANDIDATES.values()]
+                if tiles:
+                    cells += [f"{run(kernel='tiles', config=cfg):.1f}" for cfg in TILE_CANDIDATES.values()]
                 rows.append(f"| {name} {n}x{k} | {scheme} | {m} | {floor:.1f} | " + " | ".join(cells) + " |")
                 log(rows[-1])
     return rows
@@ -125,6 +142,8 @@ def main() -> int:
     ap.add_argument("--tokens", default="4,8,16,32,48,64", help="MoE tokens (empty: no MoE rows)")
     ap.add_argument("--rows", default="2,8,16,32,64", help="linear rows (empty: no linear rows)")
     ap.add_argument("--schemes", default="int4,int4g128,int8")
+    ap.add_argument("--tile-candidates", action="store_true",
+                    help="also time the ordinary tiles' TILE_CANDIDATES on the linears")
     ap.add_argument("--markdown", default=None)
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -142,9 +161,10 @@ def main() -> int:
         out += moe_rows([int(t) for t in args.tokens.split(",")], schemes, bw, gen)
         out.append("")
     if args.rows:
-        out += ["| op | scheme | M | floor us | default | default, no PTX | tiles | " + " | ".join(LINEAR_CANDIDATES)
-                + " |", "|---|---|---|---|---|---|---|" + "---|" * len(LINEAR_CANDIDATES)]
-        out += linear_rows([int(m) for m in args.rows.split(",")], schemes, bw, gen)
+        names = list(LINEAR_CANDIDATES) + (list(TILE_CANDIDATES) if args.tile_candidates else [])
+        out += ["| op | scheme | M | floor us | default | default, no PTX | tiles | " + " | ".join(names)
+                + " |", "|---|---|---|---|---|---|---|" + "---|" * len(names)]
+        out += linear_rows([int(m) for m in args.rows.split(",")], schemes, bw, gen, args.tile_candidates)
     if args.markdown:
         with open(args.markdown, "w") as f:
             f.write("\n".join(out) + "\n")

@@ -81,7 +81,9 @@ GEMV_TABLE: dict[tuple[str | None, bool], tuple[int, GemvConfig]] = {
     (None, False): (2, GemvConfig(8, 512, 4, 8, 512, 4, 4)),  # bf16 T=1 168.3 vs tiles 172.2 (T=2: tiles, 269.8)
     # int8 on words, 4 per thread: T=1 95.7 / T=2 164.1 vs the byte GEMV 107.1 / 190.2 (fifth session); grouped int8
     # was not swept on words and keeps the byte GEMV (fourth session: T=1 106.0 vs tiles 121.8)
-    ("int8", False): (4, GemvConfig(4, 256, 2, 4, 256, 4, 2, words=4, max_regs=80)),
+    # tenth session, after the int8 word products lost their per-code subtraction (bench/quantized_kernels.py
+    # --sweep --sweep-only int8): two K slices in the down GEMV instead of four, T=1 89.2 / T=2 147.6 vs 92.9 / 157.3
+    ("int8", False): (4, GemvConfig(4, 256, 2, 4, 256, 2, 2, words=4, max_regs=80)),
     ("int8", True): (4, GemvConfig(16, 256, 4, 16, 256, 4, 4, prefetch=True)),
     # int4 on 32-bit words, 2 per thread and row (triton_gemv_words; fifth session): T=1 66.7 / T=2 122.6 vs the
     # byte GEMV 107.5 / 200.5 and the tiles 162.5 / 273.1; g128: 77.5 / 142.0 vs 115.7 / 214.5

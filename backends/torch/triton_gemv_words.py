@@ -29,7 +29,8 @@ from __future__ import annotations
 import torch
 
 from backends.torch.triton_support import HAVE_TRITON as _HAVE_TRITON
-from backends.torch.triton_support import codes_in_ptx, combine_if_last, pdl_launch, tl, triton, wait_for_producers
+from backends.torch.triton_support import (codes_in_ptx, combine_if_last, pdl_launch, routed_expert, tl, triton,
+                                          wait_for_producers)
 
 __all__ = ["codes_per_word", "words_block_k", "words_unsupported_reason", "word_views"]
 
@@ -72,11 +73,19 @@ def word_views(x: torch.Tensor, codes: torch.Tensor) -> tuple[torch.Tensor, torc
 if _HAVE_TRITON:
 
     @triton.jit
-    def _byte_floats(words, AT_BYTE2: tl.constexpr, ASM: tl.constexpr):
+    def _byte_floats(words, AT_BYTE2: tl.constexpr, ASM: tl.constexpr, AT_BYTE1: tl.constexpr = False):
         """The four bytes b_i of each uint32 word as float32: 2^23 + b_i (the bits 0x4B0000bb), or, AT_BYTE2,
-        128 + b_i for b_i < 128 (the bits 0x43bb0000: b_i under the mantissa's top of 128). One PRMT each on GPU."""
+        128 + b_i for b_i < 128 (the bits 0x43bb0000: b_i under the mantissa's top of 128), or, AT_BYTE1,
+        2^15 + b_i (the bits 0x4700bb00: 2^15 is the smallest power of two whose mantissa step is 1 there). One PRMT
+        each on GPU."""
         if ASM:
-            if AT_BYTE2:
+            if AT_BYTE1:
+                f0, f1, f2, f3 = tl.inline_asm_elementwise(
+                    asm="{ .reg .b32 m; mov.b32 m, 0x47000000; prmt.b32 $0, $4, m, 0x7604; "
+                        "prmt.b32 $1, $4, m, 0x7614; prmt.b32 $2, $4, m, 0x7624; prmt.b32 $3, $4, m, 0x7634; }",
+                    constraints="=r,=r,=r,=r,r", args=[words],
+                    dtype=(tl.float32, tl.float32, tl.float32, tl.float32), is_pure=True, pack=1)
+            elif AT_BYTE2:
                 f0, f1, f2, f3 = tl.inline_asm_elementwise(
                     asm="{ .reg .b32 m; mov.b32 m, 0x43000000; prmt.b32 $0, $4, m, 0x7044; "
                         "prmt.b32 $1, $4, m, 0x7144; prmt.b32 $2, $4, m, 0x7244; prmt.b32 $3, $4, m, 0x7344; }",
@@ -89,7 +98,12 @@ if _HAVE_TRITON:
                     constraints="=r,=r,=r,=r,r", args=[words],
                     dtype=(tl.float32, tl.float32, tl.float32, tl.float32), is_pure=True, pack=1)
         else:
-            if AT_BYTE2:
+            if AT_BYTE1:
+                f0 = (((words & 0xFF) << 8) | 0x47000000).to(tl.float32, bitcast=True)
+                f1 = ((words & 0xFF00) | 0x47000000).to(tl.float32, bitcast=True)
+                f2 = (((words >> 8) & 0xFF00) | 0x47000000).to(tl.float32, bitcast=True)
+                f3 = (((words >> 16) & 0xFF00) | 0x47000000).to(tl.float32, bitcast=True)
+            elif AT_BYTE2:
                 f0 = (((words & 0xFF) << 16) | 0x43000000).to(tl.float32, bitcast=True)
                 f1 = (((words & 0xFF00) << 8) | 0x43000000).to(tl.float32, bitcast=True)
                 f2 = ((words & 0xFF0000) | 0x43000000).to(tl.float32, bitcast=True)
@@ -159,11 +173,15 @@ if _HAVE_TRITON:
             part = tl.fma(l3, x6[None, :], part)
             part = tl.fma(h3, x7[None, :], part)
         else:
-            b0, b1, b2, b3 = _byte_floats(words ^ 0x80808080, False, ASM)  # c + 128 in [0, 255]
-            part = (b0 - 8388736.0) * x0[None, :]
-            part = tl.fma(b1 - 8388736.0, x1[None, :], part)
-            part = tl.fma(b2 - 8388736.0, x2[None, :], part)
-            part = tl.fma(b3 - 8388736.0, x3[None, :], part)
+            # 2^15 + 128 + c for c + 128 in [0, 255]: as for int4, the offset comes off once per word, through the
+            # activations' sum, not per code (one FMA per code, no subtraction). The terms are up to 2^15 / |c| times
+            # the products, so float32 keeps ~15 of the products' bits (2^23 + b would keep ~7: hence not that).
+            b0, b1, b2, b3 = _byte_floats(words ^ 0x80808080, False, ASM, True)
+            part = -32896.0 * (x0 + x1 + x2 + x3)
+            part = tl.fma(b0, x0[None, :], part[None, :])
+            part = tl.fma(b1, x1[None, :], part)
+            part = tl.fma(b2, x2[None, :], part)
+            part = tl.fma(b3, x3[None, :], part)
         return part
 
     @triton.jit
@@ -401,15 +419,20 @@ if _HAVE_TRITON:
         out_ptr=None,  # COMBINE: [T, H] out
         stride_om=0,
         counter_ptr=None,  # COMBINE: [T, column tiles] int32 zeroed counters (triton_support.arrival_counters)
+        EARLY: tl.constexpr = False,  # triton_support.early_weights
         USE_PDL: tl.constexpr = False,
     ):
-        """`triton_moe_decode._down_gemv_kernel` on words."""
-        wait_for_producers(USE_PDL)
+        """`triton_moe_decode._down_gemv_kernel` on words; as there, the expert id and the first K tile's words are
+        read before the PDL wait (EARLY)."""
         slot = tl.program_id(0)
         pid_n = tl.program_id(1)
         pid_k = tl.program_id(2)
-        expert = tl.load(topk_ids_ptr + slot).to(tl.int64) - expert_offset
+        if not EARLY:
+            wait_for_producers(USE_PDL)
+        expert = routed_expert(topk_ids_ptr, slot) - expert_offset
         if (expert < 0) | (expert >= E):  # another rank's expert: nothing to write, but counted in
+            if EARLY:
+                wait_for_producers(USE_PDL)
             if COMBINE:
                 combine_if_last(counter_ptr, partial_ptr, out_ptr, topk_ids_ptr, slot, pid_n,
                                 pid_n * BLOCK_N + tl.arange(0, BLOCK_N), expert_offset, E, N, stride_ps, stride_pm,
@@ -426,8 +449,14 @@ if _HAVE_TRITON:
         a_row = a_pairs + slot.to(tl.int64) * stride_am + k0 // 2
         acc = tl.zeros((w_ptrs.shape[0], BLOCK_K // PER_WORD // WPT), dtype=tl.float32)
         k_end = tl.minimum(k0 + k_per_split, K)
-        acc = words_accumulate(acc, a_row, w_ptrs, s_rows, k0, k_end - k0, QUANT, GROUP_SIZE, not PER_ROW,
-                               FP16, not EVEN_K, ASM, WPT, BLOCK_K)
+        first = words_load(w_ptrs, k_end - k0, QUANT, not EVEN_K, WPT, BLOCK_K)
+        if EARLY:
+            wait_for_producers(USE_PDL)
+        acc = words_tile(acc, first, a_row, k_end - k0, s_rows, k0, QUANT, GROUP_SIZE, not PER_ROW, FP16, not EVEN_K,
+                         ASM, WPT, BLOCK_K)
+        acc = words_accumulate(acc, a_row + BLOCK_K // 2, w_ptrs + BLOCK_K // PER_WORD, s_rows, k0 + BLOCK_K,
+                               k_end - k0 - BLOCK_K, QUANT, GROUP_SIZE, not PER_ROW, FP16, not EVEN_K, ASM, WPT,
+                               BLOCK_K)
         out = tl.sum(acc, axis=1)
         if PER_ROW:
             out = out * tl.load(s_rows).to(tl.float32)

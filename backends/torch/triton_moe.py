@@ -66,8 +66,8 @@ from compiler.fp8 import FP8_DTYPE
 
 from backends.torch.triton_support import HAVE_TRITON as _HAVE_TRITON
 from backends.torch.triton_support import (arrival_counters, codes_in_ptx, combine_in_kernel, device_reason,
-                                           grouped_tile_ids, interpreting, pdl_launch, sum_slot_partials, tl, triton,
-                                           wait_for_producers)
+                                           early_weights, grouped_tile_ids, interpreting, pdl_launch,
+                                           sum_slot_partials, tl, triton, wait_for_producers)
 
 __all__ = ["SUPPORTED_DTYPES", "fused_moe", "is_available", "route", "route_unsupported_reason", "unsupported_reason"]
 
@@ -873,7 +873,8 @@ def _fused_moe_gemv(  # the kernels: triton_moe_decode.py
         partial.stride(1),
         E=num_experts, BLOCK_N=cfg.dn_block_n, BLOCK_K=bk, EVEN_K=inter % k_per_split == 0 and k_per_split % bk == 0,
         QUANT=quant, GROUP_SIZE=group_size or inter, PER_ROW=group_size == 0,
-        GROUPS=tile_groups(bk, group_size), PREFETCH=cfg.prefetch, **combine, **pdl_launch(x), num_warps=cfg.dn_warps,
+        GROUPS=tile_groups(bk, group_size), PREFETCH=cfg.prefetch, EARLY=early_weights(), **combine, **pdl_launch(x),
+        num_warps=cfg.dn_warps,
     )
     return out if combine else _combine_slots(partial, out, ids, expert_offset, num_experts, topk)
 
@@ -943,6 +944,7 @@ def _fused_moe_words(x: torch.Tensor, ids: torch.Tensor, rw: torch.Tensor, w13: 
         partial.stride(1),
         E=num_experts, BLOCK_N=cfg.dn_block_n, BLOCK_K=dn_k, EVEN_K=inter % k_per_split == 0, QUANT=quant,
         GROUP_SIZE=group_size or inter, PER_ROW=group_size == 0, FP16=fp16, ASM=codes_in_ptx(),
-        WPT=cfg.words, **combine, **pdl_launch(x), **_register_cap(cfg), num_warps=cfg.dn_warps, num_stages=1,
+        WPT=cfg.words, EARLY=early_weights(), **combine, **pdl_launch(x), **_register_cap(cfg), num_warps=cfg.dn_warps,
+        num_stages=1,
     )
     return out if combine else _combine_slots(partial, out, ids, expert_offset, num_experts, num_slots // t)

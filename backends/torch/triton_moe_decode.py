@@ -15,11 +15,12 @@ int8 / int4 table entries with `words` run the same structure on 32-bit code wor
 """
 
 from backends.torch.triton_support import HAVE_TRITON as _HAVE_TRITON
-from backends.torch.triton_support import combine_if_last, tl, triton, wait_for_producers
+from backends.torch.triton_support import combine_if_last, routed_expert, tl, triton, wait_for_producers
 
 if _HAVE_TRITON:
     from backends.torch.triton_quant import (gemv_accumulate, gemv_code_index, gemv_group_scales, gemv_lead,
-                                             gemv_load, gemv_products, gemv_reduce, gemv_rows)
+                                             gemv_load, gemv_load_codes, gemv_load_x, gemv_products, gemv_reduce,
+                                             gemv_rows)
 
     @triton.jit(do_not_specialize=["expert_offset"])
     def _gate_up_gemv_kernel(
@@ -153,14 +154,19 @@ if _HAVE_TRITON:
         out_ptr=None,  # COMBINE: [T, H] out
         stride_om=0,
         counter_ptr=None,  # COMBINE: [T, column tiles] int32 zeroed counters (triton_support.arrival_counters)
+        EARLY: tl.constexpr = False,  # expert id and first K tile before the PDL wait (triton_support.early_weights)
         USE_PDL: tl.constexpr = False,  # PDL launch (triton_support.pdl_launch)
     ):
-        wait_for_producers(USE_PDL)
         slot = tl.program_id(0)
         pid_n = tl.program_id(1)
         pid_k = tl.program_id(2)
-        expert = tl.load(topk_ids_ptr + slot).to(tl.int64) - expert_offset
+        # EARLY: read before the PDL wait (`routed_expert`): the router's ids are not the predecessor's output.
+        if not EARLY:
+            wait_for_producers(USE_PDL)
+        expert = routed_expert(topk_ids_ptr, slot) - expert_offset
         if (expert < 0) | (expert >= E):  # another rank's expert: nothing to write, but counted in
+            if EARLY:
+                wait_for_producers(USE_PDL)
             if COMBINE:
                 combine_if_last(counter_ptr, partial_ptr, out_ptr, topk_ids_ptr, slot, pid_n,
                                 pid_n * BLOCK_N + tl.arange(0, BLOCK_N), expert_offset, E, N, stride_ps, stride_pm,
@@ -178,8 +184,23 @@ if _HAVE_TRITON:
         s_rows = s_ptr + expert * stride_se + n_ld.to(tl.int64) * stride_sn
         acc = tl.zeros(w_ptrs.shape, dtype=tl.float32)
         k_end = tl.minimum(k0 + k_per_split, K)
-        acc = gemv_accumulate(acc, a_row, w_ptrs, k_idx, s_rows, k0, k_end - k0, QUANT, GROUP_SIZE, GROUPS,
-                              QUANT != 0 and not PER_ROW, PREFETCH, not EVEN_K, BLOCK_K)
+        SCALED: tl.constexpr = QUANT != 0 and not PER_ROW
+        if PREFETCH or not EARLY:
+            if EARLY:
+                wait_for_producers(USE_PDL)
+            acc = gemv_accumulate(acc, a_row, w_ptrs, k_idx, s_rows, k0, k_end - k0, QUANT, GROUP_SIZE, GROUPS,
+                                  SCALED, PREFETCH, not EVEN_K, BLOCK_K)
+        else:  # the first K tile's weights are in flight while the gate/up kernel finishes (`_gemv_kernel`)
+            first = gemv_load_codes(k_end - k0, w_ptrs, k_idx, QUANT, not EVEN_K, GROUPS)
+            wait_for_producers(USE_PDL)
+            x_a, x_b = gemv_load_x(a_row, k_end - k0, k_idx, QUANT, not EVEN_K, GROUPS)
+            if SCALED:
+                acc += gemv_products(first, x_a, x_b, QUANT) * gemv_group_scales(s_rows, k0, k_end - k0, GROUP_SIZE,
+                                                                                 GROUPS, not EVEN_K)
+            else:
+                acc += gemv_products(first, x_a, x_b, QUANT)
+            acc = gemv_accumulate(acc, a_row + BLOCK_K, w_ptrs + BLOCK_K // PACK, k_idx, s_rows, k0 + BLOCK_K,
+                                  k_end - k0 - BLOCK_K, QUANT, GROUP_SIZE, GROUPS, SCALED, False, not EVEN_K, BLOCK_K)
         out = gemv_reduce(acc, GROUPS)
         if QUANT != 0:
             if PER_ROW:

@@ -636,7 +636,9 @@ GEMV_TABLE: dict[tuple[str | None, bool], tuple[int, LinearConfig]] = {
     # int8, 2 per thread: 9.7 / 7.2 / 35.0 us vs the byte GEMV 8.9 / 8.7 and the lm_head's tiles 38.1;
     # int4, 4 per thread: 7.8 / 5.3 / 24.0 vs the byte GEMV 10.2 / 7.4 / 42.6;
     # int4 g128, 2 per thread: 7.2 / 6.8 / 28.6 vs 13.2 / 9.0 / 56.2. Grouped int8 was not swept on words.
-    ("int8", False): (1 << 30, LinearConfig(1, 8, 512, 4, 1, words=2)),
+    # tenth session (int8 products without a per-code subtraction, same sweep): 4 words per thread and 4-row
+    # programs, qkv / o / lm_head-sized 8.2 / 6.2 / 33.2 us vs 8.7 / 6.9 / 33.7 with 2 words on 8 rows (tiles 38.1)
+    ("int8", False): (1 << 30, LinearConfig(1, 4, 512, 4, 1, words=4)),
     ("int8", True): (16384, LinearConfig(1, 16, 512, 8, 2)),  # 8.9 / 8.8 us vs tiles 12.3 / 9.3 (lm_head: tiles)
     ("int4", False): (1 << 30, LinearConfig(1, 4, 512, 2, 1, words=4)),
     ("int4", True): (1 << 30, LinearConfig(1, 8, 512, 4, 1, words=2)),

@@ -42,8 +42,8 @@ except ImportError:  # pragma: no cover - exercised only without triton
     HAVE_TRITON = False
 
 __all__ = ["HAVE_TRITON", "arrival_counters", "codes_in_ptx", "combine_if_last", "combine_in_kernel", "device_reason",
-           "grouped_tile_ids", "interpreting", "last_to_arrive", "pdl_launch", "sum_slot_partials", "tl", "triton",
-           "wait_for_producers"]
+           "early_weights", "grouped_tile_ids", "interpreting", "last_to_arrive", "pdl_launch", "routed_expert",
+           "sum_slot_partials", "tl", "triton", "wait_for_producers"]
 
 
 def interpreting() -> bool:
@@ -57,6 +57,12 @@ def codes_in_ptx() -> bool:
     word GEMVs: one PRMT per code): on compiled kernels unless `MOEC_CODE_ASM` is "0" (comparisons); the
     interpreter runs no PTX."""
     return not interpreting() and os.environ.get("MOEC_CODE_ASM", "1") != "0"
+
+
+def early_weights() -> bool:
+    """Whether the MoE down GEMVs read their slot's expert id and first weight tile before their PDL wait
+    (`routed_expert`): unless `MOEC_EARLY_WEIGHTS` is "0" (comparisons, bench/decode_profile.py --env-variant)."""
+    return os.environ.get("MOEC_EARLY_WEIGHTS", "1") != "0"
 
 
 def combine_in_kernel(kind: str) -> bool:
@@ -142,6 +148,16 @@ if HAVE_TRITON:
             _grid_dependency_sync()
 
     @triton.jit
+    def routed_expert(topk_ids_ptr, slot):
+        """Slot `slot`'s routed expert id (int64), safe to read before the PDL wait of a kernel whose predecessor in
+        the stream did not write the ids. Every kernel launched here opens with `wait_for_producers` and only then
+        lets its successor start, and a non-PDL launch waits for its predecessor's end: so when a kernel starts,
+        every kernel before its immediate predecessor has finished and flushed its writes. The MoE down kernels
+        follow the gate/up kernel, which follows the router. The load bypasses L1 (`.cg`), whose lines are not
+        coherent with other SMs' writes."""
+        return tl.load(topk_ids_ptr + slot, cache_modifier=".cg").to(tl.int64)
+
+    @triton.jit
     def last_to_arrive(counter_ptr, expected):
         """Count this program in on `*counter_ptr`; True in the program that arrives `expected`-th (the last), which
         also sets the counter back to 0. Every store the program made before the call is visible to the last one's
@@ -194,6 +210,7 @@ if HAVE_TRITON:
 
 else:  # pragma: no cover - exercised only without triton
     wait_for_producers = None
+    routed_expert = None
     grouped_tile_ids = None
     last_to_arrive = None
     sum_slot_partials = None

@@ -441,6 +441,35 @@ def test_down_gemv_last_program_combines_as_the_combine_kernel(precision: str | 
         assert not arrival_counters(x.device, t * h // 16).any()
 
 
+@pytest.mark.parametrize("precision,group_size", [(None, 0), ("int8", 0), ("int4", 32)])
+def test_down_gemv_early_weights_change_no_bit(precision: str | None, group_size: int,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """The down GEMVs' expert id and first K tile read before the PDL wait (`MOEC_EARLY_WEIGHTS`, default on): the
+    byte kernel (with and without two tiles in flight) and the word kernel, over ragged K splits of one tile and of
+    several, and an expert-parallel slice, give the very bits of the kernels that wait first."""
+    h, i, e = 128, 640, 4
+    gen = torch.Generator(device=DEVICE).manual_seed(23)
+    w13 = (torch.randn(e, 2 * i, h, generator=gen, device=DEVICE) / h**0.5).to(DTYPE)
+    w2 = (torch.randn(e, h, i, generator=gen, device=DEVICE) / i**0.5).to(DTYPE)
+    if precision is None:
+        (q13, s13), (q2, s2) = (w13, None), (w2, None)
+    else:
+        (q13, s13), (q2, s2) = quantize(w13, precision, group_size), quantize(w2, precision, group_size)
+    configs = [GemvConfig(16, 64, 4, 16, 64, 3, 4), GemvConfig(16, 64, 4, 16, 128, 2, 4, prefetch=True)]
+    if precision is not None:
+        configs.append(GemvConfig(16, 64, 1, 16, 64, 3, 1, words=1))
+    for cfg, (t, (lo, hi)) in itertools.product(configs, ((1, (0, e)), (3, (2, e)))):
+        x = torch.randn(t, h, generator=gen, device=DEVICE).to(DTYPE)
+        ids, rw = _routing(t, e, 2, seed=t + 9)
+        kw = {} if precision is None else dict(precision=precision, w13_scales=s13[lo:hi], w2_scales=s2[lo:hi],
+                                               group_size=group_size)
+        outs = {}
+        for switch in ("0", "1"):
+            monkeypatch.setenv("MOEC_EARLY_WEIGHTS", switch)
+            outs[switch] = tm.fused_moe(x, ids, rw, q13[lo:hi], q2[lo:hi], expert_offset=lo, config=cfg, **kw)
+        assert torch.equal(outs["0"], outs["1"]), f"{precision} T={t} experts {lo}:{hi} {cfg}"
+
+
 def test_words_need_whole_words(monkeypatch: pytest.MonkeyPatch) -> None:
     """What keeps operands off the word kernels, and that the byte kernel then gives the same result."""
     from backends.torch.triton_gemv_words import words_unsupported_reason
@@ -517,7 +546,7 @@ def test_gemv_tables_pick_the_decode_path_for_a_handful_of_slots() -> None:
     assert [tq.tile_groups(bk, g) for bk, g in ((512, 0), (64, 128), (128, 128), (512, 128))] == [1, 1, 1, 4]
     with pytest.raises(ValueError, match="a 256-wide K tile does not hold whole groups of 96"):
         tq.tile_groups(256, 96)
-    assert tq.gemv_config(1, 32000, 4096, 0, "int8").words == 2  # on words the lm_head-sized int8 GEMV wins
+    assert tq.gemv_config(1, 32000, 4096, 0, "int8").words == 4  # on words the lm_head-sized int8 GEMV wins
     assert tq.gemv_config(1, 32000, 4096, 128, "int8") is None  # grouped int8's byte GEMV lost to the tiles there
     x = torch.zeros(1, 64, device=DEVICE).to(DTYPE)
     q, s = quantize(torch.randn(2, 32, 64, device=DEVICE).to(DTYPE), "int8", 0)
